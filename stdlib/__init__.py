@@ -1,0 +1,1 @@
+"""The C library of tlc programs, written in .tl."""
