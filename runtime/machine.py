@@ -11,11 +11,18 @@ import enum
 from dataclasses import dataclass, field
 
 from tlc.compiler.isa import (
+    CODE_LIMIT,
     DEFAULT_MEMORY_SIZE,
+    LOCALS_PER_FRAME,
+    MAX_MEMORY_SIZE,
+    WORD_MASK,
     Immediate,
     Opcode,
     to_signed,
 )
+
+# The smallest memory size docs/isa.md allows: one 32-bit word.
+MIN_MEMORY_SIZE = 4
 
 # Process exit statuses of `tlc run` besides the program's own status.
 EXIT_COMPILE_ERROR = 1
@@ -56,6 +63,60 @@ class Program:
     memory_size: int = DEFAULT_MEMORY_SIZE
     source_name: str = "<program>"
     labels: dict[str, int] = field(default_factory=dict)
+    # False when the compiler proves the program never reads stdin, so the CLI does not
+    # wait for input on a terminal.
+    reads_input: bool = True
+
+    def validate(self) -> None:
+        """Raise ValueError unless every backend can run this program as docs/isa.md says.
+
+        Checks the code length, opcodes, immediate ranges (LOCAL.* below 256, others below
+        2^32), the memory size and that every data segment lies inside memory.
+        """
+        if not self.instructions:
+            raise ValueError("program has no instructions")
+        if len(self.instructions) > CODE_LIMIT:
+            raise ValueError(
+                f"program has {len(self.instructions)} instructions, more than {CODE_LIMIT}"
+            )
+        for address, instruction in enumerate(self.instructions):
+            _validate_instruction(address, instruction)
+        if not MIN_MEMORY_SIZE <= self.memory_size <= MAX_MEMORY_SIZE:
+            raise ValueError(
+                f"memory size {self.memory_size} is outside {MIN_MEMORY_SIZE} .. "
+                f"{MAX_MEMORY_SIZE} bytes"
+            )
+        for address, data in self.data:
+            if address < 0 or address + len(data) > self.memory_size:
+                raise ValueError(
+                    f"data segment at {address} of {len(data)} bytes does not fit in "
+                    f"memory of {self.memory_size} bytes"
+                )
+
+    def initial_memory(self) -> bytearray:
+        """Return the memory image at the start of a run: zeros with the data applied."""
+        memory = bytearray(self.memory_size)
+        for address, data in self.data:
+            memory[address : address + len(data)] = data
+        return memory
+
+
+def _validate_instruction(address: int, instruction: Instruction) -> None:
+    if not isinstance(instruction.opcode, Opcode):
+        raise ValueError(f"instruction {address}: {instruction.opcode!r} is not an Opcode")
+    immediate = instruction.immediate
+    if not 0 <= immediate <= WORD_MASK:
+        raise ValueError(f"instruction {address}: immediate {immediate} is not a 32-bit pattern")
+    kind = instruction.opcode.info.immediate
+    if kind is Immediate.LOCAL and immediate >= LOCALS_PER_FRAME:
+        raise ValueError(
+            f"instruction {address}: local index {immediate} is not below {LOCALS_PER_FRAME}"
+        )
+    if kind is Immediate.NONE and immediate != 0:
+        raise ValueError(
+            f"instruction {address}: {instruction.opcode.mnemonic} takes no immediate "
+            f"but has {immediate}"
+        )
 
 
 class Status(enum.Enum):
