@@ -365,7 +365,8 @@ def assemble(text: str, name: str) -> Program:
 def disassemble(program: Program) -> str:
     """Print `program` as `.tasm` that assembles back to the same instructions and memory.
 
-    Jump and call targets inside the program get labels: the program's own label names
+    Data segments come back as the same initial memory image, but split into `.data`
+    lines of 16 bytes each. Jump and call targets inside the program get labels: the program's own label names
     where it has them, `L<address>` otherwise. Targets outside the program stay numbers.
     """
     count = len(program.instructions)
