@@ -38,6 +38,8 @@ _U16 = struct.Struct("<H")
 _U32 = struct.Struct("<I")
 _SIGN = INT_MIN  # the sign bit of a 32-bit pattern
 _END_OF_INPUT = WORD_MASK  # -1, pushed by a read at the end of stdin
+# Steps between two calls of the `progress` callback: about 0.1 s at 10^6 steps/s.
+PROGRESS_INTERVAL = 100_000
 
 # Dispatch kinds, in the order the main loop tests them.
 (
@@ -437,21 +439,39 @@ def run_program(
     max_steps: int | None = None,
     trace: Callable[[str], None] | None = None,
     write_output: Callable[[bytes], None] | None = None,
+    progress: Callable[[int], None] | None = None,
 ) -> RunResult:
     """Run `program` until HALT, a trap or `max_steps` executed instructions.
 
     `trace` receives one formatted line per executed instruction; `write_output`
-    receives each output byte as the program writes it. Raises ValueError for a program
-    that fails `Program.validate`; every runtime error of the program is a trap in the
+    receives each output byte as the program writes it; `progress` receives the number
+    of steps so far every PROGRESS_INTERVAL steps. Raises ValueError for a program that
+    fails `Program.validate`; every runtime error of the program is a trap in the
     result, never an exception.
     """
     program.validate()
     machine = _Machine(program, stdin, write_output)
-    if trace is None:
+    if trace is None and progress is None:
         status, trap, steps = _execute(machine, max_steps)
+    elif trace is None:
+        status, trap, steps = _execute_with_progress(machine, max_steps, progress)
     else:
         status, trap, steps = _execute_traced(machine, program, max_steps, trace)
     return _result(machine, program, status, trap, steps)
+
+
+def _execute_with_progress(machine, max_steps, progress):
+    """Run in slices of PROGRESS_INTERVAL steps and report the count after each slice."""
+    steps = 0
+    while True:
+        budget = PROGRESS_INTERVAL
+        if max_steps is not None:
+            budget = min(budget, max_steps - steps)
+        status, trap, executed = _execute(machine, budget)
+        steps += executed
+        if status is not None or (max_steps is not None and steps >= max_steps):
+            return status, trap, steps
+        progress(steps)
 
 
 def _execute_traced(machine, program, max_steps, trace):
