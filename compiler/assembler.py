@@ -1,9 +1,10 @@
 """Assemble `.tasm` text into a `Program`, and print a `Program` back as `.tasm`.
 
-The syntax is the one docs/isa.md specifies: one instruction per line, a mnemonic in
-any case and an optional immediate (decimal, `0x` hexadecimal, negative numbers taken
-mod 2^32, or a label), `name:` labels that may share a line with an instruction, `;`
-comments, and the directives `.memory SIZE` and `.data ADDRESS ITEM...`.
+The syntax is the one docs/isa.md specifies. Each line contains at most one instruction: a
+mnemonic in any case and an optional immediate, which is a decimal or `0x` hexadecimal
+number (negative numbers are taken mod 2^32) or a label. `name:` labels may share a line
+with an instruction, `;` starts a comment, and the directives are `.memory SIZE` and
+`.data ADDRESS ITEM...`.
 
 `assemble` collects every error it finds and raises one `CompileError` with all of them.
 """
@@ -366,8 +367,9 @@ def disassemble(program: Program) -> str:
     """Print `program` as `.tasm` that assembles back to the same instructions and memory.
 
     Data segments come back as the same initial memory image, but split into `.data`
-    lines of 16 bytes each. Jump and call targets inside the program get labels: the program's own label names
-    where it has them, `L<address>` otherwise. Targets outside the program stay numbers.
+    lines of 16 bytes each. Jump and call targets inside the program get labels: the
+    program's own label names where it has them, `L<address>` otherwise. Targets outside
+    the program stay numbers.
     """
     count = len(program.instructions)
     names = _label_names(program)
@@ -387,15 +389,15 @@ def _label_names(program: Program) -> dict[int, list[str]]:
     for name, address in sorted(program.labels.items(), key=lambda item: item[1]):
         if _LABEL_NAME.match(name) and 0 <= address <= count:
             names.setdefault(address, []).append(name)
-    taken = set(program.labels)
+    used_names = set(program.labels)
     for instruction in program.instructions:
         target = instruction.immediate
         is_jump = instruction.opcode.info.immediate is Immediate.TARGET
         if is_jump and target <= count and target not in names:
             name = f"L{target}"
-            while name in taken:
+            while name in used_names:
                 name = "_" + name
-            taken.add(name)
+            used_names.add(name)
             names[target] = [name]
     return names
 

@@ -68,7 +68,7 @@ class Program:
     reads_input: bool = True
 
     def validate(self) -> None:
-        """Raise ValueError unless every backend can run this program as docs/isa.md says.
+        """Raise ValueError unless every backend can run this program as docs/isa.md specifies.
 
         Checks the code length, opcodes, immediate ranges (LOCAL.* below 256, others below
         2^32), the memory size and that every data segment lies inside memory.

@@ -4,9 +4,9 @@ It follows docs/isa.md exactly and is built for speed. The program is decoded on
 `(kind, argument)` pairs, where a kind number orders the dispatch chain by how often
 compiled code uses the opcode. The rarer binary and unary operators share one kind whose
 argument is the Python function that computes them. The main loop keeps every hot name in
-a local variable, counts steps with a `for` loop over a range (which also enforces the
-step limit), and detects an empty stack or a fetch past the end of the code by catching
-the IndexError of the list operation.
+a local variable and counts steps with a `for` loop over a range, which also enforces the
+step limit. It detects an empty stack or a fetch past the end of the code by catching the
+IndexError of the list operation instead of checking on every step.
 
 The machine state lives in `_Machine` between calls of `_execute`, so tracing runs the same
 loop one step at a time and there is a single copy of the semantics.
@@ -170,7 +170,7 @@ class _Machine:
         self.ip = 0
         self.stack: list[int] = []
         self.return_addresses: list[int] = []
-        # Row k holds the locals of call depth k. Rows are created on first use and never
+        # Row k contains the locals of call depth k. Rows are created on first use and never
         # cleared, as docs/isa.md specifies.
         self.local_rows: list[list[int]] = [[0] * LOCALS_PER_FRAME]
         self.memory = program.initial_memory()
@@ -443,10 +443,10 @@ def run_program(
 ) -> RunResult:
     """Run `program` until HALT, a trap or `max_steps` executed instructions.
 
-    `trace` receives one formatted line per executed instruction; `write_output`
-    receives each output byte as the program writes it; `progress` receives the number
-    of steps so far every PROGRESS_INTERVAL steps. Raises ValueError for a program that
-    fails `Program.validate`; every runtime error of the program is a trap in the
+    `trace` receives one formatted line per executed instruction. `write_output`
+    receives each output byte as the program writes it. `progress` receives the number
+    of steps so far after every PROGRESS_INTERVAL steps. Raises ValueError for a program
+    that fails `Program.validate`. Every runtime error of the program is a trap in the
     result, never an exception.
     """
     program.validate()

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Create .venv and install tlc into it in editable mode with the dev extras.
 #
-# Idempotent: a stamp file holds the SHA-256 of pyproject.toml from the last successful
+# Idempotent: a stamp file contains the SHA-256 of pyproject.toml from the last successful
 # install, so a second run with an unchanged pyproject.toml only checks and exits.
 #
 # Environment:

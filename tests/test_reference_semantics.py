@@ -250,7 +250,7 @@ def test_locals_restored_after_return():
 
 
 def test_frame_row_keeps_last_value_at_same_depth():
-    # docs/isa.md: a row is not cleared on CALL, so the second call sees the first's value.
+    # docs/isa.md: a row is not cleared on CALL, so the second call reads the first's value.
     text = """
         CALL set
         CALL get

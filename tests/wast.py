@@ -13,10 +13,10 @@ A case becomes a `.tasm` program that is assembled by `tlc.compiler.assembler`:
   function and every function it calls, using the calling convention of docs/isa.md
   (the callee moves its arguments into locals with `LOCAL.SET n-1 ... LOCAL.SET 0`).
 
-The translator knows the folded (s-expression) form of `i32.const`, `local.get`, `call`,
+The translator handles the folded (s-expression) form of `i32.const`, `local.get`, `call`,
 `drop`, the i32 operators that are opcodes, and i32 loads and stores with `offset=`.
 Functions that use anything else (i64, f32, f64, `i32.extend8_s`, ...) are skipped, and so
-are the cases that invoke them; `skipped_cases(path)` lists them with the reason.
+are the cases that invoke them. `skipped_cases(path)` lists those cases with the reason.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """Command-line interface of tlc: `tlc run`, `asm`, `ir`, `build`, `inspect` and `bench`.
 
-`tlc FILE` is short for `tlc run FILE`. User errors print a one-line `error: ...` (or the
-located diagnostics of a compile error) and exit with the statuses of
-`tlc.runtime.machine`; no user error prints a traceback.
+`tlc FILE` is short for `tlc run FILE`. A user error prints a one-line `error: ...`, or the
+located diagnostics of a compile error, and exits with a status from `tlc.runtime.machine`.
+No user error prints a traceback.
 """
 
 from __future__ import annotations
@@ -159,12 +159,12 @@ def _dispatch(args: argparse.Namespace) -> int:
     return _import(BENCH_MODULE, "tlc bench").bench_command(args)
 
 
-def _import(module_name: str, what: str):
+def _import(module_name: str, feature: str):
     """Import a part of tlc that may not be built yet, as a UsageError when it is missing."""
     try:
         return importlib.import_module(module_name)
     except ImportError as error:
-        raise UsageError(f"{what} is not available: {error}") from None
+        raise UsageError(f"{feature} is not available: {error}") from None
 
 
 # --- loading programs ----------------------------------------------------------------
@@ -334,8 +334,8 @@ def _report(args, program: Program, result: RunResult, backend: str, seconds: fl
     elif result.status is Status.STEP_LIMIT:
         print(f"error: step limit of {args.max_steps} reached", file=sys.stderr)
     if args.result and result.status is Status.HALTED:
-        shown = "none" if result.result is None else str(result.result)
-        print(f"result={shown}", file=sys.stderr)
+        result_text = "none" if result.result is None else str(result.result)
+        print(f"result={result_text}", file=sys.stderr)
     if args.stats:
         rate = result.steps / seconds if seconds > 0 else 0.0
         line = (
