@@ -1,0 +1,164 @@
+"""`tlc bench`: run the benchmark programs on every backend and print one table.
+
+Each (program, backend) pair runs in its own Python process, so the peak resident memory
+reported for it is that run's alone. The native row compiles the same `.tl` file with
+`gcc -O2` (every `.tl` program is C) and times the executable: the physical limit the
+model runtimes are measured against.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+DEFAULT_PROGRAMS = ("hungarian.tl", "sudoku.tl")
+BACKENDS = ("ref", "torch", "mojo")
+
+
+@dataclass
+class Measurement:
+    """One row of the benchmark table."""
+
+    program: str
+    backend: str
+    steps: int | None
+    seconds: float
+    peak_mib: float
+    status: str
+
+    @property
+    def steps_per_second(self) -> float | None:
+        if self.steps is None or self.seconds <= 0:
+            return None
+        return self.steps / self.seconds
+
+
+def _input_of(program_path: Path) -> bytes:
+    stdin_path = program_path.with_suffix(".in")
+    return stdin_path.read_bytes() if stdin_path.exists() else b""
+
+
+def _run_backend(program_path: Path, backend: str, max_steps: int | None) -> dict:
+    """Run one program on one backend in this process and return the measurement as JSON."""
+    from tlc.cli import load_program, select_backend
+
+    program = load_program(str(program_path))
+    _, runner = select_backend(backend)
+    stdin = _input_of(program_path)
+
+    started = time.perf_counter()
+    result = runner(program, stdin=stdin, max_steps=max_steps)
+    seconds = time.perf_counter() - started
+
+    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {
+        "steps": result.steps,
+        "tokens": result.tokens,
+        "seconds": seconds,
+        "peak_mib": peak_kib / 1024.0,
+        "status": result.status.value,
+    }
+
+
+def _measure_in_subprocess(program_path: Path, backend: str, max_steps: int | None) -> Measurement:
+    command = [sys.executable, "-m", "tlc.runtime.bench", "--one", str(program_path), backend]
+    if max_steps is not None:
+        command += ["--max-steps", str(max_steps)]
+    completed = subprocess.run(command, capture_output=True, text=True)
+    if completed.returncode != 0:
+        reason = (completed.stderr.strip().splitlines() or ["failed"])[-1]
+        return Measurement(program_path.name, backend, None, 0.0, 0.0, f"error: {reason}")
+    row = json.loads(completed.stdout.strip().splitlines()[-1])
+    return Measurement(
+        program_path.name, backend, row["steps"], row["seconds"], row["peak_mib"], row["status"]
+    )
+
+
+def _measure_native(program_path: Path) -> Measurement:
+    """Compile the program with gcc -O2 and time one run of the executable."""
+    gcc = shutil.which("gcc")
+    if gcc is None:
+        return Measurement(program_path.name, "gcc -O2", None, 0.0, 0.0, "error: gcc not found")
+    with tempfile.TemporaryDirectory() as folder:
+        binary = Path(folder) / "program"
+        compiled = subprocess.run(
+            [gcc, "-O2", "-fwrapv", "-w", "-x", "c", str(program_path), "-o", str(binary)],
+            capture_output=True,
+            text=True,
+        )
+        if compiled.returncode != 0:
+            return Measurement(program_path.name, "gcc -O2", None, 0.0, 0.0, "error: gcc failed")
+        started = time.perf_counter()
+        subprocess.run([str(binary)], input=_input_of(program_path), capture_output=True)
+        seconds = time.perf_counter() - started
+    return Measurement(program_path.name, "gcc -O2", None, seconds, 0.0, "native")
+
+
+def format_table(rows: list[Measurement]) -> str:
+    """Format measurements as a Markdown table, with each backend's speed relative to ref."""
+    reference_speed = {
+        row.program: row.steps_per_second
+        for row in rows
+        if row.backend == "ref" and row.steps_per_second
+    }
+    native_seconds = {row.program: row.seconds for row in rows if row.backend == "gcc -O2"}
+    lines = [
+        "| program | backend | steps | seconds | steps/s | vs ref | vs gcc -O2 time | peak MiB |"
+        " status |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+    ]
+    for row in rows:
+        speed = row.steps_per_second
+        versus_ref = ""
+        if speed and reference_speed.get(row.program):
+            versus_ref = f"{speed / reference_speed[row.program]:.2f}x"
+        versus_native = ""
+        if row.backend != "gcc -O2" and native_seconds.get(row.program) and row.seconds > 0:
+            versus_native = f"{row.seconds / native_seconds[row.program]:.0f}x slower"
+        lines.append(
+            f"| {row.program} | {row.backend} | {row.steps if row.steps is not None else ''} "
+            f"| {row.seconds:.3f} | {f'{speed:,.0f}' if speed else ''} | {versus_ref} "
+            f"| {versus_native} | {row.peak_mib:.0f} | {row.status} |"
+        )
+    return "\n".join(lines)
+
+
+def bench_command(args: argparse.Namespace) -> int:
+    """Run every benchmark program on every requested backend and print the table."""
+    names = args.programs or [str(EXAMPLES / name) for name in DEFAULT_PROGRAMS]
+    backends = args.backends.split(",") if args.backends else list(BACKENDS)
+    rows: list[Measurement] = []
+    for name in names:
+        program_path = Path(name)
+        if not program_path.exists():
+            print(f"error: benchmark program not found: {program_path}", file=sys.stderr)
+            return 2
+        for backend in backends:
+            rows.append(_measure_in_subprocess(program_path, backend, args.max_steps))
+        if program_path.suffix == ".tl":
+            rows.append(_measure_native(program_path))
+    print(format_table(rows))
+    return 0
+
+
+def _main() -> int:
+    parser = argparse.ArgumentParser(description="Measure one program on one backend (internal).")
+    parser.add_argument("--one", nargs=2, metavar=("PROGRAM", "BACKEND"), required=True)
+    parser.add_argument("--max-steps", type=int, default=None)
+    args = parser.parse_args()
+    program, backend = args.one
+    print(json.dumps(_run_backend(Path(program), backend, args.max_steps)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_main())
