@@ -1,0 +1,394 @@
+# The decoding engine: weights, KV caches and the decode loop of docs/model.md
+# section 1. It knows token fields only as integers and the model only as sparse
+# matrices; which field is `kind`, which value means RUN and which fields form the
+# output byte come from the packed header that tlc.mojo.runner writes.
+#
+# Packed header (all Int), written by tlc.mojo.runner.pack_model. ints[0] is the
+# offset of the header in `ints`; the row pointers and column indices come before it.
+#   MAGIC, D, F, L, kind_field, run_value, out_valid_field (-1: none),
+#   byte_term_count, (field, weight) per byte term, vocab size per field,
+#   embed Csr per field, (unembed Csr, bias offset) per field,
+#   per layer: head_count, per head (exact, wq, bq, wk, bk, wv, bv, wo^T),
+#              has_shared, [shared block], expert_count, [router Csr, router bias,
+#              expert blocks]
+#   END_MARK
+# A Csr is 5 Ints (rows, cols, indptr, indices, values); a bias is one offset into
+# `floats`; a block is (w1 Csr, b1, w2^T Csr, b2).
+
+from cache import HeadCache
+from kernels import (
+    BytePtr,
+    Csr,
+    FloatPtr,
+    IntPtr,
+    add_vector,
+    first_argmax,
+    float_ptr,
+    gather,
+    int_ptr,
+    relu,
+    scatter_add,
+)
+
+comptime MAGIC = 0x746C6301
+comptime END_MARK = 0x746C63FF
+
+
+@fieldwise_init
+struct HeadWeights(ImplicitlyCopyable, Movable):
+    var exact: Bool
+    var wq: Csr
+    var bq: Int
+    var wk: Csr
+    var bk: Int
+    var wv: Csr
+    var bv: Int
+    var wo_t: Csr  # wo transposed: d_v rows of D columns
+
+
+@fieldwise_init
+struct BlockWeights(ImplicitlyCopyable, Movable):
+    """A ReLU block x + W2 ReLU(W1 y + b1) + b2, with W2 stored transposed."""
+
+    var w1: Csr
+    var b1: Int
+    var w2_t: Csr
+    var b2: Int
+
+
+@fieldwise_init
+struct LayerWeights(ImplicitlyCopyable, Movable):
+    var first_head: Int
+    var head_count: Int
+    var shared: Int  # index into the block list, or -1
+    var router: Csr
+    var router_bias: Int
+    var first_expert: Int  # index into the block list
+    var expert_count: Int
+
+
+struct HeaderReader:
+    """Reads the packed header Int by Int."""
+
+    var ints: IntPtr
+    var position: Int
+    var length: Int
+
+    def __init__(out self, ints: IntPtr, length: Int):
+        self.ints = ints
+        self.position = 0
+        self.length = length
+
+    def next(mut self) raises -> Int:
+        if self.position >= self.length:
+            raise Error("packed model header ends early")
+        var value = self.ints[unsafe_offset=self.position]
+        self.position += 1
+        return value
+
+    def csr(mut self) raises -> Csr:
+        var rows = self.next()
+        var cols = self.next()
+        var indptr = self.next()
+        var indices = self.next()
+        var values = self.next()
+        return Csr(rows, cols, indptr, indices, values)
+
+    def block(mut self) raises -> BlockWeights:
+        var w1 = self.csr()
+        var b1 = self.next()
+        var w2_t = self.csr()
+        var b2 = self.next()
+        return BlockWeights(w1, b1, w2_t, b2)
+
+
+struct Engine(Movable):
+    """A loaded model and the state of one decoding run."""
+
+    var ints: List[Int]
+    var floats: List[Float64]
+    var width: Int
+    var field_count: Int
+    var kind_field: Int
+    var run_value: Int
+    var out_valid_field: Int
+    var byte_fields: List[Int]
+    var byte_weights: List[Int]
+    var vocab: List[Int]
+    var embed: List[Csr]
+    var unembed: List[Csr]
+    var unembed_bias: List[Int]
+    var layers: List[LayerWeights]
+    var heads: List[HeadWeights]
+    var blocks: List[BlockWeights]
+    var caches: List[HeadCache]
+    # Work buffers, sized for the largest matrix that writes into each.
+    var x: List[Float64]
+    var query: List[Float64]
+    var key: List[Float64]
+    var value: List[Float64]
+    var shared_hidden: List[Float64]
+    var expert_hidden: List[Float64]
+    var logits: List[Float64]
+    var winners: List[Int]
+    # Decoding state.
+    var position: Int
+    var pending: List[Int]  # the latest predicted token
+    var need_step: Bool  # pending was emitted and must be fed back before the next one
+    var stopped: Bool
+
+    def __init__(out self, var ints: List[Int], var floats: List[Float64]) raises:
+        self.ints = ints^
+        self.floats = floats^
+        if len(self.ints) == 0:
+            raise Error("packed model is empty")
+        var reader = HeaderReader(int_ptr(self.ints), len(self.ints))
+        reader.position = self.ints[0]
+        if reader.next() != MAGIC:
+            raise Error("packed model has the wrong magic number")
+        self.width = reader.next()
+        self.field_count = reader.next()
+        var layer_count = reader.next()
+        self.kind_field = reader.next()
+        self.run_value = reader.next()
+        self.out_valid_field = reader.next()
+        self.byte_fields = List[Int]()
+        self.byte_weights = List[Int]()
+        for _ in range(reader.next()):
+            self.byte_fields.append(reader.next())
+            self.byte_weights.append(reader.next())
+        self.vocab = List[Int]()
+        self.embed = List[Csr]()
+        self.unembed = List[Csr]()
+        self.unembed_bias = List[Int]()
+        for _ in range(self.field_count):
+            self.vocab.append(reader.next())
+        for _ in range(self.field_count):
+            self.embed.append(reader.csr())
+        for _ in range(self.field_count):
+            self.unembed.append(reader.csr())
+            self.unembed_bias.append(reader.next())
+        self.layers = List[LayerWeights]()
+        self.heads = List[HeadWeights]()
+        self.blocks = List[BlockWeights]()
+        for _ in range(layer_count):
+            self.layers.append(_read_layer(reader, self.heads, self.blocks))
+        if reader.next() != END_MARK:
+            raise Error("packed model header does not end where expected")
+        self.caches = List[HeadCache]()
+        for head in self.heads:
+            self.caches.append(HeadCache(head.wk.rows, head.wv.rows, head.exact))
+        self.x = List[Float64](length=self.width, fill=0.0)
+        self.query = List[Float64](length=_max_rows(self.heads, 0) + 1, fill=0.0)
+        self.key = List[Float64](length=_max_rows(self.heads, 1) + 1, fill=0.0)
+        self.value = List[Float64](length=_max_rows(self.heads, 2) + 1, fill=0.0)
+        var hidden = _max_hidden(self.blocks) + 1
+        self.shared_hidden = List[Float64](length=hidden, fill=0.0)
+        self.expert_hidden = List[Float64](length=hidden, fill=0.0)
+        var logit_count = 1
+        for i in range(self.field_count):
+            logit_count = max(logit_count, self.vocab[i])
+        for layer in self.layers:
+            logit_count = max(logit_count, layer.expert_count)
+        self.logits = List[Float64](length=logit_count, fill=0.0)
+        self.winners = List[Int](length=len(self.heads) + 1, fill=0)
+        self.position = 0
+        self.pending = List[Int](length=self.field_count, fill=0)
+        self.need_step = False
+        self.stopped = False
+
+    # ---- one position ------------------------------------------------------------
+
+    def _embed(mut self, token: IntPtr):
+        var x = float_ptr(self.x)
+        for i in range(self.width):
+            x[unsafe_offset=i] = 0.0
+        var ints = int_ptr(self.ints)
+        var floats = float_ptr(self.floats)
+        for f in range(self.field_count):
+            var matrix = self.embed[f]
+            var row = token[unsafe_offset=f]
+            var start = ints[unsafe_offset=matrix.indptr + row]
+            var end = ints[unsafe_offset=matrix.indptr + row + 1]
+            for entry in range(start, end):
+                var column = ints[unsafe_offset=matrix.indices + entry]
+                x[unsafe_offset=column] += floats[unsafe_offset=matrix.values + entry]
+
+    def _attention(mut self, layer: LayerWeights, need_output: Bool):
+        """Append this position's keys and values; when the layer's output is needed,
+        add the output projection of every head's winning value to x."""
+        var ints = int_ptr(self.ints)
+        var floats = float_ptr(self.floats)
+        var x = float_ptr(self.x)
+        var key = float_ptr(self.key)
+        var value = float_ptr(self.value)
+        var query = float_ptr(self.query)
+        for h in range(layer.first_head, layer.first_head + layer.head_count):
+            var head = self.heads[h]
+            gather(head.wk, head.bk, ints, floats, x, key)
+            gather(head.wv, head.bv, ints, floats, x, value)
+            _ = self.caches[h].append(key, value, self.position)
+            if need_output:
+                gather(head.wq, head.bq, ints, floats, x, query)
+                self.winners[h] = self.caches[h].attend(query)
+        if not need_output:
+            return
+        for h in range(layer.first_head, layer.first_head + layer.head_count):
+            var winner = self.caches[h].value_ptr(self.winners[h])
+            scatter_add(self.heads[h].wo_t, winner, ints, floats, x)
+
+    def _feed_forward(mut self, layer: LayerWeights):
+        """Add the shared block and the routed expert, both computed from the same y."""
+        var ints = int_ptr(self.ints)
+        var floats = float_ptr(self.floats)
+        var x = float_ptr(self.x)
+        var shared_hidden = float_ptr(self.shared_hidden)
+        var expert_hidden = float_ptr(self.expert_hidden)
+        if layer.shared >= 0:
+            var block = self.blocks[layer.shared]
+            gather(block.w1, block.b1, ints, floats, x, shared_hidden)
+            relu(shared_hidden, block.w1.rows)
+        var expert = -1
+        if layer.expert_count > 0:
+            var logits = float_ptr(self.logits)
+            gather(layer.router, layer.router_bias, ints, floats, x, logits)
+            expert = layer.first_expert + first_argmax(logits, layer.expert_count)
+            var block = self.blocks[expert]
+            gather(block.w1, block.b1, ints, floats, x, expert_hidden)
+            relu(expert_hidden, block.w1.rows)
+        if layer.shared >= 0:
+            var block = self.blocks[layer.shared]
+            scatter_add(block.w2_t, shared_hidden, ints, floats, x)
+            add_vector(block.b2, self.width, floats, x)
+        if expert >= 0:
+            var block = self.blocks[expert]
+            scatter_add(block.w2_t, expert_hidden, ints, floats, x)
+            add_vector(block.b2, self.width, floats, x)
+
+    def _unembed(mut self):
+        var ints = int_ptr(self.ints)
+        var floats = float_ptr(self.floats)
+        var x = float_ptr(self.x)
+        var logits = float_ptr(self.logits)
+        for f in range(self.field_count):
+            gather(self.unembed[f], self.unembed_bias[f], ints, floats, x, logits)
+            self.pending[f] = first_argmax(logits, self.vocab[f])
+
+    def step(mut self, token: IntPtr, predict: Bool):
+        """Run one token through the model, filling every cache.
+
+        With `predict` the argmax token lands in `pending`; without it the work that
+        only feeds the prediction (the last layer's queries and feed-forward block and
+        the unembedding) is skipped, as for every prompt token but the last.
+        """
+        self._embed(token)
+        var last = len(self.layers) - 1
+        for l in range(len(self.layers)):
+            var layer = self.layers[l]
+            var need_output = predict or l < last
+            self._attention(layer, need_output)
+            if need_output:
+                self._feed_forward(layer)
+        if predict:
+            self._unembed()
+        self.position += 1
+
+    # ---- decoding ----------------------------------------------------------------
+
+    def feed_prompt(mut self, prompt: IntPtr, length: Int):
+        """Run the prompt tokens (row-major, F per token); the last one's prediction
+        becomes the first generated token."""
+        for i in range(length):
+            var token = IntPtr(unsafe_from_address=Int(prompt) + i * self.field_count * 8)
+            self.step(token, i == length - 1)
+        self.need_step = False
+        self.stopped = False
+
+    def output_byte(self) -> Int:
+        """Return the byte the pending token writes, or -1 when it writes none."""
+        if self.out_valid_field < 0 or self.pending[self.out_valid_field] != 1:
+            return -1
+        var byte = 0
+        for i in range(len(self.byte_fields)):
+            byte += self.byte_weights[i] * self.pending[self.byte_fields[i]]
+        return byte & 0xFF
+
+    def generate(
+        mut self, max_tokens: Int, tokens: IntPtr, record: Bool, output: BytePtr
+    ) -> Tuple[Int, Int]:
+        """Emit up to `max_tokens` tokens, stopping after one whose kind is not RUN.
+
+        Writes each token to `tokens` when `record` is set and each output byte to
+        `output`; returns (tokens emitted, bytes written).
+        """
+        var emitted = 0
+        var written = 0
+        while emitted < max_tokens and not self.stopped:
+            if self.need_step:
+                self.step(int_ptr(self.pending), True)
+            self.need_step = True
+            if record:
+                var base = emitted * self.field_count
+                for f in range(self.field_count):
+                    tokens[unsafe_offset=base + f] = self.pending[f]
+            var byte = self.output_byte()
+            if byte >= 0:
+                output[unsafe_offset=written] = UInt8(byte)
+                written += 1
+            emitted += 1
+            if self.pending[self.kind_field] != self.run_value:
+                self.stopped = True
+        return (emitted, written)
+
+
+def _read_layer(
+    mut reader: HeaderReader, mut heads: List[HeadWeights], mut blocks: List[BlockWeights]
+) raises -> LayerWeights:
+    var first_head = len(heads)
+    var head_count = reader.next()
+    for _ in range(head_count):
+        var exact = reader.next() != 0
+        var wq = reader.csr()
+        var bq = reader.next()
+        var wk = reader.csr()
+        var bk = reader.next()
+        var wv = reader.csr()
+        var bv = reader.next()
+        var wo_t = reader.csr()
+        heads.append(HeadWeights(exact, wq, bq, wk, bk, wv, bv, wo_t))
+    var shared = -1
+    if reader.next() != 0:
+        shared = len(blocks)
+        blocks.append(reader.block())
+    var expert_count = reader.next()
+    var router = Csr(0, 0, 0, 0, 0)
+    var router_bias = 0
+    var first_expert = len(blocks)
+    if expert_count > 0:
+        router = reader.csr()
+        router_bias = reader.next()
+        for _ in range(expert_count):
+            blocks.append(reader.block())
+    return LayerWeights(
+        first_head, head_count, shared, router, router_bias, first_expert, expert_count
+    )
+
+
+def _max_rows(heads: List[HeadWeights], which: Int) -> Int:
+    """Return the widest query (which = 0), key (1) or value (2) of any head."""
+    var widest = 0
+    for head in heads:
+        if which == 0:
+            widest = max(widest, head.wq.rows)
+        elif which == 1:
+            widest = max(widest, head.wk.rows)
+        else:
+            widest = max(widest, head.wv.rows)
+    return widest
+
+
+def _max_hidden(blocks: List[BlockWeights]) -> Int:
+    var widest = 0
+    for block in blocks:
+        widest = max(widest, block.w1.rows)
+    return widest

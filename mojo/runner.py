@@ -1,0 +1,302 @@
+"""The Python side of the Mojo runtime: pack a weight file, decode, collect the output.
+
+`run_tokens(weights, prompt, max_tokens)` is the model-level entry point: it returns the
+generated tokens and output bytes, and the tests compare it token for token with the
+numpy oracle `tlc.mojo.reference`. The decode loop itself runs in Mojo
+(`tlc_mojo_engine`, built by `tlc.mojo.build`); Python only calls it in chunks so it can
+stream output bytes and report progress between chunks.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from tlc.mojo import build
+from tlc.mojo.weights import ModelWeights, SparseMatrix, WeightFileError, load_weights
+
+logger = logging.getLogger("tlc.mojo")
+
+# Must match MAGIC and END_MARK in engine.mojo.
+PACK_MAGIC = 0x746C6301
+PACK_END_MARK = 0x746C63FF
+
+# Decoding runs in chunks of tokens: the first is small so that output appears at once,
+# and each next one doubles while a chunk takes less than CHUNK_SECONDS.
+FIRST_CHUNK = 1024
+MAX_CHUNK = 1 << 20
+MAX_RECORDED_CHUNK = 1 << 16  # when tokens are recorded, F int64 each
+CHUNK_SECONDS = 0.05
+
+
+# ---- packing --------------------------------------------------------------------------
+
+
+class _Packer:
+    """Lays out every matrix and vector in two flat arrays and writes the header that
+    engine.mojo reads. Data offsets count from the start of each array."""
+
+    def __init__(self):
+        self.int_parts: list[np.ndarray] = [np.zeros(1, dtype=np.int64)]  # ints[0]
+        self.int_length = 1
+        self.float_parts: list[np.ndarray] = []
+        self.float_length = 0
+        self.header: list[int] = []
+
+    def _ints(self, values: np.ndarray) -> int:
+        offset = self.int_length
+        self.int_parts.append(np.asarray(values, dtype=np.int64))
+        self.int_length += len(values)
+        return offset
+
+    def _floats(self, values: np.ndarray) -> int:
+        offset = self.float_length
+        self.float_parts.append(np.asarray(values, dtype=np.float64))
+        self.float_length += len(values)
+        return offset
+
+    def matrix(self, matrix: SparseMatrix, rows: int, cols: int, name: str) -> None:
+        if matrix.shape != (rows, cols):
+            raise WeightFileError(f"{name} has shape {matrix.shape}, expected {(rows, cols)}")
+        indptr, indices, values = matrix.csr()
+        self.header += [rows, cols, self._ints(indptr), self._ints(indices),
+                        self._floats(values)]  # fmt: skip
+
+    def vector(self, values: np.ndarray, length: int, name: str) -> None:
+        if len(values) != length:
+            raise WeightFileError(f"{name} has length {len(values)}, expected {length}")
+        self.header.append(self._floats(values))
+
+    def block(self, block, width: int, name: str) -> None:
+        hidden = len(block.b1)
+        self.matrix(block.w1, hidden, width, f"{name}.w1")
+        self.vector(block.b1, hidden, f"{name}.b1")
+        self.matrix(block.w2.transpose(), hidden, width, f"{name}.w2 (transposed)")
+        self.vector(block.b2, width, f"{name}.b2")
+
+    def finish(self) -> tuple[np.ndarray, np.ndarray]:
+        header = np.array([PACK_MAGIC, *self.header, PACK_END_MARK], dtype=np.int64)
+        ints = np.concatenate([*self.int_parts, header])
+        ints[0] = self.int_length
+        floats = np.concatenate([np.zeros(1), *self.float_parts])[1:]
+        return np.ascontiguousarray(ints), np.ascontiguousarray(floats)
+
+
+def pack_model(weights: ModelWeights) -> tuple[np.ndarray, np.ndarray]:
+    """Return (ints, floats): the model in the packed layout of engine.mojo."""
+    packer = _Packer()
+    width, fields = weights.width, weights.fields
+    out_valid = -1 if weights.out_valid_field is None else weights.out_valid_field
+    packer.header += [width, len(fields), len(weights.layers), weights.kind_field,
+                      weights.run_value, out_valid, len(weights.out_byte_terms)]  # fmt: skip
+    for field_index, weight in weights.out_byte_terms:
+        packer.header += [field_index, weight]
+    packer.header += [entry.vocab for entry in fields]
+    for f, entry in enumerate(fields):
+        packer.matrix(weights.embed[f], entry.vocab, width, f"embed.{f}")
+    for f, entry in enumerate(fields):
+        packer.matrix(weights.unembed[f], entry.vocab, width, f"unembed.{f}")
+        packer.vector(weights.unembed_bias[f], entry.vocab, f"unembed.{f}.bias")
+    for index, layer in enumerate(weights.layers):
+        _pack_layer(packer, layer, width, f"layers.{index}")
+    return packer.finish()
+
+
+def _pack_layer(packer: _Packer, layer, width: int, name: str) -> None:
+    packer.header.append(len(layer.heads))
+    for h, head in enumerate(layer.heads):
+        prefix = f"{name}.heads.{h}"
+        key_width, value_width = len(head.bk), len(head.bv)
+        if len(head.bq) != key_width:
+            raise WeightFileError(f"{prefix}: queries have {len(head.bq)} components and "
+                                  f"keys {key_width}")  # fmt: skip
+        packer.header.append(1 if head.lookup == "exact" else 0)
+        for part, length in (("q", key_width), ("k", key_width), ("v", value_width)):
+            packer.matrix(getattr(head, f"w{part}"), length, width, f"{prefix}.w{part}")
+            packer.vector(getattr(head, f"b{part}"), length, f"{prefix}.b{part}")
+        packer.matrix(head.wo.transpose(), value_width, width, f"{prefix}.wo (transposed)")
+    packer.header.append(0 if layer.shared is None else 1)
+    if layer.shared is not None:
+        packer.block(layer.shared, width, f"{name}.shared")
+    packer.header.append(len(layer.experts))
+    if layer.experts:
+        count = len(layer.experts)
+        packer.matrix(layer.router_w, count, width, f"{name}.router.w")
+        packer.vector(layer.router_b, count, f"{name}.router.b")
+        for e, expert in enumerate(layer.experts):
+            packer.block(expert, width, f"{name}.experts.{e}")
+
+
+# ---- the engine -----------------------------------------------------------------------
+
+
+@dataclass
+class Decoded:
+    """What one decoding run produced."""
+
+    tokens: np.ndarray | None  # (n, F) int64 when recorded
+    output: bytes
+    token_count: int
+    stopped: bool  # a token whose kind is not RUN ended the run
+
+
+class MojoEngine:
+    """One loaded model with fresh KV caches; feed a prompt, then generate."""
+
+    def __init__(self, weights: ModelWeights, packed: tuple[np.ndarray, np.ndarray] = None):
+        self._extension = build.load_extension()
+        self.weights = weights
+        ints, floats = pack_model(weights) if packed is None else packed
+        self._handle = self._extension.create(ints.ctypes.data, len(ints),
+                                              floats.ctypes.data, len(floats))  # fmt: skip
+        self._status = np.zeros(3, dtype=np.int64)
+
+    def close(self) -> None:
+        if self._handle:
+            self._extension.destroy(self._handle)
+            self._handle = 0
+
+    def __enter__(self) -> MojoEngine:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self):
+        if getattr(self, "_handle", 0):
+            self.close()
+
+    def feed(self, prompt) -> None:
+        """Run the prompt; its last token's prediction is the first generated token."""
+        prompt = check_prompt(self.weights, prompt)
+        self._extension.feed(self._handle, prompt.ctypes.data, len(prompt))
+
+    def generate(self, max_tokens: int, record: bool) -> tuple[np.ndarray | None, bytes, bool]:
+        """Emit up to `max_tokens` tokens; return (tokens or None, output bytes, stopped)."""
+        field_count = len(self.weights.fields)
+        tokens = np.zeros((max_tokens, field_count), dtype=np.int64) if record else None
+        output = np.zeros(max(max_tokens, 1), dtype=np.uint8)
+        self._extension.generate(self._handle, max_tokens,
+                                 0 if tokens is None else tokens.ctypes.data,
+                                 output.ctypes.data, self._status.ctypes.data)  # fmt: skip
+        emitted, written, stopped = (int(value) for value in self._status)
+        recorded = None if tokens is None else tokens[:emitted]
+        return recorded, output[:written].tobytes(), bool(stopped)
+
+    def cache_sizes(self) -> list[int]:
+        """Return the number of cached entries of every head, layer by layer."""
+        sizes = np.zeros(sum(len(layer.heads) for layer in self.weights.layers) + 1,
+                         dtype=np.int64)  # fmt: skip
+        count = self._extension.cache_sizes(self._handle, sizes.ctypes.data)
+        return [int(size) for size in sizes[:count]]
+
+
+def check_prompt(weights: ModelWeights, prompt) -> np.ndarray:
+    """Return the prompt as a C-contiguous (P, F) int64 array; raise ValueError unless
+    it has at least one token and every value is inside its field's vocabulary."""
+    prompt = np.ascontiguousarray(np.asarray(prompt, dtype=np.int64))
+    field_count = len(weights.fields)
+    if prompt.ndim != 2 or prompt.shape[1] != field_count or len(prompt) == 0:
+        raise ValueError(f"the prompt must be a non-empty (P, {field_count}) array of "
+                         f"token values, got shape {prompt.shape}")  # fmt: skip
+    vocab = np.array([entry.vocab for entry in weights.fields])
+    bad = np.argwhere((prompt < 0) | (prompt >= vocab))
+    if len(bad):
+        row, column = (int(n) for n in bad[0])
+        name = weights.fields[column].name
+        raise ValueError(f"prompt token {row}: value {prompt[row, column]} of field "
+                         f"{name!r} is outside its vocabulary of {vocab[column]}")  # fmt: skip
+    return prompt
+
+
+def decode(
+    engine: MojoEngine,
+    max_tokens: int | None,
+    *,
+    record: bool = True,
+    write_output: Callable[[bytes], None] | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> Decoded:
+    """Generate in chunks until the run stops or `max_tokens` tokens (None: no limit)."""
+    chunks: list[np.ndarray] = []
+    output = bytearray()
+    count = 0
+    chunk = FIRST_CHUNK
+    stopped = False
+    while not stopped and (max_tokens is None or count < max_tokens):
+        size = chunk if max_tokens is None else min(chunk, max_tokens - count)
+        started = time.perf_counter()
+        tokens, data, stopped = engine.generate(size, record)
+        elapsed = time.perf_counter() - started
+        if tokens is not None:
+            chunks.append(tokens)
+            count += len(tokens)
+        else:
+            count += _emitted(engine)
+        output += data
+        if data and write_output is not None:
+            write_output(data)
+        if progress is not None and not stopped:
+            progress(count)
+        if elapsed < CHUNK_SECONDS:
+            chunk = min(chunk * 2, MAX_RECORDED_CHUNK if record else MAX_CHUNK)
+    tokens = None
+    if record:
+        field_count = len(engine.weights.fields)
+        tokens = np.concatenate(chunks) if chunks else np.zeros((0, field_count), np.int64)
+    return Decoded(tokens, bytes(output), count, stopped)
+
+
+def _emitted(engine: MojoEngine) -> int:
+    return int(engine._status[0])
+
+
+# ---- loading with a cache --------------------------------------------------------------
+
+_loaded: dict[tuple, tuple[ModelWeights, tuple[np.ndarray, np.ndarray]]] = {}
+
+
+def load_packed(path: str | Path) -> tuple[ModelWeights, tuple[np.ndarray, np.ndarray]]:
+    """Return the weights at `path` and their packed form, reusing the last load while
+    the file's size and modification time are unchanged."""
+    path = Path(path).resolve()
+    info = os.stat(path)
+    key = (str(path), info.st_size, info.st_mtime_ns)
+    if key not in _loaded:
+        weights = load_weights(path)
+        _loaded.clear()
+        _loaded[key] = (weights, pack_model(weights))
+    return _loaded[key]
+
+
+def run_tokens(
+    weights: ModelWeights | str | Path,
+    prompt,
+    max_tokens: int | None,
+    *,
+    record: bool = True,
+) -> tuple[np.ndarray | None, bytes]:
+    """Decode from `prompt` until a token whose kind is not RUN, or `max_tokens` tokens.
+
+    Returns the generated tokens as an (n, F) int64 array (the stopping token included;
+    None when `record` is off) and the output bytes they carry.
+    """
+    if isinstance(weights, ModelWeights):
+        model, packed = weights, None
+    else:
+        model, packed = load_packed(weights)
+    with MojoEngine(model, packed) as engine:
+        engine.feed(prompt)
+        decoded = decode(engine, max_tokens, record=record)
+    return decoded.tokens, decoded.output
+
+
+def engine_unavailable_reason() -> str | None:
+    """Return why the Mojo engine cannot be built or loaded here, or None."""
+    return build.unavailable_reason()

@@ -1,0 +1,263 @@
+"""Random weight files that follow docs/model.md, for testing and timing the runtimes.
+
+A synthetic model has no meaning: its weights are small random integers, so every
+runtime computes exact integer values in float64 and ties in every argmax are common,
+which exercises the tie rules. Its structure follows the contract:
+
+* Token fields: `kind` (RUN, HALT, TRAP), `out_valid`, the output byte (`out_byte`, or
+  `out_bit0` .. `out_bit7`), `key` and `query` (values below 2^n give n bits of +-1; the
+  value 2^n, "none", gives zeros), `tag` (NORMAL, SENTINEL, LOW) and `data`.
+* Residual layout: n key bits, n query bits, the key's last component `c`, then
+  `scratch` dimensions. Only the embedding writes the first 2n + 1 dimensions, so
+  exact-match heads see keys `(bits of key, c)` and queries `(bits of query, 1)` with
+  c = n for NORMAL, 2n - 1 for SENTINEL and at most n - 2 for LOW.
+* With `well_formed=True` the unembedding never produces key or query "none" or the
+  SENTINEL tag (their logits get a large negative bias), and the prompt holds exactly
+  one sentinel token, so every exact-match key and query has the form of
+  docs/model.md. With `well_formed=False` malformed keys and queries occur, and a
+  runtime must notice them and search by brute force.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from safetensors.numpy import save_file
+
+KIND_NAMES = ("RUN", "HALT", "TRAP")
+TAG_NORMAL, TAG_SENTINEL, TAG_LOW = 0, 1, 2
+# Added to the logits of the token values a well-formed model must never generate.
+FORBIDDEN_BIAS = -1.0e9
+
+
+@dataclass(frozen=True)
+class SyntheticSpec:
+    """Sizes and knobs of a synthetic model."""
+
+    key_bits: int = 3
+    scratch: int = 24
+    layers: int = 2
+    dense_heads: int = 1  # brute-force hard-max heads per layer
+    exact_heads: int = 1  # exact-match heads per layer
+    dense_key_width: int = 2
+    value_width: int = 2
+    shared_hidden: int = 6  # 0: no shared block
+    experts: int = 2  # 0: no router and no experts
+    expert_hidden: int = 4
+    data_vocab: int = 5
+    byte_bits: bool = False  # out_bit0..7 in place of out_byte
+    density: float = 0.3  # fraction of nonzero entries in random matrices
+    weight_range: int = 2  # random weights are integers in [-weight_range, weight_range]
+    run_bias: int = 6  # added to the RUN logit so that runs do not halt at once
+    well_formed: bool = True
+
+    @property
+    def width(self) -> int:
+        return 2 * self.key_bits + 1 + self.scratch
+
+    @property
+    def scratch_start(self) -> int:
+        return 2 * self.key_bits + 1
+
+
+class _Builder:
+    def __init__(self, spec: SyntheticSpec, rng: np.random.Generator):
+        self.spec = spec
+        self.rng = rng
+        self.tensors: dict[str, np.ndarray] = {}
+        self.shapes: dict[str, list[int]] = {}
+
+    def random_dense(self, shape, row_range=None, col_range=None) -> np.ndarray:
+        """Return a random integer matrix, zero outside the given row and column ranges."""
+        spec = self.spec
+        values = self.rng.integers(-spec.weight_range, spec.weight_range + 1, size=shape)
+        mask = self.rng.random(shape) < spec.density
+        dense = np.where(mask, values, 0).astype(np.float64)
+        if row_range is not None:
+            keep = np.zeros(shape[0], dtype=bool)
+            keep[row_range[0] : row_range[1]] = True
+            dense[~keep, :] = 0.0
+        if col_range is not None:
+            keep = np.zeros(shape[1], dtype=bool)
+            keep[col_range[0] : col_range[1]] = True
+            dense[:, ~keep] = 0.0
+        return dense
+
+    def random_vector(self, length: int, start: int = 0) -> np.ndarray:
+        spec = self.spec
+        vector = self.rng.integers(-spec.weight_range, spec.weight_range + 1, size=length)
+        vector = vector.astype(np.float64)
+        vector[:start] = 0.0
+        return vector
+
+    def matrix(self, name: str, dense: np.ndarray) -> None:
+        rows, cols = np.nonzero(dense)
+        self.tensors[f"{name}.rows"] = rows.astype(np.int64)
+        self.tensors[f"{name}.cols"] = cols.astype(np.int64)
+        self.tensors[f"{name}.values"] = dense[rows, cols].astype(np.float64)
+        self.shapes[name] = list(dense.shape)
+
+    def vector(self, name: str, values: np.ndarray) -> None:
+        self.tensors[name] = np.asarray(values, dtype=np.float64)
+
+
+def _fields(spec: SyntheticSpec) -> list[dict]:
+    fields = [
+        {"name": "kind", "vocab": len(KIND_NAMES), "values": list(KIND_NAMES)},
+        {"name": "out_valid", "vocab": 2},
+    ]
+    if spec.byte_bits:
+        fields += [{"name": f"out_bit{i}", "vocab": 2} for i in range(8)]
+    else:
+        fields.append({"name": "out_byte", "vocab": 256})
+    none = 1 << spec.key_bits
+    fields += [
+        {"name": "key", "vocab": none + 1},
+        {"name": "query", "vocab": none + 1},
+        {"name": "tag", "vocab": 3, "values": ["NORMAL", "SENTINEL", "LOW"]},
+        {"name": "data", "vocab": spec.data_vocab},
+    ]
+    return fields
+
+
+def _bits(value: int, count: int) -> np.ndarray:
+    """Return +-1 for each of the `count` low bits of value (bit set: +1)."""
+    return np.array([1.0 if value >> i & 1 else -1.0 for i in range(count)])
+
+
+def _embedding(builder: _Builder, name: str, vocab: int) -> np.ndarray:
+    """Return the (vocab, D) embedding of one field: random scratch entries, plus the
+    structured key, query and tag dimensions for those fields."""
+    spec = builder.spec
+    n = spec.key_bits
+    table = builder.random_dense((vocab, spec.width), col_range=(spec.scratch_start, spec.width))
+    if name in ("key", "query"):
+        start = 0 if name == "key" else n
+        for value in range(1 << n):
+            table[value, start : start + n] = _bits(value, n)
+    if name == "tag":
+        c_dim = 2 * n
+        table[TAG_NORMAL, c_dim] = n
+        table[TAG_SENTINEL, c_dim] = 2 * n - 1
+        table[TAG_LOW, c_dim] = n - 2 - int(builder.rng.integers(0, 3))
+    return table
+
+
+def _head(builder: _Builder, prefix: str, exact: bool) -> None:
+    spec = builder.spec
+    n, width, scratch = spec.key_bits, spec.width, (spec.scratch_start, spec.width)
+    if exact:
+        wq = np.zeros((n + 1, width))
+        wk = np.zeros((n + 1, width))
+        wq[np.arange(n), n + np.arange(n)] = 1.0
+        wk[np.arange(n), np.arange(n)] = 1.0
+        wk[n, 2 * n] = 1.0
+        bq = np.zeros(n + 1)
+        bq[n] = 1.0
+        bk = np.zeros(n + 1)
+    else:
+        wq = builder.random_dense((spec.dense_key_width, width))
+        wk = builder.random_dense((spec.dense_key_width, width))
+        bq = builder.random_vector(spec.dense_key_width)
+        bk = builder.random_vector(spec.dense_key_width)
+    builder.matrix(f"{prefix}.wq", wq)
+    builder.vector(f"{prefix}.bq", bq)
+    builder.matrix(f"{prefix}.wk", wk)
+    builder.vector(f"{prefix}.bk", bk)
+    builder.matrix(f"{prefix}.wv", builder.random_dense((spec.value_width, width)))
+    builder.vector(f"{prefix}.bv", builder.random_vector(spec.value_width))
+    builder.matrix(f"{prefix}.wo", builder.random_dense((width, spec.value_width), scratch))
+
+
+def _feed_forward(builder: _Builder, prefix: str, hidden: int) -> None:
+    spec = builder.spec
+    builder.matrix(f"{prefix}.w1", builder.random_dense((hidden, spec.width)))
+    builder.vector(f"{prefix}.b1", builder.random_vector(hidden))
+    scratch = (spec.scratch_start, spec.width)
+    builder.matrix(f"{prefix}.w2", builder.random_dense((spec.width, hidden), scratch))
+    builder.vector(f"{prefix}.b2", builder.random_vector(spec.width, spec.scratch_start))
+
+
+def _layer(builder: _Builder, index: int) -> dict:
+    spec = builder.spec
+    heads = []
+    lookups = ["hardmax"] * spec.dense_heads + ["exact"] * spec.exact_heads
+    order = builder.rng.permutation(len(lookups))
+    for h, position in enumerate(order):
+        lookup = lookups[position]
+        _head(builder, f"layers.{index}.heads.{h}", exact=lookup == "exact")
+        heads.append({"role": f"synthetic {lookup}", "lookup": lookup})
+    if spec.shared_hidden:
+        _feed_forward(builder, f"layers.{index}.shared", spec.shared_hidden)
+    if spec.experts:
+        builder.matrix(f"layers.{index}.router.w", builder.random_dense((spec.experts, spec.width)))
+        builder.vector(f"layers.{index}.router.b", builder.random_vector(spec.experts))
+        for e in range(spec.experts):
+            _feed_forward(builder, f"layers.{index}.experts.{e}", spec.expert_hidden)
+    return {"heads": heads, "shared": bool(spec.shared_hidden), "experts": spec.experts}
+
+
+def _unembedding(builder: _Builder, index: int, entry: dict) -> None:
+    spec = builder.spec
+    vocab = entry["vocab"]
+    builder.matrix(f"unembed.{index}", builder.random_dense((vocab, spec.width)))
+    bias = builder.random_vector(vocab)
+    name = entry["name"]
+    if name == "kind":
+        bias[0] += spec.run_bias
+    if spec.well_formed and name in ("key", "query"):
+        bias[1 << spec.key_bits] = FORBIDDEN_BIAS
+    if spec.well_formed and name == "tag":
+        bias[TAG_SENTINEL] = FORBIDDEN_BIAS
+    builder.vector(f"unembed.{index}.bias", bias)
+
+
+def random_prompt(spec: SyntheticSpec, length: int, rng: np.random.Generator) -> np.ndarray:
+    """Return a (length, F) prompt. A well-formed prompt starts with the sentinel token
+    (key and query "none", tag SENTINEL) and has only well-formed tokens after it."""
+    fields = _fields(spec)
+    prompt = np.stack([rng.integers(0, entry["vocab"], size=length) for entry in fields], axis=1)
+    names = [entry["name"] for entry in fields]
+    key, query, tag = names.index("key"), names.index("query"), names.index("tag")
+    none = 1 << spec.key_bits
+    if spec.well_formed:
+        prompt[:, key] = rng.integers(0, none, size=length)
+        prompt[:, query] = rng.integers(0, none, size=length)
+        prompt[:, tag] = rng.choice([TAG_NORMAL, TAG_LOW], size=length)
+        prompt[0, key] = none
+        prompt[0, tag] = TAG_SENTINEL
+    prompt[:, names.index("kind")] = 0
+    return prompt.astype(np.int64)
+
+
+def build_model(spec: SyntheticSpec, seed: int, prompt_length: int = 8):
+    """Return (tensors, metadata) of a random model with a random prompt."""
+    rng = np.random.default_rng(seed)
+    builder = _Builder(spec, rng)
+    fields = _fields(spec)
+    for index, entry in enumerate(fields):
+        builder.matrix(f"embed.{index}", _embedding(builder, entry["name"], entry["vocab"]))
+    layers = [_layer(builder, index) for index in range(spec.layers)]
+    for index, entry in enumerate(fields):
+        _unembedding(builder, index, entry)
+    builder.tensors["prompt"] = random_prompt(spec, prompt_length, rng)
+    metadata = {
+        "format": "tlc-synthetic-1",
+        "dtype": "float64",
+        "D": spec.width,
+        "fields": fields,
+        "kind": {name: value for value, name in enumerate(KIND_NAMES)},
+        "layers": layers,
+        "shapes": builder.shapes,
+    }
+    return builder.tensors, metadata
+
+
+def write_model(path: str | Path, spec: SyntheticSpec, seed: int, prompt_length: int = 8) -> Path:
+    """Write a random model to `path` as a safetensors file and return the path."""
+    tensors, metadata = build_model(spec, seed, prompt_length)
+    save_file(tensors, str(path), metadata={"tlc": json.dumps(metadata)})
+    return Path(path)

@@ -1,0 +1,146 @@
+# Python bindings of the Mojo runtime: the extension module `tlc_mojo_engine`.
+#
+# Arrays cross the boundary as addresses of C-contiguous numpy buffers that the Python
+# caller (tlc.mojo.runner) allocates, checks and keeps alive for the call. An engine
+# lives on the heap between calls and Python holds its address as an integer handle.
+
+from std.memory.alloc import unsafe_alloc
+from std.os import abort
+from std.python import PythonObject
+from std.python.bindings import PythonModuleBuilder
+
+from cache import HeadCache
+from engine import Engine
+from kernels import BytePtr, FloatPtr, IntPtr
+
+comptime EnginePtr = Pointer[Engine, MutUntrackedOrigin]
+
+
+@export
+def PyInit_tlc_mojo_engine() abi("C") -> PythonObject:
+    try:
+        var module = PythonModuleBuilder("tlc_mojo_engine")
+        module.def_function[create](
+            "create", docstring="create(ints, n_ints, floats, n_floats) -> handle"
+        )
+        module.def_function[feed](
+            "feed", docstring="feed(handle, prompt, n_tokens): run the prompt tokens"
+        )
+        module.def_function[generate](
+            "generate",
+            docstring=(
+                "generate(handle, max_tokens, tokens or 0, output, status): decode;"
+                " status gets (tokens, bytes, stopped)"
+            ),
+        )
+        module.def_function[cache_sizes](
+            "cache_sizes", docstring="cache_sizes(handle, sizes) -> head count"
+        )
+        module.def_function[destroy]("destroy", docstring="destroy(handle)")
+        module.def_function[probe_exact](
+            "probe_exact",
+            docstring="probe_exact(keys, queries, count, key_width, results): test hook",
+        )
+        return module.finalize()
+    except error:
+        abort(String("failed to create the tlc_mojo_engine module: ", error))
+
+
+def _engine(handle: PythonObject) raises -> EnginePtr:
+    var address = Int(py=handle)
+    if address == 0:
+        raise Error("the engine handle is null (already destroyed?)")
+    return EnginePtr(unsafe_from_address=address)
+
+
+def create(
+    ints: PythonObject, n_ints: PythonObject, floats: PythonObject, n_floats: PythonObject
+) raises -> PythonObject:
+    """Copy the packed model into a new engine and return its address."""
+    var int_source = IntPtr(unsafe_from_address=Int(py=ints))
+    var float_source = FloatPtr(unsafe_from_address=Int(py=floats))
+    var int_copy = List[Int](capacity=Int(py=n_ints))
+    for i in range(Int(py=n_ints)):
+        int_copy.append(int_source[unsafe_offset=i])
+    var float_copy = List[Float64](capacity=Int(py=n_floats))
+    for i in range(Int(py=n_floats)):
+        float_copy.append(float_source[unsafe_offset=i])
+    var engine = unsafe_alloc[Engine](1)
+    engine.unsafe_write(Engine(int_copy^, float_copy^))
+    return Int(engine)
+
+
+def feed(handle: PythonObject, prompt: PythonObject, n_tokens: PythonObject) raises -> PythonObject:
+    var engine = _engine(handle)
+    engine[].feed_prompt(IntPtr(unsafe_from_address=Int(py=prompt)), Int(py=n_tokens))
+    return PythonObject(None)
+
+
+def generate(
+    handle: PythonObject,
+    max_tokens: PythonObject,
+    tokens: PythonObject,
+    output: PythonObject,
+    status: PythonObject,
+) raises -> PythonObject:
+    var engine = _engine(handle)
+    var token_address = Int(py=tokens)
+    var record = token_address != 0
+    if not record:
+        # A valid address that is never written, because `record` is off.
+        token_address = Int(py=status)
+    var counts = engine[].generate(
+        Int(py=max_tokens),
+        IntPtr(unsafe_from_address=token_address),
+        record,
+        BytePtr(unsafe_from_address=Int(py=output)),
+    )
+    var status_out = IntPtr(unsafe_from_address=Int(py=status))
+    status_out[unsafe_offset=0] = counts[0]
+    status_out[unsafe_offset=1] = counts[1]
+    status_out[unsafe_offset=2] = 1 if engine[].stopped else 0
+    return PythonObject(None)
+
+
+def cache_sizes(handle: PythonObject, sizes_out: PythonObject) raises -> PythonObject:
+    """Write the number of cached entries of every head, in layer then head order."""
+    var engine = _engine(handle)
+    var sizes = IntPtr(unsafe_from_address=Int(py=sizes_out))
+    for h in range(len(engine[].caches)):
+        sizes[unsafe_offset=h] = engine[].caches[h].count()
+    return len(engine[].caches)
+
+
+def destroy(handle: PythonObject) raises -> PythonObject:
+    var engine = _engine(handle)
+    engine.unsafe_deinit_pointee()
+    engine.unsafe_free()
+    return PythonObject(None)
+
+
+def probe_exact(
+    keys: PythonObject,
+    queries: PythonObject,
+    count: PythonObject,
+    key_width: PythonObject,
+    results_out: PythonObject,
+) raises -> PythonObject:
+    """Append key i at position i and then ask query i, for i in 0 .. count - 1, on an
+    exact-match cache. Writes, per step, the winning position through `attend`, the
+    winning position by brute force, and 1 when `attend` used the hash index."""
+    var width = Int(py=key_width)
+    var cache = HeadCache(width, 1, True)
+    var key_base = Int(py=keys)
+    var query_base = Int(py=queries)
+    var results = IntPtr(unsafe_from_address=Int(py=results_out))
+    var value = List[Float64](length=1, fill=0.0)
+    for i in range(Int(py=count)):
+        var key = FloatPtr(unsafe_from_address=key_base + i * width * 8)
+        var query = FloatPtr(unsafe_from_address=query_base + i * width * 8)
+        value[0] = Float64(i)
+        _ = cache.append(key, FloatPtr(unsafe_from_address=Int(value.unsafe_ptr())), i)
+        var indexed = cache.exact and cache.index_usable and cache.sentinel >= 0
+        results[unsafe_offset=3 * i] = cache.stamps[cache.attend(query)]
+        results[unsafe_offset=3 * i + 1] = cache.stamps[cache.attend_brute_force(query)]
+        results[unsafe_offset=3 * i + 2] = 1 if indexed else 0
+    return PythonObject(None)
