@@ -13,6 +13,7 @@ package, else `mojo` from PATH:
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import importlib.machinery
 import importlib.metadata
@@ -33,16 +34,22 @@ SOURCE_DIR = Path(__file__).resolve().parent
 MODULE_NAME = "tlc_mojo_engine"
 ROOT_SOURCE = SOURCE_DIR / f"{MODULE_NAME}.mojo"
 BUILD_TIMEOUT_SECONDS = 600
+# Variables that loading a Mojo extension sets in the process environment.
+_ENVIRONMENT_SET_BY_MOJO = ("PYTHONPATH", "PYTHONEXECUTABLE", "MOJO_PYTHON_LIBRARY")
 # Lines the compiler prints on every run that say nothing about the build.
 _NOISE_PREFIXES = ("Failed to initialize Crashpad",)
 
 _loaded: ModuleType | None = None
-_failure: str | None = None
+_failure: MojoBuildError | None = None
 
 
 class MojoBuildError(RuntimeError):
     """The Mojo extension could not be built or loaded; the message says why and what
     to do."""
+
+
+class MojoCompilerMissing(MojoBuildError):
+    """No Mojo compiler is installed, so the extension cannot be built on this machine."""
 
 
 def cache_dir() -> Path:
@@ -91,7 +98,7 @@ def _compiler_command() -> list[str]:
         return [str(beside_python)]
     found = shutil.which("mojo")
     if found is None:
-        raise MojoBuildError(
+        raise MojoCompilerMissing(
             "the Mojo compiler was not found: install the `mojo` Python package "
             "(pip install 'mojo>=1.2,<1.3') or put `mojo` on PATH"
         )
@@ -138,13 +145,35 @@ def build(target: Path | None = None) -> Path:
     return target
 
 
+def _c_getenv(name: str) -> bytes | None:
+    """Return a variable of the C-level environment, which os.environ does not track."""
+    getenv = ctypes.CDLL(None).getenv
+    getenv.restype = ctypes.c_char_p
+    return getenv(name.encode())
+
+
 def _import_library(path: Path) -> ModuleType:
+    """Import the extension, then undo the environment changes that loading it makes.
+
+    Loading a Mojo 1.2 extension sets PYTHONPATH=":" and two more variables in the
+    C-level environment. Child processes inherit that environment, and the empty
+    PYTHONPATH entries put their working directory on sys.path, where this repository's
+    `mojo` folder shadows the `mojo` package (the compiler launcher then fails).
+    """
+    saved = {name: _c_getenv(name) for name in _ENVIRONMENT_SET_BY_MOJO}
     loader = importlib.machinery.ExtensionFileLoader(MODULE_NAME, str(path))
     spec = importlib.util.spec_from_file_location(MODULE_NAME, str(path), loader=loader)
     if spec is None:
         raise MojoBuildError(f"cannot load the Mojo extension at {path}")
     module = importlib.util.module_from_spec(spec)
     loader.exec_module(module)
+    for name, value in saved.items():
+        if _c_getenv(name) == value:
+            continue
+        if value is None:
+            os.unsetenv(name)
+        else:
+            os.putenv(name, value.decode())
     return module
 
 
@@ -158,18 +187,18 @@ def load_extension() -> ModuleType:
     if _loaded is not None:
         return _loaded
     if _failure is not None:
-        raise MojoBuildError(_failure)
+        raise _failure
     try:
         path = library_path()
         if not path.exists():
             build(path)
         _loaded = _import_library(path)
     except MojoBuildError as error:
-        _failure = str(error)
+        _failure = error
         raise
     except (OSError, ImportError) as error:
-        _failure = f"loading the Mojo extension failed: {error}"
-        raise MojoBuildError(_failure) from error
+        _failure = MojoBuildError(f"loading the Mojo extension failed: {error}")
+        raise _failure from error
     return _loaded
 
 

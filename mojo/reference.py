@@ -9,6 +9,7 @@ every field takes the lowest index among its maximal logits.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -94,13 +95,20 @@ def output_byte(weights: ModelWeights, token) -> int | None:
     return sum(weight * int(token[f]) for f, weight in weights.out_byte_terms) & 0xFF
 
 
-def run_tokens(
-    weights: ModelWeights | str | Path, prompt, max_tokens: int
-) -> tuple[np.ndarray, bytes]:
+@dataclass
+class ReferenceRun:
+    """The generated tokens (n, F), their output bytes, and the model with its caches."""
+
+    tokens: np.ndarray
+    output: bytes
+    model: ReferenceModel
+
+
+def run_reference(weights: ModelWeights | str | Path, prompt, max_tokens: int) -> ReferenceRun:
     """Decode from `prompt` until a token whose kind is not RUN, or `max_tokens` tokens.
 
-    Returns the generated tokens as an (n, F) int64 array (the stopping token included)
-    and the output bytes they carry.
+    The generated tokens include the stopping token. Every generated token but the last
+    is fed back, so the caches hold the prompt and the fed-back tokens.
     """
     if not isinstance(weights, ModelWeights):
         weights = load_weights(weights)
@@ -122,4 +130,12 @@ def run_tokens(
         if token[weights.kind_field] != weights.run_value:
             break
     tokens = np.array(generated, dtype=np.int64).reshape(-1, len(weights.fields))
-    return tokens, bytes(output)
+    return ReferenceRun(tokens, bytes(output), model)
+
+
+def run_tokens(
+    weights: ModelWeights | str | Path, prompt, max_tokens: int
+) -> tuple[np.ndarray, bytes]:
+    """Return (generated tokens, output bytes) of `run_reference`."""
+    run = run_reference(weights, prompt, max_tokens)
+    return run.tokens, run.output

@@ -1,0 +1,164 @@
+"""The Mojo runtime against the numpy oracle on random synthetic weight files.
+
+Each model is written to a real safetensors file, read back by both runtimes, and
+decoded from its prompt: the token streams, the output bytes and the KV cache sizes
+(the number of distinct keys each head has seen) must agree exactly.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tlc.mojo import build, reference, runner, synthetic
+from tlc.mojo.synthetic import SyntheticSpec
+from tlc.mojo.weights import load_weights
+
+MAX_TOKENS = 120
+
+
+@pytest.fixture(scope="module", autouse=True)
+def extension():
+    """Build the extension once; skip only when no Mojo compiler is installed."""
+    try:
+        return build.load_extension()
+    except build.MojoCompilerMissing as error:
+        pytest.skip(f"the Mojo runtime cannot be built on this machine: {error}")
+
+
+SPECS = st.builds(
+    SyntheticSpec,
+    key_bits=st.integers(1, 4),
+    scratch=st.integers(2, 20),
+    layers=st.integers(1, 3),
+    dense_heads=st.integers(0, 2),
+    exact_heads=st.integers(0, 2),
+    dense_key_width=st.integers(1, 3),
+    value_width=st.integers(1, 3),
+    shared_hidden=st.integers(0, 6),
+    experts=st.integers(0, 3),
+    expert_hidden=st.integers(1, 5),
+    data_vocab=st.integers(1, 6),
+    byte_bits=st.booleans(),
+    density=st.sampled_from([0.2, 0.4, 0.7]),
+    run_bias=st.integers(0, 24),
+    well_formed=st.booleans(),
+)
+
+
+def distinct_key_counts(model: reference.ReferenceModel) -> list[int]:
+    """Return, per head in layer order, how many distinct keys the oracle has cached."""
+    return [
+        len(np.unique(cache.keys, axis=0)) for layer in model.caches for cache in layer
+    ]
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(spec=SPECS, seed=st.integers(0, 2**32 - 1), prompt_length=st.integers(1, 12))
+def test_tokens_equal_reference(spec, seed, prompt_length):
+    with tempfile.TemporaryDirectory() as folder:
+        path = synthetic.write_model(Path(folder) / "model.safetensors", spec, seed,
+                                     prompt_length)  # fmt: skip
+        weights = load_weights(path)
+        expected = reference.run_reference(weights, weights.prompt, MAX_TOKENS)
+        with runner.MojoEngine(weights) as engine:
+            engine.feed(weights.prompt)
+            decoded = runner.decode(engine, MAX_TOKENS)
+            sizes = engine.cache_sizes()
+    assert decoded.tokens.shape == expected.tokens.shape
+    assert np.array_equal(decoded.tokens, expected.tokens)
+    assert decoded.output == expected.output
+    assert sizes == distinct_key_counts(expected.model)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_run_tokens_from_file(tmp_path, seed):
+    spec = SyntheticSpec(run_bias=30, well_formed=seed % 2 == 0, byte_bits=seed % 3 == 0)
+    path = synthetic.write_model(tmp_path / "model.safetensors", spec, seed, 10)
+    prompt = load_weights(path).prompt
+    tokens, output = runner.run_tokens(path, prompt, 200)
+    expected_tokens, expected_output = reference.run_tokens(path, prompt, 200)
+    assert np.array_equal(tokens, expected_tokens)
+    assert output == expected_output
+
+
+def test_chunked_generation_equals_one_call(tmp_path):
+    spec = SyntheticSpec(run_bias=40, layers=3)
+    path = synthetic.write_model(tmp_path / "model.safetensors", spec, 11, 9)
+    weights = load_weights(path)
+    with runner.MojoEngine(weights) as engine:
+        engine.feed(weights.prompt)
+        whole, whole_output, _ = engine.generate(300, record=True)
+    pieces, outputs = [], b""
+    with runner.MojoEngine(weights) as engine:
+        engine.feed(weights.prompt)
+        for size in (1, 2, 3, 50, 244):
+            tokens, output, _ = engine.generate(size, record=True)
+            pieces.append(tokens)
+            outputs += output
+    assert np.array_equal(np.concatenate(pieces), whole)
+    assert outputs == whole_output
+
+
+def test_unrecorded_run_gives_same_output(tmp_path):
+    spec = SyntheticSpec(run_bias=40)
+    path = synthetic.write_model(tmp_path / "model.safetensors", spec, 5, 6)
+    weights = load_weights(path)
+    recorded, output = runner.run_tokens(path, weights.prompt, 500)
+    unrecorded, unrecorded_output = runner.run_tokens(path, weights.prompt, 500, record=False)
+    assert unrecorded is None
+    assert unrecorded_output == output
+
+
+def test_decode_counts_unrecorded_tokens(tmp_path):
+    spec = SyntheticSpec(run_bias=40)
+    path = synthetic.write_model(tmp_path / "model.safetensors", spec, 5, 6)
+    weights = load_weights(path)
+    expected, _ = reference.run_tokens(weights, weights.prompt, 3000)
+    with runner.MojoEngine(weights) as engine:
+        engine.feed(weights.prompt)
+        decoded = runner.decode(engine, 3000, record=False)
+    assert decoded.token_count == len(expected)
+
+
+def test_halting_token_stops_run(tmp_path):
+    spec = SyntheticSpec(run_bias=-40)  # every prediction's kind is HALT or TRAP
+    path = synthetic.write_model(tmp_path / "model.safetensors", spec, 3, 4)
+    weights = load_weights(path)
+    tokens, _ = runner.run_tokens(path, weights.prompt, 100)
+    assert len(tokens) == 1
+    assert tokens[0, weights.kind_field] != weights.run_value
+
+
+def test_prompt_value_outside_vocabulary(tmp_path):
+    path = synthetic.write_model(tmp_path / "model.safetensors", SyntheticSpec(), 1, 4)
+    weights = load_weights(path)
+    prompt = weights.prompt.copy()
+    prompt[2, weights.kind_field] = weights.fields[weights.kind_field].vocab
+    with pytest.raises(ValueError, match="outside its vocabulary"):
+        runner.run_tokens(path, prompt, 10)
+
+
+def test_empty_prompt_rejected(tmp_path):
+    path = synthetic.write_model(tmp_path / "model.safetensors", SyntheticSpec(), 1, 4)
+    fields = len(load_weights(path).fields)
+    with pytest.raises(ValueError, match="non-empty"):
+        runner.run_tokens(path, np.zeros((0, fields), dtype=np.int64), 10)
+
+
+def test_corrupted_head_changes_tokens(tmp_path):
+    spec = SyntheticSpec(run_bias=40, exact_heads=0, dense_heads=2, layers=1)
+    path = synthetic.write_model(tmp_path / "model.safetensors", spec, 21, 10)
+    weights = load_weights(path)
+    tokens, _ = runner.run_tokens(weights, weights.prompt, 200)
+    head = weights.layers[0].heads[0]
+    head.wo.values[:] *= 7.0
+    corrupted, _ = runner.run_tokens(weights, weights.prompt, 200)
+    expected, _ = reference.run_tokens(weights, weights.prompt, 200)
+    assert np.array_equal(corrupted, expected)
+    assert not np.array_equal(corrupted, tokens)
