@@ -65,9 +65,7 @@ struct HeadCache(Movable):
         return len(self.stamps)
 
     def value_ptr(mut self, slot: Int) -> FloatPtr:
-        return FloatPtr(
-            unsafe_from_address=Int(self.values.unsafe_ptr()) + slot * self.value_width * 8
-        )
+        return float_ptr(self.values).unsafe_offset(slot * self.value_width)
 
     def find(mut self, key: FloatPtr) -> Int:
         """Return the slot whose key equals `key` component for component, or EMPTY."""
@@ -91,9 +89,7 @@ struct HeadCache(Movable):
     def _place(mut self, slot: Int):
         """Put `slot` into the hash table at the first free place of its probe chain."""
         var mask = len(self.table) - 1
-        var key = FloatPtr(
-            unsafe_from_address=Int(self.keys.unsafe_ptr()) + slot * self.key_width * 8
-        )
+        var key = float_ptr(self.keys).unsafe_offset(slot * self.key_width)
         var position = Int(hash_key(key, self.key_width)) & mask
         while self.table[position] != EMPTY:
             position = (position + 1) & mask

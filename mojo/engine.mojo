@@ -3,8 +3,10 @@
 # matrices; which field is `kind`, which value means RUN and which fields form the
 # output byte come from the packed header that tlc.mojo.runner writes.
 #
-# Packed header (all Int), written by tlc.mojo.runner.pack_model. ints[0] is the
-# offset of the header in `ints`; the row pointers and column indices come before it.
+# The packed model, written by tlc.mojo.runner.pack_model, is four arrays: `ints` (row
+# pointers, then the header), `columns` (Int32 column indices), `values` (the matrix
+# entries, Float32 or Float64) and `floats` (bias vectors). ints[0] is the offset of the
+# header in `ints`. The header:
 #   MAGIC, D, F, L, kind_field, run_value, out_valid_field (-1: none),
 #   byte_term_count, (field, weight) per byte term, vocab size per field,
 #   embed Csr per field, (unembed Csr, bias offset) per field,
@@ -13,15 +15,18 @@
 #              expert blocks]
 #   END_MARK
 # A Csr is 5 Ints (rows, cols, indptr, indices, values); a bias is one offset into
-# `floats`; a block is (w1 Csr, b1, w2^T Csr, b2).
+# `floats`; a block is (w1 Csr, b1, w2^T Csr, b2 as a 1 x D Csr). b2 is sparse because it
+# is added to the whole residual, where most of its components are zero.
 
 from cache import HeadCache
 from kernels import (
+    Arrays,
     BytePtr,
+    ColumnPtr,
     Csr,
     FloatPtr,
     IntPtr,
-    add_vector,
+    add_row,
     first_argmax,
     float_ptr,
     gather,
@@ -53,7 +58,7 @@ struct BlockWeights(ImplicitlyCopyable, Movable):
     var w1: Csr
     var b1: Int
     var w2_t: Csr
-    var b2: Int
+    var b2: Csr  # one row
 
 
 @fieldwise_init
@@ -98,7 +103,7 @@ struct HeaderReader:
         var w1 = self.csr()
         var b1 = self.next()
         var w2_t = self.csr()
-        var b2 = self.next()
+        var b2 = self.csr()
         return BlockWeights(w1, b1, w2_t, b2)
 
 
@@ -106,6 +111,9 @@ struct Engine(Movable):
     """A loaded model and the state of one decoding run."""
 
     var ints: List[Int]
+    var columns: List[Int32]
+    var value_words: List[Float64]  # raw storage of the entry values
+    var narrow: Bool  # entry values are Float32, two per word of value_words
     var floats: List[Float64]
     var width: Int
     var field_count: Int
@@ -137,8 +145,18 @@ struct Engine(Movable):
     var need_step: Bool  # pending was emitted and must be fed back before the next one
     var stopped: Bool
 
-    def __init__(out self, var ints: List[Int], var floats: List[Float64]) raises:
+    def __init__(
+        out self,
+        var ints: List[Int],
+        var columns: List[Int32],
+        var value_words: List[Float64],
+        narrow: Bool,
+        var floats: List[Float64],
+    ) raises:
         self.ints = ints^
+        self.columns = columns^
+        self.value_words = value_words^
+        self.narrow = narrow
         self.floats = floats^
         if len(self.ints) == 0:
             raise Error("packed model is empty")
@@ -199,80 +217,93 @@ struct Engine(Movable):
 
     # ---- one position ------------------------------------------------------------
 
-    def _embed(mut self, token: IntPtr):
+    def _arrays[dtype: DType](mut self) -> Arrays[dtype]:
+        return Arrays[dtype](
+            int_ptr(self.ints),
+            ColumnPtr(unsafe_from_address=Int(self.columns.unsafe_ptr())),
+            Pointer[Scalar[dtype], MutUntrackedOrigin](
+                unsafe_from_address=Int(self.value_words.unsafe_ptr())
+            ),
+            float_ptr(self.floats),
+        )
+
+    def _embed[dtype: DType](mut self, token: IntPtr):
+        var arrays = self._arrays[dtype]()
         var x = float_ptr(self.x)
         for i in range(self.width):
             x[unsafe_offset=i] = 0.0
-        var ints = int_ptr(self.ints)
-        var floats = float_ptr(self.floats)
         for f in range(self.field_count):
-            var matrix = self.embed[f]
-            var row = token[unsafe_offset=f]
-            var start = ints[unsafe_offset=matrix.indptr + row]
-            var end = ints[unsafe_offset=matrix.indptr + row + 1]
-            for entry in range(start, end):
-                var column = ints[unsafe_offset=matrix.indices + entry]
-                x[unsafe_offset=column] += floats[unsafe_offset=matrix.values + entry]
+            add_row(self.embed[f], token[unsafe_offset=f], arrays, x)
 
-    def _attention(mut self, layer: LayerWeights, need_output: Bool):
+    def _attention[dtype: DType](mut self, layer: LayerWeights, need_output: Bool):
         """Append this position's keys and values; when the layer's output is needed,
         add the output projection of every head's winning value to x."""
-        var ints = int_ptr(self.ints)
-        var floats = float_ptr(self.floats)
+        var arrays = self._arrays[dtype]()
         var x = float_ptr(self.x)
         var key = float_ptr(self.key)
         var value = float_ptr(self.value)
         var query = float_ptr(self.query)
         for h in range(layer.first_head, layer.first_head + layer.head_count):
             var head = self.heads[h]
-            gather(head.wk, head.bk, ints, floats, x, key)
-            gather(head.wv, head.bv, ints, floats, x, value)
+            gather(head.wk, head.bk, arrays, x, key)
+            gather(head.wv, head.bv, arrays, x, value)
             _ = self.caches[h].append(key, value, self.position)
             if need_output:
-                gather(head.wq, head.bq, ints, floats, x, query)
+                gather(head.wq, head.bq, arrays, x, query)
                 self.winners[h] = self.caches[h].attend(query)
         if not need_output:
             return
         for h in range(layer.first_head, layer.first_head + layer.head_count):
             var winner = self.caches[h].value_ptr(self.winners[h])
-            scatter_add(self.heads[h].wo_t, winner, ints, floats, x)
+            scatter_add(self.heads[h].wo_t, winner, arrays, x)
 
-    def _feed_forward(mut self, layer: LayerWeights):
+    def _feed_forward[dtype: DType](mut self, layer: LayerWeights):
         """Add the shared block and the routed expert, both computed from the same y."""
-        var ints = int_ptr(self.ints)
-        var floats = float_ptr(self.floats)
+        var arrays = self._arrays[dtype]()
         var x = float_ptr(self.x)
         var shared_hidden = float_ptr(self.shared_hidden)
         var expert_hidden = float_ptr(self.expert_hidden)
         if layer.shared >= 0:
             var block = self.blocks[layer.shared]
-            gather(block.w1, block.b1, ints, floats, x, shared_hidden)
+            gather(block.w1, block.b1, arrays, x, shared_hidden)
             relu(shared_hidden, block.w1.rows)
         var expert = -1
         if layer.expert_count > 0:
             var logits = float_ptr(self.logits)
-            gather(layer.router, layer.router_bias, ints, floats, x, logits)
+            gather(layer.router, layer.router_bias, arrays, x, logits)
             expert = layer.first_expert + first_argmax(logits, layer.expert_count)
             var block = self.blocks[expert]
-            gather(block.w1, block.b1, ints, floats, x, expert_hidden)
+            gather(block.w1, block.b1, arrays, x, expert_hidden)
             relu(expert_hidden, block.w1.rows)
         if layer.shared >= 0:
             var block = self.blocks[layer.shared]
-            scatter_add(block.w2_t, shared_hidden, ints, floats, x)
-            add_vector(block.b2, self.width, floats, x)
+            scatter_add(block.w2_t, shared_hidden, arrays, x)
+            add_row(block.b2, 0, arrays, x)
         if expert >= 0:
             var block = self.blocks[expert]
-            scatter_add(block.w2_t, expert_hidden, ints, floats, x)
-            add_vector(block.b2, self.width, floats, x)
+            scatter_add(block.w2_t, expert_hidden, arrays, x)
+            add_row(block.b2, 0, arrays, x)
 
-    def _unembed(mut self):
-        var ints = int_ptr(self.ints)
-        var floats = float_ptr(self.floats)
+    def _unembed[dtype: DType](mut self):
+        var arrays = self._arrays[dtype]()
         var x = float_ptr(self.x)
         var logits = float_ptr(self.logits)
         for f in range(self.field_count):
-            gather(self.unembed[f], self.unembed_bias[f], ints, floats, x, logits)
+            gather(self.unembed[f], self.unembed_bias[f], arrays, x, logits)
             self.pending[f] = first_argmax(logits, self.vocab[f])
+
+    def _step[dtype: DType](mut self, token: IntPtr, predict: Bool):
+        self._embed[dtype](token)
+        var last = len(self.layers) - 1
+        for l in range(len(self.layers)):
+            var layer = self.layers[l]
+            var need_output = predict or l < last
+            self._attention[dtype](layer, need_output)
+            if need_output:
+                self._feed_forward[dtype](layer)
+        if predict:
+            self._unembed[dtype]()
+        self.position += 1
 
     def step(mut self, token: IntPtr, predict: Bool):
         """Run one token through the model, filling every cache.
@@ -281,17 +312,10 @@ struct Engine(Movable):
         only feeds the prediction (the last layer's queries and feed-forward block and
         the unembedding) is skipped, as for every prompt token but the last.
         """
-        self._embed(token)
-        var last = len(self.layers) - 1
-        for l in range(len(self.layers)):
-            var layer = self.layers[l]
-            var need_output = predict or l < last
-            self._attention(layer, need_output)
-            if need_output:
-                self._feed_forward(layer)
-        if predict:
-            self._unembed()
-        self.position += 1
+        if self.narrow:
+            self._step[DType.float32](token, predict)
+        else:
+            self._step[DType.float64](token, predict)
 
     # ---- decoding ----------------------------------------------------------------
 

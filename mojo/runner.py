@@ -39,21 +39,19 @@ CHUNK_SECONDS = 0.05
 
 
 class _Packer:
-    """Lays out every matrix and vector in two flat arrays and writes the header that
-    engine.mojo reads. Data offsets count from the start of each array."""
+    """Lays out every matrix and vector in the four flat arrays of engine.mojo and
+    writes its header. Offsets count elements from the start of each array."""
 
     def __init__(self):
         self.int_parts: list[np.ndarray] = [np.zeros(1, dtype=np.int64)]  # ints[0]
         self.int_length = 1
+        self.column_parts: list[np.ndarray] = []
+        self.column_length = 0
+        self.value_parts: list[np.ndarray] = []
+        self.value_length = 0
         self.float_parts: list[np.ndarray] = []
         self.float_length = 0
         self.header: list[int] = []
-
-    def _ints(self, values: np.ndarray) -> int:
-        offset = self.int_length
-        self.int_parts.append(np.asarray(values, dtype=np.int64))
-        self.int_length += len(values)
-        return offset
 
     def _floats(self, values: np.ndarray) -> int:
         offset = self.float_length
@@ -65,8 +63,13 @@ class _Packer:
         if matrix.shape != (rows, cols):
             raise WeightFileError(f"{name} has shape {matrix.shape}, expected {(rows, cols)}")
         indptr, indices, values = matrix.csr()
-        self.header += [rows, cols, self._ints(indptr), self._ints(indices),
-                        self._floats(values)]  # fmt: skip
+        self.header += [rows, cols, self.int_length, self.column_length, self.value_length]
+        self.int_parts.append(indptr.astype(np.int64))
+        self.int_length += len(indptr)
+        self.column_parts.append(indices.astype(np.int32))
+        self.column_length += len(indices)
+        self.value_parts.append(values.astype(np.float64))
+        self.value_length += len(values)
 
     def vector(self, values: np.ndarray, length: int, name: str) -> None:
         if len(values) != length:
@@ -78,18 +81,58 @@ class _Packer:
         self.matrix(block.w1, hidden, width, f"{name}.w1")
         self.vector(block.b1, hidden, f"{name}.b1")
         self.matrix(block.w2.transpose(), hidden, width, f"{name}.w2 (transposed)")
-        self.vector(block.b2, width, f"{name}.b2")
+        if len(block.b2) != width:
+            raise WeightFileError(f"{name}.b2 has length {len(block.b2)}, expected {width}")
+        self.matrix(_sparse_row(block.b2), 1, width, f"{name}.b2")
 
-    def finish(self) -> tuple[np.ndarray, np.ndarray]:
+    def finish(self) -> PackedModel:
         header = np.array([PACK_MAGIC, *self.header, PACK_END_MARK], dtype=np.int64)
         ints = np.concatenate([*self.int_parts, header])
         ints[0] = self.int_length
-        floats = np.concatenate([np.zeros(1), *self.float_parts])[1:]
-        return np.ascontiguousarray(ints), np.ascontiguousarray(floats)
+        values = np.concatenate([np.zeros(0), *self.value_parts])
+        narrow = bool(np.array_equal(values.astype(np.float32).astype(np.float64), values))
+        if narrow:
+            values = values.astype(np.float32)
+            if len(values) % 2:
+                values = np.append(values, np.float32(0.0))
+        return PackedModel(
+            ints=np.ascontiguousarray(ints),
+            columns=np.ascontiguousarray(np.concatenate([np.zeros(0, np.int32),
+                                                         *self.column_parts])),
+            value_words=np.ascontiguousarray(values).view(np.float64),
+            floats=np.ascontiguousarray(np.concatenate([np.zeros(0), *self.float_parts])),
+            narrow=narrow,
+        )
 
 
-def pack_model(weights: ModelWeights) -> tuple[np.ndarray, np.ndarray]:
-    """Return (ints, floats): the model in the packed layout of engine.mojo."""
+@dataclass(frozen=True)
+class PackedModel:
+    """The model in the layout of engine.mojo: row pointers and header, Int32 column
+    indices, entry values (as raw Float64 words, holding Float32 values when `narrow`)
+    and bias vectors."""
+
+    ints: np.ndarray
+    columns: np.ndarray
+    value_words: np.ndarray
+    floats: np.ndarray
+    narrow: bool
+
+    def descriptor(self) -> np.ndarray:
+        """Return the 9 Int64s that `create` of the extension reads."""
+        parts = (self.ints, self.columns, self.value_words, self.floats)
+        fields = [number for part in parts for number in (part.ctypes.data, len(part))]
+        return np.array([*fields, int(self.narrow)], dtype=np.int64)
+
+
+def _sparse_row(vector: np.ndarray) -> SparseMatrix:
+    """Return a dense vector as a 1 x len(vector) sparse matrix of its nonzero entries."""
+    columns = np.flatnonzero(vector)
+    rows = np.zeros(len(columns), dtype=np.int64)
+    return SparseMatrix((1, len(vector)), rows, columns.astype(np.int64), vector[columns])
+
+
+def pack_model(weights: ModelWeights) -> PackedModel:
+    """Return the model in the packed layout of engine.mojo."""
     packer = _Packer()
     width, fields = weights.width, weights.fields
     out_valid = -1 if weights.out_valid_field is None else weights.out_valid_field
@@ -149,12 +192,12 @@ class Decoded:
 class MojoEngine:
     """One loaded model with fresh KV caches; feed a prompt, then generate."""
 
-    def __init__(self, weights: ModelWeights, packed: tuple[np.ndarray, np.ndarray] = None):
+    def __init__(self, weights: ModelWeights, packed: PackedModel | None = None):
         self._extension = build.load_extension()
         self.weights = weights
-        ints, floats = pack_model(weights) if packed is None else packed
-        self._handle = self._extension.create(ints.ctypes.data, len(ints),
-                                              floats.ctypes.data, len(floats))  # fmt: skip
+        packed = pack_model(weights) if packed is None else packed
+        descriptor = packed.descriptor()  # keep it alive during the call
+        self._handle = self._extension.create(descriptor.ctypes.data)
         self._status = np.zeros(3, dtype=np.int64)
 
     def close(self) -> None:
@@ -259,10 +302,10 @@ def _emitted(engine: MojoEngine) -> int:
 
 # ---- loading with a cache --------------------------------------------------------------
 
-_loaded: dict[tuple, tuple[ModelWeights, tuple[np.ndarray, np.ndarray]]] = {}
+_loaded: dict[tuple, tuple[ModelWeights, PackedModel]] = {}
 
 
-def load_packed(path: str | Path) -> tuple[ModelWeights, tuple[np.ndarray, np.ndarray]]:
+def load_packed(path: str | Path) -> tuple[ModelWeights, PackedModel]:
     """Return the weights at `path` and their packed form, reusing the last load while
     the file's size and modification time are unchanged."""
     path = Path(path).resolve()

@@ -53,6 +53,7 @@ class SyntheticSpec:
     weight_range: int = 2  # random weights are integers in [-weight_range, weight_range]
     run_bias: int = 6  # added to the RUN logit so that runs do not halt at once
     well_formed: bool = True
+    never_halt: bool = False  # the kind field always predicts RUN (for timing runs)
 
     @property
     def width(self) -> int:
@@ -203,9 +204,14 @@ def _layer(builder: _Builder, index: int) -> dict:
 def _unembedding(builder: _Builder, index: int, entry: dict) -> None:
     spec = builder.spec
     vocab = entry["vocab"]
-    builder.matrix(f"unembed.{index}", builder.random_dense((vocab, spec.width)))
-    bias = builder.random_vector(vocab)
     name = entry["name"]
+    matrix = builder.random_dense((vocab, spec.width))
+    bias = builder.random_vector(vocab)
+    if spec.never_halt and name == "kind":
+        matrix[:] = 0.0
+        bias[:] = 0.0
+        bias[0] = 1.0
+    builder.matrix(f"unembed.{index}", matrix)
     if name == "kind":
         bias[0] += spec.run_bias
     if spec.well_formed and name in ("key", "query"):

@@ -21,7 +21,7 @@ def PyInit_tlc_mojo_engine() abi("C") -> PythonObject:
     try:
         var module = PythonModuleBuilder("tlc_mojo_engine")
         module.def_function[create](
-            "create", docstring="create(ints, n_ints, floats, n_floats) -> handle"
+            "create", docstring="create(descriptor of the packed arrays) -> handle"
         )
         module.def_function[feed](
             "feed", docstring="feed(handle, prompt, n_tokens): run the prompt tokens"
@@ -53,20 +53,34 @@ def _engine(handle: PythonObject) raises -> EnginePtr:
     return EnginePtr(unsafe_from_address=address)
 
 
-def create(
-    ints: PythonObject, n_ints: PythonObject, floats: PythonObject, n_floats: PythonObject
-) raises -> PythonObject:
-    """Copy the packed model into a new engine and return its address."""
-    var int_source = IntPtr(unsafe_from_address=Int(py=ints))
-    var float_source = FloatPtr(unsafe_from_address=Int(py=floats))
-    var int_copy = List[Int](capacity=Int(py=n_ints))
-    for i in range(Int(py=n_ints)):
-        int_copy.append(int_source[unsafe_offset=i])
-    var float_copy = List[Float64](capacity=Int(py=n_floats))
-    for i in range(Int(py=n_floats)):
-        float_copy.append(float_source[unsafe_offset=i])
+def _copy[dtype: DType](address: Int, length: Int) -> List[Scalar[dtype]]:
+    var source = Pointer[Scalar[dtype], MutUntrackedOrigin](unsafe_from_address=address)
+    var copy = List[Scalar[dtype]](capacity=length)
+    for i in range(length):
+        copy.append(source[unsafe_offset=i])
+    return copy^
+
+
+def create(arrays: PythonObject) raises -> PythonObject:
+    """Copy the packed model into a new engine and return its address.
+
+    `arrays` is the address of 9 Int64s: the address and length of `ints`, `columns`
+    (Int32), `value_words` (Float64 words holding the entry values) and `floats`, and
+    1 when the entry values are Float32.
+    """
+    var descriptor = IntPtr(unsafe_from_address=Int(py=arrays))
+    var ints = List[Int](capacity=descriptor[unsafe_offset=1])
+    var int_source = IntPtr(unsafe_from_address=descriptor[unsafe_offset=0])
+    for i in range(descriptor[unsafe_offset=1]):
+        ints.append(int_source[unsafe_offset=i])
+    var columns = _copy[DType.int32](descriptor[unsafe_offset=2], descriptor[unsafe_offset=3])
+    var value_words = _copy[DType.float64](
+        descriptor[unsafe_offset=4], descriptor[unsafe_offset=5]
+    )
+    var floats = _copy[DType.float64](descriptor[unsafe_offset=6], descriptor[unsafe_offset=7])
+    var narrow = descriptor[unsafe_offset=8] != 0
     var engine = unsafe_alloc[Engine](1)
-    engine.unsafe_write(Engine(int_copy^, float_copy^))
+    engine.unsafe_write(Engine(ints^, columns^, value_words^, narrow, floats^))
     return Int(engine)
 
 
