@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -179,6 +180,15 @@ def _pack_layer(packer: _Packer, layer, width: int, name: str) -> None:
 # ---- the engine -----------------------------------------------------------------------
 
 
+class Chunk(NamedTuple):
+    """What one call of MojoEngine.generate produced."""
+
+    tokens: np.ndarray | None  # (emitted, F) int64 when recorded
+    output: bytes
+    emitted: int
+    stopped: bool
+
+
 @dataclass
 class Decoded:
     """What one decoding run produced."""
@@ -187,6 +197,7 @@ class Decoded:
     output: bytes
     token_count: int
     stopped: bool  # a token whose kind is not RUN ended the run
+    last_token: tuple[int, ...] | None  # None when no token was generated
 
 
 class MojoEngine:
@@ -198,7 +209,8 @@ class MojoEngine:
         packed = pack_model(weights) if packed is None else packed
         descriptor = packed.descriptor()  # keep it alive during the call
         self._handle = self._extension.create(descriptor.ctypes.data)
-        self._status = np.zeros(3, dtype=np.int64)
+        # generate() writes (tokens emitted, bytes written, stopped, last token ...).
+        self._status = np.zeros(3 + len(weights.fields), dtype=np.int64)
 
     def close(self) -> None:
         if self._handle:
@@ -220,17 +232,21 @@ class MojoEngine:
         prompt = check_prompt(self.weights, prompt)
         self._extension.feed(self._handle, prompt.ctypes.data, len(prompt))
 
-    def generate(self, max_tokens: int, record: bool) -> tuple[np.ndarray | None, bytes, bool]:
-        """Emit up to `max_tokens` tokens; return (tokens or None, output bytes, stopped)."""
+    def generate(self, max_tokens: int, record: bool) -> Chunk:
+        """Emit up to `max_tokens` tokens, fewer when one of them stops the run."""
         field_count = len(self.weights.fields)
         tokens = np.zeros((max_tokens, field_count), dtype=np.int64) if record else None
         output = np.zeros(max(max_tokens, 1), dtype=np.uint8)
         self._extension.generate(self._handle, max_tokens,
                                  0 if tokens is None else tokens.ctypes.data,
                                  output.ctypes.data, self._status.ctypes.data)  # fmt: skip
-        emitted, written, stopped = (int(value) for value in self._status)
+        emitted, written, stopped = (int(value) for value in self._status[:3])
         recorded = None if tokens is None else tokens[:emitted]
-        return recorded, output[:written].tobytes(), bool(stopped)
+        return Chunk(recorded, output[:written].tobytes(), emitted, bool(stopped))
+
+    def last_token(self) -> tuple[int, ...]:
+        """Return the last token that generate() emitted."""
+        return tuple(int(value) for value in self._status[3:])
 
     def cache_sizes(self) -> list[int]:
         """Return the number of cached entries of every head, layer by layer."""
@@ -275,16 +291,15 @@ def decode(
     while not stopped and (max_tokens is None or count < max_tokens):
         size = chunk if max_tokens is None else min(chunk, max_tokens - count)
         started = time.perf_counter()
-        tokens, data, stopped = engine.generate(size, record)
+        piece = engine.generate(size, record)
         elapsed = time.perf_counter() - started
-        if tokens is not None:
-            chunks.append(tokens)
-            count += len(tokens)
-        else:
-            count += _emitted(engine)
-        output += data
-        if data and write_output is not None:
-            write_output(data)
+        stopped = piece.stopped
+        count += piece.emitted
+        if piece.tokens is not None:
+            chunks.append(piece.tokens)
+        output += piece.output
+        if piece.output and write_output is not None:
+            write_output(piece.output)
         if progress is not None and not stopped:
             progress(count)
         if elapsed < CHUNK_SECONDS:
@@ -293,11 +308,8 @@ def decode(
     if record:
         field_count = len(engine.weights.fields)
         tokens = np.concatenate(chunks) if chunks else np.zeros((0, field_count), np.int64)
-    return Decoded(tokens, bytes(output), count, stopped)
-
-
-def _emitted(engine: MojoEngine) -> int:
-    return int(engine._status[0])
+    last = engine.last_token() if count else None
+    return Decoded(tokens, bytes(output), count, stopped, last)
 
 
 # ---- loading with a cache --------------------------------------------------------------
@@ -343,3 +355,59 @@ def run_tokens(
 def engine_unavailable_reason() -> str | None:
     """Return why the Mojo engine cannot be built or loaded here, or None."""
     return build.unavailable_reason()
+
+
+# ---- programs --------------------------------------------------------------------------
+
+
+def _model_helpers():
+    """Return the module of tlc.model that encodes a program as a prompt and turns a
+    token stream into trace lines and a RunResult; raise ImportError while it is missing.
+    """
+    # NOTE: the interpreter model (tlc.model) has not landed yet; its prompt encoder and
+    # token-stream decoder are looked up under the names the model helper announced.
+    from tlc.model import encode_prompt, decode_token_stream  # noqa: F401
+
+    import tlc.model
+
+    return tlc.model
+
+
+def unavailable_reason() -> str | None:
+    """Return why `run_program` cannot run here, or None when it can."""
+    reason = build.unavailable_reason()
+    if reason is not None:
+        return reason
+    try:
+        _model_helpers()
+    except ImportError as error:
+        return f"the interpreter model is not available yet: {error}"
+    return None
+
+
+def is_available() -> bool:
+    """Return True when the Mojo runtime can run programs on this machine."""
+    reason = unavailable_reason()
+    if reason is not None:
+        logger.info("the Mojo backend is not available: %s", reason)
+    return reason is None
+
+
+def run_program(
+    program,
+    *,
+    stdin: bytes = b"",
+    max_steps: int | None = None,
+    trace: Callable[[str], None] | None = None,
+    write_output: Callable[[bytes], None] | None = None,
+    weights: str | Path | None = None,
+    progress: Callable[[int], None] | None = None,
+):
+    """Run `program` inside the model on the Mojo runtime and return its RunResult."""
+    try:
+        _model_helpers()
+    except ImportError as error:
+        raise RuntimeError(
+            f"the Mojo backend cannot run programs yet: {error}; use --backend ref"
+        ) from None
+    raise RuntimeError("the Mojo backend is not connected to the interpreter model yet")

@@ -93,16 +93,16 @@ def test_chunked_generation_equals_one_call(tmp_path):
     weights = load_weights(path)
     with runner.MojoEngine(weights) as engine:
         engine.feed(weights.prompt)
-        whole, whole_output, _ = engine.generate(300, record=True)
+        whole = engine.generate(300, record=True)
     pieces, outputs = [], b""
     with runner.MojoEngine(weights) as engine:
         engine.feed(weights.prompt)
         for size in (1, 2, 3, 50, 244):
-            tokens, output, _ = engine.generate(size, record=True)
-            pieces.append(tokens)
-            outputs += output
-    assert np.array_equal(np.concatenate(pieces), whole)
-    assert outputs == whole_output
+            piece = engine.generate(size, record=True)
+            pieces.append(piece.tokens)
+            outputs += piece.output
+    assert np.array_equal(np.concatenate(pieces), whole.tokens)
+    assert outputs == whole.output
 
 
 def test_unrecorded_run_gives_same_output(tmp_path):
@@ -124,6 +124,7 @@ def test_decode_counts_unrecorded_tokens(tmp_path):
         engine.feed(weights.prompt)
         decoded = runner.decode(engine, 3000, record=False)
     assert decoded.token_count == len(expected)
+    assert decoded.last_token == tuple(expected[-1])
 
 
 def test_halting_token_stops_run(tmp_path):
