@@ -36,7 +36,7 @@ ROOT_SOURCE = SOURCE_DIR / f"{MODULE_NAME}.mojo"
 BUILD_TIMEOUT_SECONDS = 600
 # Variables that loading a Mojo extension sets in the process environment.
 _ENVIRONMENT_SET_BY_MOJO = ("PYTHONPATH", "PYTHONEXECUTABLE", "MOJO_PYTHON_LIBRARY")
-# Lines the compiler prints on every run that say nothing about the build.
+# Lines that the compiler prints on every run, whatever the build does.
 _NOISE_PREFIXES = ("Failed to initialize Crashpad",)
 
 _loaded: ModuleType | None = None
@@ -44,8 +44,8 @@ _failure: MojoBuildError | None = None
 
 
 class MojoBuildError(RuntimeError):
-    """The Mojo extension could not be built or loaded; the message says why and what
-    to do."""
+    """The Mojo extension could not be built or loaded. The message gives the reason
+    and the next step."""
 
 
 class MojoCompilerMissing(MojoBuildError):
@@ -53,7 +53,7 @@ class MojoCompilerMissing(MojoBuildError):
 
 
 def cache_dir() -> Path:
-    """Return the folder that holds built extensions."""
+    """Return the folder that contains built extensions."""
     override = os.environ.get("TLC_CACHE_DIR")
     if override:
         return Path(override)

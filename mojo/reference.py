@@ -1,10 +1,10 @@
 """A plain numpy implementation of the model of docs/model.md section 1.
 
 This is the oracle that the Mojo runtime is tested against, so it favours being
-obviously right over being fast: attention keeps every position (no eviction, no
-hash index) and takes the brute-force argmax with the latest position winning ties,
-feed-forward blocks are dense matrix products over coordinate-form matrices, and
-every field takes the lowest index among its maximal logits.
+obviously right over being fast. Attention keeps every position (no eviction, no hash
+index) and takes the brute-force argmax, the latest position winning ties. Matrix
+products go through coordinate-form matrices, and every field takes the lowest index
+among its maximal logits.
 """
 
 from __future__ import annotations

@@ -181,7 +181,7 @@ def _pack_layer(packer: _Packer, layer, width: int, name: str) -> None:
 
 
 class Chunk(NamedTuple):
-    """What one call of MojoEngine.generate produced."""
+    """The tokens, output bytes and counts of one MojoEngine.generate call."""
 
     tokens: np.ndarray | None  # (emitted, F) int64 when recorded
     output: bytes
@@ -191,7 +191,7 @@ class Chunk(NamedTuple):
 
 @dataclass
 class Decoded:
-    """What one decoding run produced."""
+    """The tokens, output bytes and counts of one decoding run."""
 
     tokens: np.ndarray | None  # (n, F) int64 when recorded
     output: bytes
@@ -201,7 +201,7 @@ class Decoded:
 
 
 class MojoEngine:
-    """One loaded model with fresh KV caches; feed a prompt, then generate."""
+    """One loaded model with fresh KV caches. Feed it a prompt, then generate."""
 
     def __init__(self, weights: ModelWeights, packed: PackedModel | None = None):
         self._extension = build.load_extension()
@@ -228,7 +228,7 @@ class MojoEngine:
             self.close()
 
     def feed(self, prompt) -> None:
-        """Run the prompt; its last token's prediction is the first generated token."""
+        """Run the prompt. Its last token's prediction is the first generated token."""
         prompt = check_prompt(self.weights, prompt)
         self._extension.feed(self._handle, prompt.ctypes.data, len(prompt))
 
@@ -257,8 +257,11 @@ class MojoEngine:
 
 
 def check_prompt(weights: ModelWeights, prompt) -> np.ndarray:
-    """Return the prompt as a C-contiguous (P, F) int64 array; raise ValueError unless
-    it has at least one token and every value is inside its field's vocabulary."""
+    """Return the prompt as a C-contiguous (P, F) int64 array.
+
+    Raises ValueError when the prompt is empty or a value is outside its field's
+    vocabulary.
+    """
     prompt = np.ascontiguousarray(np.asarray(prompt, dtype=np.int64))
     field_count = len(weights.fields)
     if prompt.ndim != 2 or prompt.shape[1] != field_count or len(prompt) == 0:
@@ -361,11 +364,11 @@ def engine_unavailable_reason() -> str | None:
 
 
 def _model_helpers():
-    """Return the module of tlc.model that encodes a program as a prompt and turns a
-    token stream into trace lines and a RunResult; raise ImportError while it is missing.
+    """Return the tlc.model module that encodes programs as prompts and decodes token
+    streams into trace lines and RunResults. Raises ImportError while it is missing.
     """
-    # NOTE: the interpreter model (tlc.model) has not landed yet; its prompt encoder and
-    # token-stream decoder are looked up under the names the model helper announced.
+    # NOTE: tlc.model does not provide these functions yet, so run_program cannot run
+    # programs. The names encode_prompt and decode_token_stream are assumed.
     from tlc.model import encode_prompt, decode_token_stream  # noqa: F401
 
     import tlc.model

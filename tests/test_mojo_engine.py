@@ -1,8 +1,8 @@
 """The Mojo runtime against the numpy oracle on random synthetic weight files.
 
-Each model is written to a real safetensors file, read back by both runtimes, and
-decoded from its prompt: the token streams, the output bytes and the KV cache sizes
-(the number of distinct keys each head has seen) must agree exactly.
+Each model is written to a real safetensors file, read back by both runtimes and
+decoded from its prompt. The token streams, the output bytes and the KV cache sizes
+must agree exactly. A cache's size is the number of distinct keys its head has seen.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The exact-match index of the Mojo KV cache against a brute-force argmax in numpy.
 
-`probe_exact` appends key i at position i and then asks query i. The expected winner
+`probe_exact` appends key i at position i and then looks up query i. The expected winner
 of each query is computed here over the full history of keys, without eviction: the
 position with the largest q . k, the latest position on ties.
 """
