@@ -3,36 +3,36 @@
 # matrices; which field is `kind`, which value means RUN and which fields form the
 # output byte come from the packed header that tlc.mojo.runner writes.
 #
-# The packed model, written by tlc.mojo.runner.pack_model, is four arrays: `ints` (row
-# pointers, then the header), `columns` (Int32 column indices), `values` (the matrix
-# entries, Float32 or Float64) and `floats` (bias vectors). ints[0] is the offset of the
-# header in `ints`. The header:
+# The packed model, written by tlc.mojo.runner.pack_model, is four arrays: `ints` (entry
+# pointers, then the header), `indices` (Int32 column and row indices), `values` (the
+# matrix entries, Float32 or Float64) and `floats` (bias vectors). ints[0] is the offset
+# of the header in `ints`. The header:
 #   MAGIC, D, F, L, kind_field, run_value, out_valid_field (-1: none),
 #   byte_term_count, (field, weight) per byte term, vocab size per field,
-#   embed Csr per field, (unembed Csr, bias offset) per field,
-#   per layer: head_count, per head (exact, wq, bq, wk, bk, wv, bv, wo^T),
-#              has_shared, [shared block], expert_count, [router Csr, router bias,
+#   embed^T per field (D x V_f, every column stored), (unembed, bias) per field,
+#   per layer: head_count, per head (exact, wq, bq, wk, bk, wv, bv, wo),
+#              has_shared, [shared block], expert_count, [router, router bias,
 #              expert blocks]
 #   END_MARK
-# A Csr is 5 Ints (rows, cols, indptr, indices, values); a bias is one offset into
-# `floats`; a block is (w1 Csr, b1, w2^T Csr, b2 as a 1 x D Csr). b2 is sparse because it
-# is added to the whole residual, where most of its components are zero.
+# A matrix is the 6 Ints of a `Matrix`; a bias is one offset into `floats`; a block is
+# (w1, b1, w2, b2 as a D x 1 matrix). b2 is a matrix because it is added to the whole
+# residual, where most of its components are zero.
 
 from cache import HeadCache
 from kernels import (
     Arrays,
     BytePtr,
-    ColumnPtr,
-    Csr,
     FloatPtr,
+    IndexPtr,
     IntPtr,
-    add_row,
+    Matrix,
+    accumulate,
+    add_column,
+    affine,
     first_argmax,
     float_ptr,
-    gather,
     int_ptr,
     relu,
-    scatter_add,
 )
 
 comptime MAGIC = 0x746C6301
@@ -42,23 +42,23 @@ comptime END_MARK = 0x746C63FF
 @fieldwise_init
 struct HeadWeights(ImplicitlyCopyable, Movable):
     var exact: Bool
-    var wq: Csr
+    var wq: Matrix
     var bq: Int
-    var wk: Csr
+    var wk: Matrix
     var bk: Int
-    var wv: Csr
+    var wv: Matrix
     var bv: Int
-    var wo_t: Csr  # wo transposed: d_v rows of D columns
+    var wo: Matrix
 
 
 @fieldwise_init
 struct BlockWeights(ImplicitlyCopyable, Movable):
-    """A ReLU block x + W2 ReLU(W1 y + b1) + b2, with W2 stored transposed."""
+    """A ReLU block x + W2 ReLU(W1 y + b1) + b2."""
 
-    var w1: Csr
+    var w1: Matrix
     var b1: Int
-    var w2_t: Csr
-    var b2: Csr  # one row
+    var w2: Matrix
+    var b2: Matrix  # one column
 
 
 @fieldwise_init
@@ -66,7 +66,7 @@ struct LayerWeights(ImplicitlyCopyable, Movable):
     var first_head: Int
     var head_count: Int
     var shared: Int  # index into the block list, or -1
-    var router: Csr
+    var router: Matrix
     var router_bias: Int
     var first_expert: Int  # index into the block list
     var expert_count: Int
@@ -91,27 +91,28 @@ struct HeaderReader:
         self.position += 1
         return value
 
-    def csr(mut self) raises -> Csr:
+    def matrix(mut self) raises -> Matrix:
         var rows = self.next()
-        var cols = self.next()
-        var indptr = self.next()
-        var indices = self.next()
-        var values = self.next()
-        return Csr(rows, cols, indptr, indices, values)
+        var stored = self.next()
+        var entry_pointers = self.next()
+        var column_ids = self.next()
+        var row_ids = self.next()
+        var entries = self.next()
+        return Matrix(rows, stored, entry_pointers, column_ids, row_ids, entries)
 
     def block(mut self) raises -> BlockWeights:
-        var w1 = self.csr()
+        var w1 = self.matrix()
         var b1 = self.next()
-        var w2_t = self.csr()
-        var b2 = self.csr()
-        return BlockWeights(w1, b1, w2_t, b2)
+        var w2 = self.matrix()
+        var b2 = self.matrix()
+        return BlockWeights(w1, b1, w2, b2)
 
 
 struct Engine(Movable):
     """A loaded model and the state of one decoding run."""
 
     var ints: List[Int]
-    var columns: List[Int32]
+    var indices: List[Int32]
     var value_words: List[Float64]  # raw storage of the entry values
     var narrow: Bool  # entry values are Float32, two per word of value_words
     var floats: List[Float64]
@@ -123,8 +124,8 @@ struct Engine(Movable):
     var byte_fields: List[Int]
     var byte_weights: List[Int]
     var vocab: List[Int]
-    var embed: List[Csr]
-    var unembed: List[Csr]
+    var embed: List[Matrix]
+    var unembed: List[Matrix]
     var unembed_bias: List[Int]
     var layers: List[LayerWeights]
     var heads: List[HeadWeights]
@@ -139,6 +140,7 @@ struct Engine(Movable):
     var expert_hidden: List[Float64]
     var logits: List[Float64]
     var winners: List[Int]
+    var one: List[Float64]  # the input of the one-column b2 matrices
     # Decoding state.
     var position: Int
     var pending: List[Int]  # the latest predicted token
@@ -148,13 +150,13 @@ struct Engine(Movable):
     def __init__(
         out self,
         var ints: List[Int],
-        var columns: List[Int32],
+        var indices: List[Int32],
         var value_words: List[Float64],
         narrow: Bool,
         var floats: List[Float64],
     ) raises:
         self.ints = ints^
-        self.columns = columns^
+        self.indices = indices^
         self.value_words = value_words^
         self.narrow = narrow
         self.floats = floats^
@@ -176,15 +178,15 @@ struct Engine(Movable):
             self.byte_fields.append(reader.next())
             self.byte_weights.append(reader.next())
         self.vocab = List[Int]()
-        self.embed = List[Csr]()
-        self.unembed = List[Csr]()
+        self.embed = List[Matrix]()
+        self.unembed = List[Matrix]()
         self.unembed_bias = List[Int]()
         for _ in range(self.field_count):
             self.vocab.append(reader.next())
         for _ in range(self.field_count):
-            self.embed.append(reader.csr())
+            self.embed.append(reader.matrix())
         for _ in range(self.field_count):
-            self.unembed.append(reader.csr())
+            self.unembed.append(reader.matrix())
             self.unembed_bias.append(reader.next())
         self.layers = List[LayerWeights]()
         self.heads = List[HeadWeights]()
@@ -210,6 +212,7 @@ struct Engine(Movable):
             logit_count = max(logit_count, layer.expert_count)
         self.logits = List[Float64](length=logit_count, fill=0.0)
         self.winners = List[Int](length=len(self.heads) + 1, fill=0)
+        self.one = List[Float64](length=1, fill=1.0)
         self.position = 0
         self.pending = List[Int](length=self.field_count, fill=0)
         self.need_step = False
@@ -220,7 +223,7 @@ struct Engine(Movable):
     def _arrays[dtype: DType](mut self) -> Arrays[dtype]:
         return Arrays[dtype](
             int_ptr(self.ints),
-            ColumnPtr(unsafe_from_address=Int(self.columns.unsafe_ptr())),
+            IndexPtr(unsafe_from_address=Int(self.indices.unsafe_ptr())),
             Pointer[Scalar[dtype], MutUntrackedOrigin](
                 unsafe_from_address=Int(self.value_words.unsafe_ptr())
             ),
@@ -233,7 +236,7 @@ struct Engine(Movable):
         for i in range(self.width):
             x[unsafe_offset=i] = 0.0
         for f in range(self.field_count):
-            add_row(self.embed[f], token[unsafe_offset=f], arrays, x)
+            add_column(self.embed[f], token[unsafe_offset=f], arrays, x)
 
     def _attention[dtype: DType](mut self, layer: LayerWeights, need_output: Bool):
         """Append this position's keys and values; when the layer's output is needed,
@@ -245,17 +248,17 @@ struct Engine(Movable):
         var query = float_ptr(self.query)
         for h in range(layer.first_head, layer.first_head + layer.head_count):
             var head = self.heads[h]
-            gather(head.wk, head.bk, arrays, x, key)
-            gather(head.wv, head.bv, arrays, x, value)
+            affine(head.wk, head.bk, arrays, x, key)
+            affine(head.wv, head.bv, arrays, x, value)
             _ = self.caches[h].append(key, value, self.position)
             if need_output:
-                gather(head.wq, head.bq, arrays, x, query)
+                affine(head.wq, head.bq, arrays, x, query)
                 self.winners[h] = self.caches[h].attend(query)
         if not need_output:
             return
         for h in range(layer.first_head, layer.first_head + layer.head_count):
             var winner = self.caches[h].value_ptr(self.winners[h])
-            scatter_add(self.heads[h].wo_t, winner, arrays, x)
+            accumulate(self.heads[h].wo, arrays, winner, x)
 
     def _feed_forward[dtype: DType](mut self, layer: LayerWeights):
         """Add the shared block and the routed expert, both computed from the same y."""
@@ -263,33 +266,34 @@ struct Engine(Movable):
         var x = float_ptr(self.x)
         var shared_hidden = float_ptr(self.shared_hidden)
         var expert_hidden = float_ptr(self.expert_hidden)
+        var one = float_ptr(self.one)
         if layer.shared >= 0:
             var block = self.blocks[layer.shared]
-            gather(block.w1, block.b1, arrays, x, shared_hidden)
+            affine(block.w1, block.b1, arrays, x, shared_hidden)
             relu(shared_hidden, block.w1.rows)
         var expert = -1
         if layer.expert_count > 0:
             var logits = float_ptr(self.logits)
-            gather(layer.router, layer.router_bias, arrays, x, logits)
+            affine(layer.router, layer.router_bias, arrays, x, logits)
             expert = layer.first_expert + first_argmax(logits, layer.expert_count)
             var block = self.blocks[expert]
-            gather(block.w1, block.b1, arrays, x, expert_hidden)
+            affine(block.w1, block.b1, arrays, x, expert_hidden)
             relu(expert_hidden, block.w1.rows)
         if layer.shared >= 0:
             var block = self.blocks[layer.shared]
-            scatter_add(block.w2_t, shared_hidden, arrays, x)
-            add_row(block.b2, 0, arrays, x)
+            accumulate(block.w2, arrays, shared_hidden, x)
+            accumulate(block.b2, arrays, one, x)
         if expert >= 0:
             var block = self.blocks[expert]
-            scatter_add(block.w2_t, expert_hidden, arrays, x)
-            add_row(block.b2, 0, arrays, x)
+            accumulate(block.w2, arrays, expert_hidden, x)
+            accumulate(block.b2, arrays, one, x)
 
     def _unembed[dtype: DType](mut self):
         var arrays = self._arrays[dtype]()
         var x = float_ptr(self.x)
         var logits = float_ptr(self.logits)
         for f in range(self.field_count):
-            gather(self.unembed[f], self.unembed_bias[f], arrays, x, logits)
+            affine(self.unembed[f], self.unembed_bias[f], arrays, x, logits)
             self.pending[f] = first_argmax(logits, self.vocab[f])
 
     def _step[dtype: DType](mut self, token: IntPtr, predict: Bool):
@@ -372,24 +376,24 @@ def _read_layer(
     var head_count = reader.next()
     for _ in range(head_count):
         var exact = reader.next() != 0
-        var wq = reader.csr()
+        var wq = reader.matrix()
         var bq = reader.next()
-        var wk = reader.csr()
+        var wk = reader.matrix()
         var bk = reader.next()
-        var wv = reader.csr()
+        var wv = reader.matrix()
         var bv = reader.next()
-        var wo_t = reader.csr()
-        heads.append(HeadWeights(exact, wq, bq, wk, bk, wv, bv, wo_t))
+        var wo = reader.matrix()
+        heads.append(HeadWeights(exact, wq, bq, wk, bk, wv, bv, wo))
     var shared = -1
     if reader.next() != 0:
         shared = len(blocks)
         blocks.append(reader.block())
     var expert_count = reader.next()
-    var router = Csr(0, 0, 0, 0, 0)
+    var router = Matrix(0, 0, 0, 0, 0, 0)
     var router_bias = 0
     var first_expert = len(blocks)
     if expert_count > 0:
-        router = reader.csr()
+        router = reader.matrix()
         router_bias = reader.next()
         for _ in range(expert_count):
             blocks.append(reader.block())

@@ -1,13 +1,16 @@
 # Sparse matrix kernels of the Mojo runtime.
 #
-# Every matrix of the model lives in compressed-sparse-row form inside flat arrays that
-# the engine owns (see `Arrays`); a `Csr` holds the offsets of one matrix inside them.
+# Every matrix W of the model is stored by columns, and only its nonempty columns are
+# stored: W @ v visits the columns j that W reads and skips those where v[j] is 0. The
+# residual of a tlc model is mostly zeros (bits, one-hot codes and scratch dimensions
+# that only some experts write), so most columns are skipped. The arrays live in the
+# engine (see `Arrays`) and a `Matrix` holds the offsets of one matrix inside them.
 # Entry values are stored as Float32 when every value of the model converts to Float32
 # exactly, which halves the bytes read per entry; all arithmetic is in Float64.
 
 comptime FloatPtr = Pointer[Float64, MutUntrackedOrigin]
 comptime IntPtr = Pointer[Int, MutUntrackedOrigin]
-comptime ColumnPtr = Pointer[Int32, MutUntrackedOrigin]
+comptime IndexPtr = Pointer[Int32, MutUntrackedOrigin]
 comptime BytePtr = Pointer[UInt8, MutUntrackedOrigin]
 
 
@@ -28,103 +31,71 @@ def int_ptr(ref values: List[Int]) -> IntPtr:
 struct Arrays[dtype: DType](ImplicitlyCopyable, Movable):
     """Pointers to the weight arrays, with entry values of type `dtype`."""
 
-    var row_pointers: IntPtr
-    var columns: ColumnPtr
+    var pointers: IntPtr  # per matrix: stored + 1 entry pointers
+    var indices: IndexPtr  # per matrix: stored column ids, then the row of every entry
     var values: Pointer[Scalar[Self.dtype], MutUntrackedOrigin]
     var floats: FloatPtr  # bias vectors
 
 
 @fieldwise_init
-struct Csr(ImplicitlyCopyable, Movable):
-    """One sparse matrix: row r holds the entries e = p[r] .. p[r + 1] - 1, where p is
-    row_pointers[indptr :], entry e has column columns[indices + e] and value
-    values[entries + e]."""
+struct Matrix(ImplicitlyCopyable, Movable):
+    """One sparse matrix by stored columns. Stored column k is column
+    indices[column_ids + k] of the matrix and holds the entries e = p[k] .. p[k + 1] - 1,
+    where p is pointers[entry_pointers :]; entry e sits in row indices[row_ids + e] and
+    has the value values[entries + e]."""
 
     var rows: Int
-    var cols: Int
-    var indptr: Int  # offset in `row_pointers` of the rows + 1 row pointers
-    var indices: Int  # offset in `columns` of the column of entry 0
-    var entries: Int  # offset in `values` of the value of entry 0
+    var stored: Int  # number of stored columns
+    var entry_pointers: Int
+    var column_ids: Int
+    var row_ids: Int
+    var entries: Int
 
 
 @always_inline
-def gather[
+def accumulate[
     dtype: DType
-](matrix: Csr, bias: Int, arrays: Arrays[dtype], x: FloatPtr, result: FloatPtr):
-    """Set result = matrix @ x + floats[bias : bias + rows].
+](matrix: Matrix, arrays: Arrays[dtype], input: FloatPtr, output: FloatPtr):
+    """Add matrix @ input to output, skipping the columns where input is 0.
 
-    Four partial sums break the dependency chain of one accumulator. The order of the
-    additions differs from a plain loop, which changes nothing for the certified models
-    of docs/model.md: every partial sum there is an integer that Float64 holds exactly.
+    The additions run column by column rather than row by row. That order changes
+    nothing for the certified models of docs/model.md, where every partial sum is an
+    integer that Float64 represents exactly; skipping adds exactly 0 * w.
     """
-    var row_pointers = arrays.row_pointers.unsafe_offset(matrix.indptr)
-    var columns = arrays.columns.unsafe_offset(matrix.indices)
+    var pointers = arrays.pointers.unsafe_offset(matrix.entry_pointers)
+    var column_ids = arrays.indices.unsafe_offset(matrix.column_ids)
+    var row_ids = arrays.indices.unsafe_offset(matrix.row_ids)
     var values = arrays.values.unsafe_offset(matrix.entries)
-    for row in range(matrix.rows):
-        var start = row_pointers[unsafe_offset=row]
-        var end = row_pointers[unsafe_offset=row + 1]
-        var sum0: Float64 = 0.0
-        var sum1: Float64 = 0.0
-        var sum2: Float64 = 0.0
-        var sum3: Float64 = 0.0
-        var entry = start
-        while entry + 4 <= end:
-            sum0 += _term(values, columns, x, entry)
-            sum1 += _term(values, columns, x, entry + 1)
-            sum2 += _term(values, columns, x, entry + 2)
-            sum3 += _term(values, columns, x, entry + 3)
-            entry += 4
-        while entry < end:
-            sum0 += _term(values, columns, x, entry)
-            entry += 1
-        var total = (sum0 + sum1) + (sum2 + sum3)
-        result[unsafe_offset=row] = total + arrays.floats[unsafe_offset=bias + row]
-
-
-@always_inline
-def _term[
-    dtype: DType
-](
-    values: Pointer[Scalar[dtype], MutUntrackedOrigin],
-    columns: ColumnPtr,
-    x: FloatPtr,
-    entry: Int,
-) -> Float64:
-    var column = Int(columns[unsafe_offset=entry])
-    return values[unsafe_offset=entry].cast[DType.float64]() * x[unsafe_offset=column]
-
-
-@always_inline
-def add_row[dtype: DType](matrix: Csr, row: Int, arrays: Arrays[dtype], x: FloatPtr):
-    """Add row `row` of the matrix to x (an embedding lookup)."""
-    var row_pointers = arrays.row_pointers.unsafe_offset(matrix.indptr)
-    var columns = arrays.columns.unsafe_offset(matrix.indices)
-    var values = arrays.values.unsafe_offset(matrix.entries)
-    for entry in range(row_pointers[unsafe_offset=row], row_pointers[unsafe_offset=row + 1]):
-        var column = Int(columns[unsafe_offset=entry])
-        x[unsafe_offset=column] += values[unsafe_offset=entry].cast[DType.float64]()
-
-
-@always_inline
-def scatter_add[
-    dtype: DType
-](transposed: Csr, coefficients: FloatPtr, arrays: Arrays[dtype], x: FloatPtr):
-    """Add W @ coefficients to x, where `transposed` holds W^T.
-
-    Row j of W^T is column j of W, so a zero coefficient (a ReLU that is off, most of
-    the time) skips its whole column. Skipping adds exactly 0 * w, so it is exact.
-    """
-    var row_pointers = arrays.row_pointers.unsafe_offset(transposed.indptr)
-    var columns = arrays.columns.unsafe_offset(transposed.indices)
-    var values = arrays.values.unsafe_offset(transposed.entries)
-    for j in range(transposed.rows):
-        var coefficient = coefficients[unsafe_offset=j]
+    for k in range(matrix.stored):
+        var coefficient = input[unsafe_offset=Int(column_ids[unsafe_offset=k])]
         if coefficient == 0.0:
             continue
-        for entry in range(row_pointers[unsafe_offset=j], row_pointers[unsafe_offset=j + 1]):
-            var row = Int(columns[unsafe_offset=entry])
+        for entry in range(pointers[unsafe_offset=k], pointers[unsafe_offset=k + 1]):
+            var row = Int(row_ids[unsafe_offset=entry])
             var weight = values[unsafe_offset=entry].cast[DType.float64]()
-            x[unsafe_offset=row] += weight * coefficient
+            output[unsafe_offset=row] += weight * coefficient
+
+
+@always_inline
+def affine[
+    dtype: DType
+](matrix: Matrix, bias: Int, arrays: Arrays[dtype], input: FloatPtr, output: FloatPtr):
+    """Set output = matrix @ input + floats[bias : bias + rows]."""
+    for row in range(matrix.rows):
+        output[unsafe_offset=row] = arrays.floats[unsafe_offset=bias + row]
+    accumulate(matrix, arrays, input, output)
+
+
+@always_inline
+def add_column[dtype: DType](matrix: Matrix, column: Int, arrays: Arrays[dtype], output: FloatPtr):
+    """Add stored column `column` to output: an embedding lookup, for a matrix that
+    stores all of its columns."""
+    var pointers = arrays.pointers.unsafe_offset(matrix.entry_pointers)
+    var row_ids = arrays.indices.unsafe_offset(matrix.row_ids)
+    var values = arrays.values.unsafe_offset(matrix.entries)
+    for entry in range(pointers[unsafe_offset=column], pointers[unsafe_offset=column + 1]):
+        var row = Int(row_ids[unsafe_offset=entry])
+        output[unsafe_offset=row] += values[unsafe_offset=entry].cast[DType.float64]()
 
 
 @always_inline

@@ -46,8 +46,8 @@ class _Packer:
     def __init__(self):
         self.int_parts: list[np.ndarray] = [np.zeros(1, dtype=np.int64)]  # ints[0]
         self.int_length = 1
-        self.column_parts: list[np.ndarray] = []
-        self.column_length = 0
+        self.index_parts: list[np.ndarray] = []
+        self.index_length = 0
         self.value_parts: list[np.ndarray] = []
         self.value_length = 0
         self.float_parts: list[np.ndarray] = []
@@ -60,15 +60,27 @@ class _Packer:
         self.float_length += len(values)
         return offset
 
-    def matrix(self, matrix: SparseMatrix, rows: int, cols: int, name: str) -> None:
+    def _indices(self, values: np.ndarray) -> int:
+        offset = self.index_length
+        self.index_parts.append(values.astype(np.int32))
+        self.index_length += len(values)
+        return offset
+
+    def matrix(self, matrix: SparseMatrix, rows: int, cols: int, name: str,
+               every_column: bool = False) -> None:  # fmt: skip
+        """Add the 6 header Ints of a `Matrix` and its arrays: the nonempty columns, or
+        every column when `every_column` (for lookups by column number)."""
         if matrix.shape != (rows, cols):
             raise WeightFileError(f"{name} has shape {matrix.shape}, expected {(rows, cols)}")
-        indptr, indices, values = matrix.csr()
-        self.header += [rows, cols, self.int_length, self.column_length, self.value_length]
-        self.int_parts.append(indptr.astype(np.int64))
-        self.int_length += len(indptr)
-        self.column_parts.append(indices.astype(np.int32))
-        self.column_length += len(indices)
+        pointers, row_ids, values = matrix.transpose().csr()
+        column_ids = np.arange(cols, dtype=np.int64)
+        if not every_column:
+            column_ids = np.flatnonzero(np.diff(pointers))
+            pointers = np.append(pointers[column_ids], pointers[-1])
+        self.header += [rows, len(column_ids), self.int_length, self._indices(column_ids),
+                        self._indices(row_ids), self.value_length]  # fmt: skip
+        self.int_parts.append(pointers.astype(np.int64))
+        self.int_length += len(pointers)
         self.value_parts.append(values.astype(np.float64))
         self.value_length += len(values)
 
@@ -81,10 +93,10 @@ class _Packer:
         hidden = len(block.b1)
         self.matrix(block.w1, hidden, width, f"{name}.w1")
         self.vector(block.b1, hidden, f"{name}.b1")
-        self.matrix(block.w2.transpose(), hidden, width, f"{name}.w2 (transposed)")
+        self.matrix(block.w2, width, hidden, f"{name}.w2")
         if len(block.b2) != width:
             raise WeightFileError(f"{name}.b2 has length {len(block.b2)}, expected {width}")
-        self.matrix(_sparse_row(block.b2), 1, width, f"{name}.b2")
+        self.matrix(_column(block.b2), width, 1, f"{name}.b2")
 
     def finish(self) -> PackedModel:
         header = np.array([PACK_MAGIC, *self.header, PACK_END_MARK], dtype=np.int64)
@@ -98,8 +110,8 @@ class _Packer:
                 values = np.append(values, np.float32(0.0))
         return PackedModel(
             ints=np.ascontiguousarray(ints),
-            columns=np.ascontiguousarray(np.concatenate([np.zeros(0, np.int32),
-                                                         *self.column_parts])),
+            indices=np.ascontiguousarray(np.concatenate([np.zeros(0, np.int32),
+                                                         *self.index_parts])),
             value_words=np.ascontiguousarray(values).view(np.float64),
             floats=np.ascontiguousarray(np.concatenate([np.zeros(0), *self.float_parts])),
             narrow=narrow,
@@ -108,28 +120,28 @@ class _Packer:
 
 @dataclass(frozen=True)
 class PackedModel:
-    """The model in the layout of engine.mojo: row pointers and header, Int32 column
-    indices, entry values (as raw Float64 words, holding Float32 values when `narrow`)
-    and bias vectors."""
+    """The model in the layout of engine.mojo: entry pointers and header, Int32 column
+    and row indices, entry values (as raw Float64 words, holding Float32 values when
+    `narrow`) and bias vectors."""
 
     ints: np.ndarray
-    columns: np.ndarray
+    indices: np.ndarray
     value_words: np.ndarray
     floats: np.ndarray
     narrow: bool
 
     def descriptor(self) -> np.ndarray:
         """Return the 9 Int64s that `create` of the extension reads."""
-        parts = (self.ints, self.columns, self.value_words, self.floats)
+        parts = (self.ints, self.indices, self.value_words, self.floats)
         fields = [number for part in parts for number in (part.ctypes.data, len(part))]
         return np.array([*fields, int(self.narrow)], dtype=np.int64)
 
 
-def _sparse_row(vector: np.ndarray) -> SparseMatrix:
-    """Return a dense vector as a 1 x len(vector) sparse matrix of its nonzero entries."""
-    columns = np.flatnonzero(vector)
-    rows = np.zeros(len(columns), dtype=np.int64)
-    return SparseMatrix((1, len(vector)), rows, columns.astype(np.int64), vector[columns])
+def _column(vector: np.ndarray) -> SparseMatrix:
+    """Return a dense vector as a len(vector) x 1 sparse matrix of its nonzero entries."""
+    rows = np.flatnonzero(vector)
+    columns = np.zeros(len(rows), dtype=np.int64)
+    return SparseMatrix((len(vector), 1), rows.astype(np.int64), columns, vector[rows])
 
 
 def pack_model(weights: ModelWeights) -> PackedModel:
@@ -143,7 +155,11 @@ def pack_model(weights: ModelWeights) -> PackedModel:
         packer.header += [field_index, weight]
     packer.header += [entry.vocab for entry in fields]
     for f, entry in enumerate(fields):
-        packer.matrix(weights.embed[f], entry.vocab, width, f"embed.{f}")
+        embedding = weights.embed[f]
+        if embedding.shape != (entry.vocab, width):
+            raise WeightFileError(f"embed.{f} has shape {embedding.shape}, expected "
+                                  f"{(entry.vocab, width)}")  # fmt: skip
+        packer.matrix(embedding.transpose(), width, entry.vocab, f"embed.{f}", every_column=True)
     for f, entry in enumerate(fields):
         packer.matrix(weights.unembed[f], entry.vocab, width, f"unembed.{f}")
         packer.vector(weights.unembed_bias[f], entry.vocab, f"unembed.{f}.bias")
@@ -164,7 +180,7 @@ def _pack_layer(packer: _Packer, layer, width: int, name: str) -> None:
         for part, length in (("q", key_width), ("k", key_width), ("v", value_width)):
             packer.matrix(getattr(head, f"w{part}"), length, width, f"{prefix}.w{part}")
             packer.vector(getattr(head, f"b{part}"), length, f"{prefix}.b{part}")
-        packer.matrix(head.wo.transpose(), value_width, width, f"{prefix}.wo (transposed)")
+        packer.matrix(head.wo, width, value_width, f"{prefix}.wo")
     packer.header.append(0 if layer.shared is None else 1)
     if layer.shared is not None:
         packer.block(layer.shared, width, f"{name}.shared")

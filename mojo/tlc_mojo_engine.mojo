@@ -64,7 +64,7 @@ def _copy[dtype: DType](address: Int, length: Int) -> List[Scalar[dtype]]:
 def create(arrays: PythonObject) raises -> PythonObject:
     """Copy the packed model into a new engine and return its address.
 
-    `arrays` is the address of 9 Int64s: the address and length of `ints`, `columns`
+    `arrays` is the address of 9 Int64s: the address and length of `ints`, `indices`
     (Int32), `value_words` (Float64 words holding the entry values) and `floats`, and
     1 when the entry values are Float32.
     """
@@ -73,14 +73,14 @@ def create(arrays: PythonObject) raises -> PythonObject:
     var int_source = IntPtr(unsafe_from_address=descriptor[unsafe_offset=0])
     for i in range(descriptor[unsafe_offset=1]):
         ints.append(int_source[unsafe_offset=i])
-    var columns = _copy[DType.int32](descriptor[unsafe_offset=2], descriptor[unsafe_offset=3])
+    var indices = _copy[DType.int32](descriptor[unsafe_offset=2], descriptor[unsafe_offset=3])
     var value_words = _copy[DType.float64](
         descriptor[unsafe_offset=4], descriptor[unsafe_offset=5]
     )
     var floats = _copy[DType.float64](descriptor[unsafe_offset=6], descriptor[unsafe_offset=7])
     var narrow = descriptor[unsafe_offset=8] != 0
     var engine = unsafe_alloc[Engine](1)
-    engine.unsafe_write(Engine(ints^, columns^, value_words^, narrow, floats^))
+    engine.unsafe_write(Engine(ints^, indices^, value_words^, narrow, floats^))
     return Int(engine)
 
 
