@@ -144,6 +144,7 @@ struct Engine(Movable):
     # Decoding state.
     var position: Int
     var pending: List[Int]  # the latest predicted token
+    var previous: List[Int]  # the token emitted before pending, or the last prompt token
     var need_step: Bool  # pending was emitted and must be fed back before the next one
     var stopped: Bool
 
@@ -215,6 +216,7 @@ struct Engine(Movable):
         self.one = List[Float64](length=1, fill=1.0)
         self.position = 0
         self.pending = List[Int](length=self.field_count, fill=0)
+        self.previous = List[Int](length=self.field_count, fill=0)
         self.need_step = False
         self.stopped = False
 
@@ -327,8 +329,10 @@ struct Engine(Movable):
         """Run the prompt tokens (row-major, F per token); the last one's prediction
         becomes the first generated token."""
         for i in range(length):
-            var token = IntPtr(unsafe_from_address=Int(prompt) + i * self.field_count * 8)
+            var token = prompt.unsafe_offset(i * self.field_count)
             self.step(token, i == length - 1)
+        for f in range(self.field_count):
+            self.previous[f] = prompt[unsafe_offset=(length - 1) * self.field_count + f]
         self.need_step = False
         self.stopped = False
 
@@ -353,6 +357,8 @@ struct Engine(Movable):
         var written = 0
         while emitted < max_tokens and not self.stopped:
             if self.need_step:
+                for f in range(self.field_count):
+                    self.previous[f] = self.pending[f]
                 self.step(int_ptr(self.pending), True)
             self.need_step = True
             if record:

@@ -214,6 +214,7 @@ class Decoded:
     token_count: int
     stopped: bool  # a token whose kind is not RUN ended the run
     last_token: tuple[int, ...] | None  # None when no token was generated
+    previous_token: tuple[int, ...] | None  # the token before last_token
 
 
 class MojoEngine:
@@ -225,8 +226,9 @@ class MojoEngine:
         packed = pack_model(weights) if packed is None else packed
         descriptor = packed.descriptor()  # keep it alive during the call
         self._handle = self._extension.create(descriptor.ctypes.data)
-        # generate() writes (tokens emitted, bytes written, stopped, last token ...).
-        self._status = np.zeros(3 + len(weights.fields), dtype=np.int64)
+        # generate() writes (tokens emitted, bytes written, stopped), the last token and
+        # the token before it.
+        self._status = np.zeros(3 + 2 * len(weights.fields), dtype=np.int64)
 
     def close(self) -> None:
         if self._handle:
@@ -262,7 +264,14 @@ class MojoEngine:
 
     def last_token(self) -> tuple[int, ...]:
         """Return the last token that generate() emitted."""
-        return tuple(int(value) for value in self._status[3:])
+        count = len(self.weights.fields)
+        return tuple(int(value) for value in self._status[3 : 3 + count])
+
+    def previous_token(self) -> tuple[int, ...]:
+        """Return the token before the last one emitted: the last prompt token when
+        only one token was generated."""
+        count = len(self.weights.fields)
+        return tuple(int(value) for value in self._status[3 + count : 3 + 2 * count])
 
     def cache_sizes(self) -> list[int]:
         """Return the number of cached entries of every head, layer by layer."""
@@ -328,7 +337,8 @@ def decode(
         field_count = len(engine.weights.fields)
         tokens = np.concatenate(chunks) if chunks else np.zeros((0, field_count), np.int64)
     last = engine.last_token() if count else None
-    return Decoded(tokens, bytes(output), count, stopped, last)
+    previous = engine.previous_token() if count else None
+    return Decoded(tokens, bytes(output), count, stopped, last, previous)
 
 
 # ---- loading with a cache --------------------------------------------------------------

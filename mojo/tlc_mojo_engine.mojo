@@ -30,7 +30,7 @@ def PyInit_tlc_mojo_engine() abi("C") -> PythonObject:
             "generate",
             docstring=(
                 "generate(handle, max_tokens, tokens or 0, output, status): decode;"
-                " status gets (tokens, bytes, stopped, the last token's F values)"
+                " status gets (tokens, bytes, stopped, the last token, the token before)"
             ),
         )
         module.def_function[cache_sizes](
@@ -113,8 +113,10 @@ def generate(
     status_out[unsafe_offset=0] = counts[0]
     status_out[unsafe_offset=1] = counts[1]
     status_out[unsafe_offset=2] = 1 if engine[].stopped else 0
-    for f in range(engine[].field_count):
+    var fields = engine[].field_count
+    for f in range(fields):
         status_out[unsafe_offset=3 + f] = engine[].pending[f]
+        status_out[unsafe_offset=3 + fields + f] = engine[].previous[f]
     return PythonObject(None)
 
 

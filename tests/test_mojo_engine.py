@@ -125,15 +125,19 @@ def test_decode_counts_unrecorded_tokens(tmp_path):
         decoded = runner.decode(engine, 3000, record=False)
     assert decoded.token_count == len(expected)
     assert decoded.last_token == tuple(expected[-1])
+    assert decoded.previous_token == tuple(expected[-2])
 
 
 def test_halting_token_stops_run(tmp_path):
     spec = SyntheticSpec(run_bias=-40)  # every prediction's kind is HALT or TRAP
     path = synthetic.write_model(tmp_path / "model.safetensors", spec, 3, 4)
     weights = load_weights(path)
-    tokens, _ = runner.run_tokens(path, weights.prompt, 100)
-    assert len(tokens) == 1
-    assert tokens[0, weights.kind_field] != weights.run_value
+    with runner.MojoEngine(weights) as engine:
+        engine.feed(weights.prompt)
+        decoded = runner.decode(engine, 100)
+    assert decoded.token_count == 1
+    assert decoded.tokens[0, weights.kind_field] != weights.run_value
+    assert decoded.previous_token == tuple(weights.prompt[-1])
 
 
 def test_prompt_value_outside_vocabulary(tmp_path):
