@@ -21,6 +21,7 @@ import numpy as np
 
 from tlc.mojo import build
 from tlc.mojo.weights import ModelWeights, SparseMatrix, WeightFileError, load_weights
+from tlc.runtime.machine import RunResult, Status
 
 logger = logging.getLogger("tlc.mojo")
 
@@ -390,16 +391,22 @@ def engine_unavailable_reason() -> str | None:
 
 
 def _model_helpers():
-    """Return the tlc.model module that encodes programs as prompts and decodes token
-    streams into trace lines and RunResults. Raises ImportError while it is missing.
-    """
-    # NOTE: tlc.model does not provide these functions yet, so run_program cannot run
-    # programs. The names encode_prompt and decode_token_stream are assumed.
-    from tlc.model import encode_prompt, decode_token_stream  # noqa: F401
+    """Return tlc.model.tokens, which encodes programs as prompts and decodes generated
+    tokens into trace lines and RunResults. Raises ImportError while it is missing."""
+    from tlc.model import tokens
 
-    import tlc.model
+    for name in ("encode_prompt", "TokenDecoder"):
+        if not hasattr(tokens, name):
+            raise ImportError(f"tlc.model.tokens has no {name}")
+    return tokens
 
-    return tlc.model
+
+def _default_weights() -> Path:
+    """Return the weight file of the interpreter model, built by tlc.model."""
+    # NOTE: assumed name; tlc.model has not published how to find its default weights.
+    from tlc.model.weights import default_weights_path
+
+    return Path(default_weights_path())
 
 
 def unavailable_reason() -> str | None:
@@ -409,6 +416,7 @@ def unavailable_reason() -> str | None:
         return reason
     try:
         _model_helpers()
+        from tlc.model.weights import default_weights_path  # noqa: F401
     except ImportError as error:
         return f"the interpreter model is not available yet: {error}"
     return None
@@ -432,11 +440,70 @@ def run_program(
     weights: str | Path | None = None,
     progress: Callable[[int], None] | None = None,
 ):
-    """Run `program` inside the model on the Mojo runtime and return its RunResult."""
-    try:
-        _model_helpers()
-    except ImportError as error:
-        raise RuntimeError(
-            f"the Mojo backend cannot run programs yet: {error}; use --backend ref"
-        ) from None
-    raise RuntimeError("the Mojo backend is not connected to the interpreter model yet")
+    """Run `program` inside the model on the Mojo runtime and return its RunResult.
+
+    One generated token is one executed instruction, so at most `max_steps` tokens are
+    generated. `trace` gets one line per instruction, `write_output` each output byte
+    as the program writes it and `progress` the token count between chunks.
+    """
+    tokens = _model_helpers()
+    model, packed = load_packed(_default_weights() if weights is None else weights)
+    prompt = tokens.encode_prompt(model.metadata, program, stdin)
+    with MojoEngine(model, packed) as engine:
+        engine.feed(prompt)
+        if trace is not None:
+            decoder = tokens.TokenDecoder(model.metadata, program, max_steps=max_steps,
+                                          trace=trace, write_output=write_output)  # fmt: skip
+            return _run_traced(engine, decoder, max_steps, progress)
+        decoded = decode(engine, max_steps, record=False, write_output=write_output,
+                         progress=progress)  # fmt: skip
+    decoder = tokens.TokenDecoder(model.metadata, program, max_steps=max_steps)
+    return _result_of(decoded, decoder, tokens.SCHEMA)
+
+
+def _run_traced(engine: MojoEngine, decoder, max_steps: int | None, progress):
+    """Generate in chunks and feed every token to the decoder, which prints the trace."""
+    count = 0
+    while True:
+        size = MAX_RECORDED_CHUNK if max_steps is None else min(MAX_RECORDED_CHUNK,
+                                                                max_steps - count)  # fmt: skip
+        if size <= 0:
+            break
+        piece = engine.generate(size, record=True)
+        count += piece.emitted
+        for token in piece.tokens:
+            if not decoder.feed(token):
+                return decoder.result
+        if progress is not None:
+            progress(count)
+        if piece.stopped:
+            break
+    return decoder.result if decoder.result is not None else _step_limit(decoder)
+
+
+def _result_of(decoded: Decoded, decoder, schema):
+    """Build the RunResult of an untraced run from its token count, its output and its
+    last two tokens, without feeding every token through the decoder.
+
+    Every token before the last has kind RUN (the engine stops at the first other kind)
+    and is one executed instruction, so the decoder is set to the state it would have
+    after them and then fed the last token.
+    """
+    if decoded.last_token is None:
+        return _step_limit(decoder)
+    last = np.asarray(decoded.last_token, dtype=np.int64)
+    output = decoded.output
+    if last[schema.index("out_valid")] == 1:
+        output = output[:-1]  # the decoder adds the last token's byte itself
+    decoder.steps = decoded.token_count - 1
+    decoder.tokens = decoded.token_count - 1
+    decoder.output = bytearray(output)
+    if decoded.token_count > 1:
+        decoder.previous_ip = schema.bits(np.asarray(decoded.previous_token), "ip")
+    decoder.feed(last)
+    return decoder.result if decoder.result is not None else _step_limit(decoder)
+
+
+def _step_limit(decoder) -> RunResult:
+    return RunResult(Status.STEP_LIMIT, decoder.steps, bytes(decoder.output),
+                     tokens=decoder.tokens)  # fmt: skip
