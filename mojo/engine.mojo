@@ -9,7 +9,10 @@
 # of the header in `ints`. The header:
 #   MAGIC, D, F, L, kind_field, run_value, out_valid_field (-1: none),
 #   byte_term_count, (field, weight) per byte term, vocab size per field,
-#   embed^T per field (D x V_f, every column stored), (unembed, bias) per field,
+#   incremental (1 when the embedding may be updated field by field),
+#   embed^T (D x sum of V_f, every column stored; field f's value t is column
+#   V_0 + .. + V_(f-1) + t), unembed (sum of V_f x D, the fields' rows stacked) and its
+#   bias,
 #   per layer: head_count, per head (exact, wq, bq, wk, bk, wv, bv, wo),
 #              has_shared, [shared block], expert_count, [router, router bias,
 #              expert blocks]
@@ -124,9 +127,16 @@ struct Engine(Movable):
     var byte_fields: List[Int]
     var byte_weights: List[Int]
     var vocab: List[Int]
-    var embed: List[Matrix]
-    var unembed: List[Matrix]
-    var unembed_bias: List[Int]
+    var field_offsets: List[Int]  # first column of each field in embed, row in unembed
+    var embed: Matrix
+    var unembed: Matrix
+    var unembed_bias: Int
+    # The embedding of `embedded_token`, kept so that the next token's embedding only
+    # changes the fields that differ. Exact because every embedding value is an integer.
+    var incremental: Bool
+    var embedded: List[Float64]
+    var embedded_token: List[Int]
+    var embedded_valid: Bool
     var layers: List[LayerWeights]
     var heads: List[HeadWeights]
     var blocks: List[BlockWeights]
@@ -179,16 +189,17 @@ struct Engine(Movable):
             self.byte_fields.append(reader.next())
             self.byte_weights.append(reader.next())
         self.vocab = List[Int]()
-        self.embed = List[Matrix]()
-        self.unembed = List[Matrix]()
-        self.unembed_bias = List[Int]()
+        self.field_offsets = List[Int]()
+        var total_vocab = 0
         for _ in range(self.field_count):
-            self.vocab.append(reader.next())
-        for _ in range(self.field_count):
-            self.embed.append(reader.matrix())
-        for _ in range(self.field_count):
-            self.unembed.append(reader.matrix())
-            self.unembed_bias.append(reader.next())
+            var vocab = reader.next()
+            self.vocab.append(vocab)
+            self.field_offsets.append(total_vocab)
+            total_vocab += vocab
+        self.incremental = reader.next() != 0
+        self.embed = reader.matrix()
+        self.unembed = reader.matrix()
+        self.unembed_bias = reader.next()
         self.layers = List[LayerWeights]()
         self.heads = List[HeadWeights]()
         self.blocks = List[BlockWeights]()
@@ -206,14 +217,15 @@ struct Engine(Movable):
         var hidden = _max_hidden(self.blocks) + 1
         self.shared_hidden = List[Float64](length=hidden, fill=0.0)
         self.expert_hidden = List[Float64](length=hidden, fill=0.0)
-        var logit_count = 1
-        for i in range(self.field_count):
-            logit_count = max(logit_count, self.vocab[i])
+        var logit_count = max(total_vocab, 1)
         for layer in self.layers:
             logit_count = max(logit_count, layer.expert_count)
         self.logits = List[Float64](length=logit_count, fill=0.0)
         self.winners = List[Int](length=len(self.heads) + 1, fill=0)
         self.one = List[Float64](length=1, fill=1.0)
+        self.embedded = List[Float64](length=self.width, fill=0.0)
+        self.embedded_token = List[Int](length=self.field_count, fill=0)
+        self.embedded_valid = False
         self.position = 0
         self.pending = List[Int](length=self.field_count, fill=0)
         self.previous = List[Int](length=self.field_count, fill=0)
@@ -233,12 +245,29 @@ struct Engine(Movable):
         )
 
     def _embed[dtype: DType](mut self, token: IntPtr):
+        """Set x to the embedding of `token`, the sum of one column per field."""
         var arrays = self._arrays[dtype]()
+        var embedded = float_ptr(self.embedded)
+        if not (self.incremental and self.embedded_valid):
+            for i in range(self.width):
+                embedded[unsafe_offset=i] = 0.0
+            for f in range(self.field_count):
+                var column = self.field_offsets[f] + token[unsafe_offset=f]
+                add_column(self.embed, column, arrays, embedded, 1.0)
+                self.embedded_token[f] = token[unsafe_offset=f]
+            self.embedded_valid = True
+        else:
+            for f in range(self.field_count):
+                var value = token[unsafe_offset=f]
+                var old = self.embedded_token[f]
+                if value == old:
+                    continue
+                add_column(self.embed, self.field_offsets[f] + old, arrays, embedded, -1.0)
+                add_column(self.embed, self.field_offsets[f] + value, arrays, embedded, 1.0)
+                self.embedded_token[f] = value
         var x = float_ptr(self.x)
         for i in range(self.width):
-            x[unsafe_offset=i] = 0.0
-        for f in range(self.field_count):
-            add_column(self.embed[f], token[unsafe_offset=f], arrays, x)
+            x[unsafe_offset=i] = embedded[unsafe_offset=i]
 
     def _attention[dtype: DType](mut self, layer: LayerWeights, need_output: Bool):
         """Append this position's keys and values; when the layer's output is needed,
@@ -291,12 +320,15 @@ struct Engine(Movable):
             accumulate(block.b2, arrays, one, x)
 
     def _unembed[dtype: DType](mut self):
+        """Set `pending` to the argmax token: all logits in one product, then the
+        lowest-index argmax of each field's segment."""
         var arrays = self._arrays[dtype]()
         var x = float_ptr(self.x)
         var logits = float_ptr(self.logits)
+        affine(self.unembed, self.unembed_bias, arrays, x, logits)
         for f in range(self.field_count):
-            affine(self.unembed[f], self.unembed_bias[f], arrays, x, logits)
-            self.pending[f] = first_argmax(logits, self.vocab[f])
+            var segment = logits.unsafe_offset(self.field_offsets[f])
+            self.pending[f] = first_argmax(segment, self.vocab[f])
 
     def _step[dtype: DType](mut self, token: IntPtr, predict: Bool):
         self._embed[dtype](token)

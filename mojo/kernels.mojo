@@ -87,15 +87,17 @@ def affine[
 
 
 @always_inline
-def add_column[dtype: DType](matrix: Matrix, column: Int, arrays: Arrays[dtype], output: FloatPtr):
-    """Add stored column `column` to output: an embedding lookup, for a matrix that
-    stores all of its columns."""
+def add_column[
+    dtype: DType
+](matrix: Matrix, column: Int, arrays: Arrays[dtype], output: FloatPtr, scale: Float64):
+    """Add scale times stored column `column` to output: an embedding lookup, for a
+    matrix that stores all of its columns."""
     var pointers = arrays.pointers.unsafe_offset(matrix.entry_pointers)
     var row_ids = arrays.indices.unsafe_offset(matrix.row_ids)
     var values = arrays.values.unsafe_offset(matrix.entries)
     for entry in range(pointers[unsafe_offset=column], pointers[unsafe_offset=column + 1]):
         var row = Int(row_ids[unsafe_offset=entry])
-        output[unsafe_offset=row] += values[unsafe_offset=entry].cast[DType.float64]()
+        output[unsafe_offset=row] += values[unsafe_offset=entry].cast[DType.float64]() * scale
 
 
 @always_inline

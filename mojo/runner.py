@@ -145,6 +145,33 @@ def _column(vector: np.ndarray) -> SparseMatrix:
     return SparseMatrix((len(vector), 1), rows.astype(np.int64), columns, vector[rows])
 
 
+def _stack_rows(matrices: list[SparseMatrix]) -> SparseMatrix:
+    """Return the matrices stacked vertically (all have the same number of columns)."""
+    offsets = np.cumsum([0] + [m.shape[0] for m in matrices])
+    rows = np.concatenate([np.zeros(0, np.int64)]
+                          + [m.rows + offset for m, offset in zip(matrices, offsets)])
+    cols = np.concatenate([np.zeros(0, np.int64)] + [m.cols for m in matrices])
+    values = np.concatenate([np.zeros(0)] + [m.values for m in matrices])
+    width = matrices[0].shape[1] if matrices else 0
+    return SparseMatrix((int(offsets[-1]), width), rows, cols, values)
+
+
+# Embedding values up to this size keep every sum of one value per field exact in
+# Float64, for any order of additions and subtractions, with up to 2^20 fields.
+_INCREMENTAL_LIMIT = 2.0**32
+
+
+def _integer_valued(matrices: list[SparseMatrix]) -> bool:
+    """Return True when every entry is an integer of magnitude at most 2^32, so that
+    updating an embedding field by field gives exactly the sum over all fields."""
+    for matrix in matrices:
+        values = matrix.values
+        if len(values) and not (np.all(np.floor(values) == values)
+                                and np.abs(values).max() <= _INCREMENTAL_LIMIT):  # fmt: skip
+            return False
+    return True
+
+
 def pack_model(weights: ModelWeights) -> PackedModel:
     """Return the model in the packed layout of engine.mojo."""
     packer = _Packer()
@@ -156,14 +183,20 @@ def pack_model(weights: ModelWeights) -> PackedModel:
         packer.header += [field_index, weight]
     packer.header += [entry.vocab for entry in fields]
     for f, entry in enumerate(fields):
-        embedding = weights.embed[f]
-        if embedding.shape != (entry.vocab, width):
-            raise WeightFileError(f"embed.{f} has shape {embedding.shape}, expected "
-                                  f"{(entry.vocab, width)}")  # fmt: skip
-        packer.matrix(embedding.transpose(), width, entry.vocab, f"embed.{f}", every_column=True)
-    for f, entry in enumerate(fields):
-        packer.matrix(weights.unembed[f], entry.vocab, width, f"unembed.{f}")
-        packer.vector(weights.unembed_bias[f], entry.vocab, f"unembed.{f}.bias")
+        for name, matrix in (("embed", weights.embed[f]), ("unembed", weights.unembed[f])):
+            if matrix.shape != (entry.vocab, width):
+                raise WeightFileError(f"{name}.{f} has shape {matrix.shape}, expected "
+                                      f"{(entry.vocab, width)}")  # fmt: skip
+        if len(weights.unembed_bias[f]) != entry.vocab:
+            raise WeightFileError(f"unembed.{f}.bias has length "
+                                  f"{len(weights.unembed_bias[f])}, expected {entry.vocab}")
+    total_vocab = sum(entry.vocab for entry in fields)
+    packer.header.append(1 if _integer_valued(weights.embed) else 0)
+    packer.matrix(_stack_rows(weights.embed).transpose(), width, total_vocab, "embed",
+                  every_column=True)  # fmt: skip
+    packer.matrix(_stack_rows(weights.unembed), total_vocab, width, "unembed")
+    packer.vector(np.concatenate([np.zeros(0), *weights.unembed_bias]), total_vocab,
+                  "unembed bias")  # fmt: skip
     for index, layer in enumerate(weights.layers):
         _pack_layer(packer, layer, width, f"layers.{index}")
     return packer.finish()

@@ -167,3 +167,16 @@ def test_corrupted_head_changes_tokens(tmp_path):
     expected, _ = reference.run_tokens(weights, weights.prompt, 200)
     assert np.array_equal(corrupted, expected)
     assert not np.array_equal(corrupted, tokens)
+
+
+def test_fractional_embedding_summed_in_full(tmp_path):
+    spec = SyntheticSpec(run_bias=40)
+    path = synthetic.write_model(tmp_path / "model.safetensors", spec, 8, 7)
+    weights = load_weights(path)
+    for matrix in weights.embed:
+        matrix.values[:] *= 0.5
+    assert not runner._integer_valued(weights.embed)
+    tokens, output = runner.run_tokens(weights, weights.prompt, 200)
+    expected_tokens, expected_output = reference.run_tokens(weights, weights.prompt, 200)
+    assert np.array_equal(tokens, expected_tokens)
+    assert output == expected_output
