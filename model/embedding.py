@@ -1,0 +1,128 @@
+"""The embedding (token fields to residual) and the unembedding (residual to next token).
+
+Every logit is an integer-valued linear function of 0/1 residual values, and exactly one
+value of each field gets the highest logit, so no argmax of a generated token ties:
+
+* a binary field with next bit b: logits (1 - b, b);
+* a key field (ABSENT, 0, 1) with present flag P and bit B: (1 - P, P - B, P + B - 1),
+  which picks ABSENT whenever P = 0, whatever B is;
+* a one-hot field: the one-hot dims, with the "none" value getting 1 - (sum of them).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from tlc.model import tokens as tk
+from tlc.model.residual import DELTA_REGISTERS, WINDOW, Residual
+
+# The logit of the kinds that only the prompt contains; never generated.
+PROMPT_KIND_LOGIT = -1.0
+
+
+def build_embedding(residual: Residual) -> list[np.ndarray]:
+    """Return E_f, shape (V_f, D), for every field f in token order."""
+    schema = tk.SCHEMA
+    tables = [np.zeros((vocab, residual.width)) for vocab in schema.vocabs]
+    for group in tk.GROUPS:
+        for i, index in enumerate(schema.indices(group.name)):
+            _embed_field(residual, group.name, i, tables[index])
+    return tables
+
+
+def _embed_field(residual: Residual, group: str, i: int, table: np.ndarray) -> None:
+    if group == "kind":
+        table[np.arange(len(tk.KIND_VALUES)), list(residual["kind"])] = 1.0
+    elif group == "op":
+        table[np.arange(tk.NO_OPCODE), list(residual["op"])] = 1.0
+    elif group in (*DELTA_REGISTERS, "imm", *WINDOW, "aux_val"):
+        table[1, residual[group][i]] = 1.0
+    elif group == "aux_tag":
+        for tag in range(1, len(tk.AUX_TAGS)):
+            for j, dim in enumerate(residual["aux_tag_pm"]):
+                table[tag, dim] = 1.0 if (tag >> j) & 1 else -1.0
+            table[tag, residual["aux_present"][0]] = 1.0
+    elif group == "aux_key":
+        _embed_key(table, residual["aux_key_pm"][i], None)
+    elif group.startswith("mkey"):
+        present = residual[f"{group}_present"][0] if i == 0 else None
+        _embed_key(table, residual[f"{group}_pm"][i], present)
+    # out_valid and out_bit have no embedding: the model never reads them back.
+
+
+def _embed_key(table: np.ndarray, dim: int, present_dim: int | None) -> None:
+    table[tk.KEY_ZERO, dim] = -1.0
+    table[tk.KEY_ONE, dim] = 1.0
+    if present_dim is not None:
+        table[tk.KEY_ZERO, present_dim] = 1.0
+        table[tk.KEY_ONE, present_dim] = 1.0
+
+
+def build_unembedding(residual: Residual) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Return (U_f, c_f) for every field: logits_f = U_f x + c_f."""
+    schema = tk.SCHEMA
+    matrices = [np.zeros((vocab, residual.width)) for vocab in schema.vocabs]
+    biases = [np.zeros(vocab) for vocab in schema.vocabs]
+    for group in tk.GROUPS:
+        for i, index in enumerate(schema.indices(group.name)):
+            _unembed_field(residual, group.name, i, matrices[index], biases[index])
+    return matrices, biases
+
+
+def _binary(matrix, bias, dims: list[int]) -> None:
+    """Logits (1 - b, b) for b = sum of x[dims]."""
+    for dim in dims:
+        matrix[1, dim] += 1.0
+        matrix[0, dim] -= 1.0
+    bias[0] += 1.0
+
+
+def _unembed_field(residual: Residual, group: str, i: int, matrix, bias) -> None:
+    r = residual
+    if group == "kind":
+        for value, name in enumerate(tk.KIND_VALUES):
+            if name in ("CODE", "DATA", "INPUT", "SENTINEL"):
+                bias[value] = PROMPT_KIND_LOGIT
+            else:
+                matrix[value, r.next_kind(name)] = 1.0
+    elif group in DELTA_REGISTERS:
+        _binary(matrix, bias, [r[group][i], r[f"delta_{group}"][i]])
+    elif group == "op":
+        for value, dim in enumerate(r["fetched_op"]):
+            matrix[value, dim] = 1.0
+            matrix[tk.NO_OPCODE, dim] = -1.0
+        bias[tk.NO_OPCODE] = 1.0
+    elif group == "imm":
+        _binary(matrix, bias, [r["fetched_imm"][i]])
+    elif group in WINDOW:
+        _binary(matrix, bias, [r[f"next_{group}"][i]])
+    elif group == "aux_tag":
+        for tag, dim in enumerate(r["next_tag"], start=1):
+            matrix[tag, dim] = 1.0
+            matrix[0, dim] = -1.0
+        bias[0] = 1.0
+    elif group == "aux_key":
+        _key_logits(matrix, bias, list(r["next_tag"]), r["next_aux_key"][i])
+    elif group == "aux_val":
+        _binary(matrix, bias, [r["next_aux_val"][i]])
+    elif group.startswith("mkey"):
+        channel = int(group[len("mkey"):])
+        _key_logits(matrix, bias, [r["next_mkey_present"][channel]], r[f"next_{group}"][i])
+    elif group == "out_valid":
+        _binary(matrix, bias, [r["next_out_valid"][0]])
+    elif group == "out_bit":
+        _binary(matrix, bias, [r["next_out_bit"][i]])
+    else:
+        raise ValueError(f"no unembedding for field group {group!r}")
+
+
+def _key_logits(matrix, bias, present_dims: list[int], bit_dim: int) -> None:
+    """Logits (1 - P, P - B, P + B - 1) of a key field."""
+    for dim in present_dims:
+        matrix[tk.KEY_ABSENT, dim] -= 1.0
+        matrix[tk.KEY_ZERO, dim] += 1.0
+        matrix[tk.KEY_ONE, dim] += 1.0
+    matrix[tk.KEY_ZERO, bit_dim] -= 1.0
+    matrix[tk.KEY_ONE, bit_dim] += 1.0
+    bias[tk.KEY_ABSENT] = 1.0
+    bias[tk.KEY_ONE] = -1.0

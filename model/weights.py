@@ -1,0 +1,123 @@
+"""Write and read weight files (docs/model.md section 2), and cache the universal model.
+
+Tensor names: `embed.{f}`, `unembed.{f}` and `unembed.{f}.bias` by field index f;
+`layers.{l}.heads.{h}.{wq,bq,wk,bk,wv,bv,wo}`; `layers.{l}.shared.{w1,b1,w2,b2}`;
+`layers.{l}.router.{w,b}`; `layers.{l}.experts.{e}.{w1,b1,w2,b2}`; `prompt`. A matrix M is
+stored as `M.rows`, `M.cols` (int64) and `M.values` (float64), its shape in
+metadata["shapes"]; a vector is one float64 tensor.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import scipy.sparse as sp
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from tlc.model import tokens as tk
+from tlc.model.build import build_model
+from tlc.model.network import Model
+from tlc.runtime.machine import Program
+
+
+@functools.lru_cache(maxsize=4)
+def universal_model(numbering: tuple[str, ...] | None = None) -> Model:
+    """Build (once per process and numbering) the universal model."""
+    return build_model(numbering)
+
+
+def model_tensors(model: Model) -> tuple[dict[str, np.ndarray], dict[str, list[int]]]:
+    """Return the named tensors of `model` and the shapes of its matrices."""
+    tensors: dict[str, np.ndarray] = {}
+    shapes: dict[str, list[int]] = {}
+
+    def matrix(name: str, value) -> None:
+        coo = sp.coo_matrix(value)
+        tensors[f"{name}.rows"] = coo.row.astype(np.int64)
+        tensors[f"{name}.cols"] = coo.col.astype(np.int64)
+        tensors[f"{name}.values"] = coo.data.astype(np.float64)
+        shapes[name] = [int(n) for n in coo.shape]
+
+    def vector(name: str, value: np.ndarray) -> None:
+        tensors[name] = np.ascontiguousarray(value, dtype=np.float64)
+
+    for f, (table, out, bias) in enumerate(zip(model.embed, model.unembed, model.unembed_bias)):
+        matrix(f"embed.{f}", table)
+        matrix(f"unembed.{f}", out)
+        vector(f"unembed.{f}.bias", bias)
+    for l, layer in enumerate(model.layers):
+        for h, head in enumerate(layer.heads):
+            prefix = f"layers.{l}.heads.{h}"
+            for name in ("wq", "wk", "wv", "wo"):
+                matrix(f"{prefix}.{name}", getattr(head, name))
+            for name in ("bq", "bk", "bv"):
+                vector(f"{prefix}.{name}", getattr(head, name))
+        blocks = [(f"layers.{l}.experts.{e}", block) for e, block in enumerate(layer.experts)]
+        if layer.shared is not None:
+            blocks.append((f"layers.{l}.shared", layer.shared))
+        for prefix, block in blocks:
+            matrix(f"{prefix}.w1", block.w1)
+            matrix(f"{prefix}.w2", block.w2)
+            vector(f"{prefix}.b1", block.b1)
+            vector(f"{prefix}.b2", block.b2)
+        if layer.router_w is not None:
+            matrix(f"layers.{l}.router.w", layer.router_w)
+            vector(f"layers.{l}.router.b", layer.router_b)
+    return tensors, shapes
+
+
+def program_metadata(program: Program) -> dict:
+    return {
+        "source": program.source_name,
+        "memory_size": program.memory_size,
+        "instructions": len(program.instructions),
+        "lines": [instruction.line for instruction in program.instructions],
+    }
+
+
+def save_weights(model: Model, path: str | Path, program: Program | None = None,
+                 stdin: bytes = b"") -> None:  # fmt: skip
+    """Write `model` (and, with `program`, its prompt and program facts) to `path`."""
+    tensors, shapes = model_tensors(model)
+    metadata = dict(model.metadata)
+    metadata["shapes"] = shapes
+    if program is not None:
+        tensors["prompt"] = tk.encode_prompt(metadata, program, stdin)
+        metadata["program"] = program_metadata(program)
+    save_file(tensors, str(path), metadata={tk.METADATA_KEY: json.dumps(metadata)})
+
+
+def load_weights(path: str | Path) -> tuple[dict[str, np.ndarray], dict]:
+    """Return (tensors, metadata) of a weight file; ValueError when it is not one."""
+    with safe_open(str(path), framework="numpy") as handle:
+        raw = (handle.metadata() or {}).get(tk.METADATA_KEY)
+        if raw is None:
+            raise ValueError(f"{path}: not a tlc weight file (metadata {tk.METADATA_KEY!r} "
+                             "is missing)")  # fmt: skip
+        tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+    metadata = json.loads(raw)
+    if metadata.get("format") != tk.FORMAT_VERSION:
+        raise ValueError(f"{path}: weight format {metadata.get('format')!r}, expected "
+                         f"{tk.FORMAT_VERSION!r}")  # fmt: skip
+    return tensors, metadata
+
+
+def sparse_from(tensors: dict[str, np.ndarray], shapes: dict, name: str) -> sp.csr_matrix:
+    """Return the stored matrix `name` as a CSR matrix."""
+    shape = tuple(shapes[name])
+    return sp.csr_matrix(
+        (tensors[f"{name}.values"], (tensors[f"{name}.rows"], tensors[f"{name}.cols"])),
+        shape=shape,
+    )
+
+
+def uncovered_opcodes(metadata: dict, program: Program) -> Sequence[str]:
+    """Return the mnemonics that `program` uses and the model does not compute."""
+    covered = set(metadata.get("covered_opcodes", metadata["opcodes"]))
+    used = {instruction.opcode.mnemonic for instruction in program.instructions}
+    return sorted(used - covered)
