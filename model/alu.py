@@ -1,0 +1,91 @@
+"""Exact ALU circuits for the 32-bit opcodes, keyed by mnemonic.
+
+A `Circuit` is a builder for `depth` consecutive feed-forward blocks. Its operands are bit
+vectors in the residual (`inputs["a"]` the first-pushed operand, `inputs["b"]` the top;
+unary opcodes read only "b"); it writes the 32 result bits, each exactly 0 or 1, into
+`out` and allocates any scratch dims it needs in the `Layout` under `prefix`, each with
+its true value interval. Scratch written by block k is read by block k + 1 or later.
+
+    from tlc.model.alu import CIRCUITS
+    circuit = CIRCUITS["MUL"]
+    blocks = [Block(f"mul.{k}") for k in range(circuit.depth)]
+    circuit.build(blocks, layout, {"a": a_bits, "b": b_bits}, out_bits, "mul.")
+
+The one-layer circuits live in `alu_logic`, MUL in `alu_mul`, division and remainder in
+`alu_div`; `alu_bits` has the adders that bookkeeping circuits reuse.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from tlc.model import alu_logic as logic
+from tlc.model.alu_bits import (  # noqa: F401 (re-exported for the model builder)
+    add_bits,
+    add_signed_small,
+    decrement_bits,
+    increment_bits,
+    subtract_bits,
+)
+from tlc.model.circuit import Block, Layout, Vec
+
+BuildFunction = Callable[[list[Block], Layout, Mapping[str, Vec], Vec, str], None]
+
+
+@dataclass(frozen=True)
+class Circuit:
+    """The builder of one opcode's result: `depth` blocks, one per consecutive layer."""
+
+    name: str
+    depth: int
+    build: BuildFunction
+
+
+def _check_blocks(name: str, depth: int, blocks: list[Block]) -> None:
+    if len(blocks) != depth:
+        raise ValueError(f"circuit {name} needs {depth} blocks, got {len(blocks)}")
+
+
+def _one_layer(name: str, function: Callable[..., None], operands: str) -> Circuit:
+    """Wrap a one-block builder `function(block, *operand vecs, out)`."""
+
+    def build(blocks, layout, inputs, out, prefix) -> None:
+        del layout, prefix  # one-layer circuits need no scratch dims
+        _check_blocks(name, 1, blocks)
+        function(blocks[0], *[inputs[key] for key in operands], out)
+
+    return Circuit(name.lower(), 1, build)
+
+
+def _bind(function: Callable[..., None], mnemonic: str) -> Callable[..., None]:
+    def bound(block, *args) -> None:
+        function(mnemonic, block, *args)
+
+    return bound
+
+
+def _one_layer_circuits() -> dict[str, Circuit]:
+    circuits = {
+        "ADD": _one_layer("ADD", logic.build_add, "ab"),
+        "SUB": _one_layer("SUB", logic.build_sub, "ab"),
+        "EQ": _one_layer("EQ", logic.build_equal, "ab"),
+        "NE": _one_layer("NE", lambda blk, a, b, out: logic.build_equal(blk, a, b, out, True),
+                         "ab"),  # fmt: skip
+        "EQZ": _one_layer("EQZ", logic.build_eqz, "b"),
+        "CLZ": _one_layer("CLZ", logic.build_clz, "b"),
+        "CTZ": _one_layer("CTZ", logic.build_ctz, "b"),
+        "POPCNT": _one_layer("POPCNT", logic.build_popcnt, "b"),
+        "ABS": _one_layer("ABS", logic.build_abs, "b"),
+        "NEG": _one_layer("NEG", logic.build_neg, "b"),
+    }
+    for mnemonic in logic.COMPARISONS:
+        circuits[mnemonic] = _one_layer(mnemonic, _bind(logic.build_compare, mnemonic), "ab")
+    for mnemonic in ("AND", "OR", "XOR"):
+        circuits[mnemonic] = _one_layer(mnemonic, _bind(logic.build_bitwise, mnemonic), "ab")
+    for mnemonic in ("SHL", "SHR_S", "SHR_U", "ROTL", "ROTR"):
+        circuits[mnemonic] = _one_layer(mnemonic, _bind(logic.build_shift, mnemonic), "ab")
+    return circuits
+
+
+CIRCUITS: dict[str, Circuit] = _one_layer_circuits()
