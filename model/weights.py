@@ -5,6 +5,10 @@ Tensor names: `embed.{f}`, `unembed.{f}` and `unembed.{f}.bias` by field index f
 `layers.{l}.router.{w,b}`; `layers.{l}.experts.{e}.{w1,b1,w2,b2}`; `prompt`. A matrix M is
 stored as `M.rows`, `M.cols` (int64) and `M.values` (float64), its shape in
 metadata["shapes"]; a vector is one float64 tensor.
+
+The functions a runtime needs are all importable from here: `build_model`,
+`save_weights`, `load_weights`, `encode_prompt`, `decode_token_stream` and
+`TokenDecoder`.
 """
 
 from __future__ import annotations
@@ -22,7 +26,20 @@ from safetensors.numpy import save_file
 from tlc.model import tokens as tk
 from tlc.model.build import build_model
 from tlc.model.network import Model
+from tlc.model.tokens import TokenDecoder, decode_token_stream, encode_prompt
 from tlc.runtime.machine import Program
+
+
+__all__ = [
+    "TokenDecoder",
+    "build_model",
+    "decode_token_stream",
+    "encode_prompt",
+    "load_weights",
+    "model_tensors",
+    "save_weights",
+    "universal_model",
+]
 
 
 @functools.lru_cache(maxsize=4)

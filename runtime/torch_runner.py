@@ -13,6 +13,7 @@ docs/model.md section 1): a new entry whose key equals a cached one replaces it.
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -26,64 +27,72 @@ from tlc.runtime.machine import Program, RunResult, Status
 logger = logging.getLogger("tlc.runtime")
 
 DTYPE = torch.float64
+# torch warns that sparse CSR support is in beta; the runtime uses only torch.mv with it.
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+warnings.filterwarnings("ignore", message="Sparse invariant checks")
 INITIAL_CACHE_SLOTS = 64
+PROGRESS_EVERY = 1024  # steps between calls of the progress callback
 
 
 def is_available() -> bool:
     return True
 
 
-class SparseMatrix(torch.nn.Module):
-    """y = W x for a stored sparse W, as a gather, a multiply and an index_add."""
+def sparse_matrix(tensors: dict, shapes: dict, names: list[str], axis: int = 0):
+    """Return the stored matrices `names` stacked along `axis` as one torch CSR matrix."""
+    import scipy.sparse as sp
 
-    def __init__(self, tensors: dict, shapes: dict, name: str):
-        super().__init__()
+    parts = []
+    for name in names:
         rows, cols = shapes[name]
-        self.rows_count = rows
-        self.register_buffer("row", torch.from_numpy(np.asarray(tensors[f"{name}.rows"])))
-        self.register_buffer("col", torch.from_numpy(np.asarray(tensors[f"{name}.cols"])))
-        self.register_buffer("value", torch.from_numpy(np.asarray(tensors[f"{name}.values"])))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = torch.zeros(self.rows_count, dtype=DTYPE)
-        return out.index_add_(0, self.row, self.value * x[self.col])
+        parts.append(sp.csr_matrix(
+            (tensors[f"{name}.values"], (tensors[f"{name}.rows"], tensors[f"{name}.cols"])),
+            shape=(rows, cols),
+        ))  # fmt: skip
+    matrix = sp.vstack(parts, format="csr") if axis == 0 else sp.hstack(parts, format="csr")
+    matrix.sum_duplicates()
+    return torch.sparse_csr_tensor(
+        torch.from_numpy(matrix.indptr.astype(np.int64)),
+        torch.from_numpy(matrix.indices.astype(np.int64)),
+        torch.from_numpy(matrix.data.astype(np.float64)),
+        size=matrix.shape,
+    )
 
 
 def _vector(tensors: dict, name: str) -> torch.Tensor:
     return torch.from_numpy(np.array(tensors[name], dtype=np.float64))
 
 
-class Head(torch.nn.Module):
-    """A hard-max head with its KV cache."""
+class HeadCache:
+    """The KV cache of one hard-max head, one entry per distinct key.
 
-    def __init__(self, tensors, shapes, prefix: str):
-        super().__init__()
-        self.wq = SparseMatrix(tensors, shapes, f"{prefix}.wq")
-        self.wk = SparseMatrix(tensors, shapes, f"{prefix}.wk")
-        self.wv = SparseMatrix(tensors, shapes, f"{prefix}.wv")
-        self.wo = SparseMatrix(tensors, shapes, f"{prefix}.wo")
-        self.register_buffer("bq", _vector(tensors, f"{prefix}.bq"))
-        self.register_buffer("bk", _vector(tensors, f"{prefix}.bk"))
-        self.register_buffer("bv", _vector(tensors, f"{prefix}.bv"))
-        self.reset()
+    For an exact-match head (docs/model.md section 1) a query of the form (t, 1) with
+    every t_i in {-1, +1} is answered from the dict: the latest entry with key (t, n),
+    else the sentinel (0 .. 0, 2n - 1). Any other query, and every query of other heads,
+    scores every cached key; among the best scores the latest position wins.
+    """
 
-    def reset(self) -> None:
-        self.keys = torch.zeros((INITIAL_CACHE_SLOTS, len(self.bk)), dtype=DTYPE)
-        self.values = torch.zeros((INITIAL_CACHE_SLOTS, len(self.bv)), dtype=DTYPE)
-        self.positions = torch.zeros(INITIAL_CACHE_SLOTS, dtype=torch.int64)
+    def __init__(self, key_width: int, value_width: int, exact_bits: int | None):
+        self.keys = np.zeros((INITIAL_CACHE_SLOTS, key_width))
+        self.values = np.zeros((INITIAL_CACHE_SLOTS, value_width))
+        self.positions = np.zeros(INITIAL_CACHE_SLOTS, dtype=np.int64)
         self.size = 0
         self.slot_of_key: dict[bytes, int] = {}
+        self.exact_bits = exact_bits
+        if exact_bits is not None:
+            sentinel = np.zeros(key_width)
+            sentinel[-1] = 2 * exact_bits - 1
+            self.sentinel_key = sentinel.tobytes()
 
-    def _append(self, key: torch.Tensor, value: torch.Tensor, position: int) -> None:
+    def append(self, key: np.ndarray, value: np.ndarray, position: int) -> None:
         """Store (key, value); a cached entry with an equal key is replaced (evicted)."""
-        identity = key.numpy().tobytes()
+        identity = (key + 0.0).tobytes()  # + 0.0 turns -0.0 into 0.0
         slot = self.slot_of_key.get(identity)
         if slot is None:
             if self.size == len(self.keys):
-                grow = len(self.keys)
-                self.keys = torch.cat([self.keys, torch.zeros_like(self.keys[:grow])])
-                self.values = torch.cat([self.values, torch.zeros_like(self.values[:grow])])
-                self.positions = torch.cat([self.positions, torch.zeros_like(self.positions)])
+                self.keys = np.concatenate([self.keys, np.zeros_like(self.keys)])
+                self.values = np.concatenate([self.values, np.zeros_like(self.values)])
+                self.positions = np.concatenate([self.positions, np.zeros_like(self.positions)])
             slot = self.size
             self.size += 1
             self.slot_of_key[identity] = slot
@@ -91,58 +100,98 @@ class Head(torch.nn.Module):
         self.values[slot] = value
         self.positions[slot] = position
 
-    def forward(self, x: torch.Tensor, position: int) -> torch.Tensor:
-        self._append(self.wk(x) + self.bk, self.wv(x) + self.bv, position)
-        query = self.wq(x) + self.bq
+    def lookup(self, query: np.ndarray) -> np.ndarray:
+        """Return the value of the winning entry for `query`."""
+        if self.exact_bits is not None and _is_exact_query(query):
+            key = query.copy()
+            key[-1] = self.exact_bits
+            slot = self.slot_of_key.get((key + 0.0).tobytes())
+            if slot is None:
+                slot = self.slot_of_key.get(self.sentinel_key)
+            if slot is not None:
+                return self.values[slot]
         scores = self.keys[: self.size] @ query
         best = scores == scores.max()
-        # Among the best scores the latest position wins.
-        latest = torch.where(best, self.positions[: self.size], -1).argmax()
-        return self.wo(self.values[latest])
+        return self.values[np.argmax(np.where(best, self.positions[: self.size], -1))]
 
 
-class FeedForward(torch.nn.Module):
-    def __init__(self, tensors, shapes, prefix: str):
-        super().__init__()
-        self.w1 = SparseMatrix(tensors, shapes, f"{prefix}.w1")
-        self.w2 = SparseMatrix(tensors, shapes, f"{prefix}.w2")
-        self.register_buffer("b1", _vector(tensors, f"{prefix}.b1"))
-        self.register_buffer("b2", _vector(tensors, f"{prefix}.b2"))
-
-    def forward(self, y: torch.Tensor) -> torch.Tensor:
-        return self.w2(torch.relu(self.w1(y) + self.b1)) + self.b2
+def _is_exact_query(query: np.ndarray) -> bool:
+    return query[-1] == 1.0 and bool(np.all(np.abs(query[:-1]) == 1.0))
 
 
 class Layer(torch.nn.Module):
+    """Attention (all heads' q, k, v from one sparse product) and the feed-forward part."""
+
     def __init__(self, tensors, shapes, index: int, description: dict):
         super().__init__()
         prefix = f"layers.{index}"
-        self.heads = torch.nn.ModuleList(
-            Head(tensors, shapes, f"{prefix}.heads.{h}") for h in range(len(description["heads"]))
-        )
+        heads = [f"{prefix}.heads.{h}" for h in range(len(description["heads"]))]
+        self.head_slices = []
+        self.caches: list[HeadCache] = []
+        self.head_specs = []
+        names, biases, start = [], [], 0
+        for head, info in zip(heads, description["heads"]):
+            widths = [len(tensors[f"{head}.{b}"]) for b in ("bq", "bk", "bv")]
+            names += [f"{head}.wq", f"{head}.wk", f"{head}.wv"]
+            biases += [tensors[f"{head}.{b}"] for b in ("bq", "bk", "bv")]
+            q, k, v = widths
+            self.head_slices.append((start, start + q, start + q + k, start + q + k + v))
+            start += q + k + v
+            exact = info.get("key_bits") if info.get("lookup") == "exact" else None
+            self.head_specs.append((k, v, exact))
+        self.has_heads = bool(heads)
+        if heads:
+            self.qkv = sparse_matrix(tensors, shapes, names)
+            self.register_buffer("qkv_bias", torch.from_numpy(np.concatenate(biases)))
+            self.wo = sparse_matrix(tensors, shapes, [f"{h}.wo" for h in heads], axis=1)
         self.shared = None
         if f"{prefix}.shared.b1" in tensors:
-            self.shared = FeedForward(tensors, shapes, f"{prefix}.shared")
+            self.shared = self._block(tensors, shapes, f"{prefix}.shared")
         self.router = None
-        self.experts = torch.nn.ModuleList()
+        self.experts = []
         if f"{prefix}.router.b" in tensors:
-            self.router = SparseMatrix(tensors, shapes, f"{prefix}.router.w")
-            self.register_buffer("router_bias", _vector(tensors, f"{prefix}.router.b"))
-            self.experts = torch.nn.ModuleList(
-                FeedForward(tensors, shapes, f"{prefix}.experts.{e}")
+            self.router = sparse_matrix(tensors, shapes, [f"{prefix}.router.w"])
+            self.router_bias = _vector(tensors, f"{prefix}.router.b")
+            self.experts = [
+                self._block(tensors, shapes, f"{prefix}.experts.{e}")
                 for e in range(len(description["experts"]))
-            )
+            ]
+        self.reset()
+
+    @staticmethod
+    def _block(tensors, shapes, prefix: str):
+        return (
+            sparse_matrix(tensors, shapes, [f"{prefix}.w1"]),
+            _vector(tensors, f"{prefix}.b1"),
+            sparse_matrix(tensors, shapes, [f"{prefix}.w2"]),
+            _vector(tensors, f"{prefix}.b2"),
+        )
+
+    def reset(self) -> None:
+        self.caches = [HeadCache(k, v, exact) for k, v, exact in self.head_specs]
+
+    @staticmethod
+    def _feed_forward(block, y: torch.Tensor) -> torch.Tensor:
+        w1, b1, w2, b2 = block
+        if w1.shape[0] == 0:
+            return b2
+        return torch.mv(w2, torch.relu(torch.mv(w1, y) + b1)) + b2
 
     def forward(self, x: torch.Tensor, position: int) -> torch.Tensor:
-        for head in self.heads:
-            x = x + head(x, position)
+        if self.has_heads:
+            qkv = (torch.mv(self.qkv, x) + self.qkv_bias).numpy()
+            values = []
+            for cache, (q, k, v, end) in zip(self.caches, self.head_slices):
+                cache.append(qkv[k:v], qkv[v:end], position)
+                values.append(cache.lookup(qkv[q:k]))
+            x = x + torch.mv(self.wo, torch.from_numpy(np.concatenate(values)))
         y = x
         if self.shared is not None:
-            x = x + self.shared(y)
+            x = x + self._feed_forward(self.shared, y)
         if self.router is not None:
             # torch.argmax returns the first maximal index: ties go to the lowest expert.
-            expert = int(torch.argmax(self.router(y) + self.router_bias))
-            x = x + self.experts[expert](y)
+            expert = int(torch.argmax(torch.mv(self.router, y) + self.router_bias))
+            x = x + self._feed_forward(self.experts[expert], y)
         return x
 
 
@@ -157,8 +206,10 @@ class TorchModel(torch.nn.Module):
         vocabs = [int(entry["vocab"]) for entry in metadata["fields"]]
         offsets = np.concatenate([[0], np.cumsum(vocabs)[:-1]]).astype(np.int64)
         self.register_buffer("offsets", torch.from_numpy(offsets))
-        self.register_buffer("embedding", self._stack(tensors, shapes, "embed", vocabs))
-        self.register_buffer("unembedding", self._stack(tensors, shapes, "unembed", vocabs))
+        # x = E^T onehot(token): one sparse product in place of a gather of F rows.
+        self.embedding_t = self._stack(tensors, shapes, "embed", vocabs).T.to_sparse_csr()
+        self.total_vocab = int(sum(vocabs))
+        self.unembedding = self._stack(tensors, shapes, "unembed", vocabs).to_sparse_csr()
         bias = np.concatenate([tensors[f"unembed.{f}.bias"] for f in range(len(vocabs))])
         self.register_buffer("unembedding_bias", torch.from_numpy(bias.astype(np.float64)))
         self.groups = self._vocab_groups(vocabs, offsets)
@@ -192,17 +243,18 @@ class TorchModel(torch.nn.Module):
     def reset(self) -> None:
         self.position = 0
         for layer in self.layers:
-            for head in layer.heads:
-                head.reset()
+            layer.reset()
 
     @torch.no_grad()
     def step(self, token: torch.Tensor) -> torch.Tensor:
         """Run one token through the model and return the next token (F,) int64."""
-        x = self.embedding[self.offsets + token].sum(dim=0)
+        indicator = torch.zeros(self.total_vocab, dtype=DTYPE)
+        indicator[self.offsets + token] = 1.0
+        x = torch.mv(self.embedding_t, indicator)
         for layer in self.layers:
             x = layer(x, self.position)
         self.position += 1
-        logits = self.unembedding @ x + self.unembedding_bias
+        logits = torch.mv(self.unembedding, x) + self.unembedding_bias
         token_out = torch.empty(len(self.offsets), dtype=torch.int64)
         for fields, index in self.groups:
             token_out[fields] = logits[index].argmax(dim=1)
@@ -250,12 +302,18 @@ def run_program(
     prompt = torch.from_numpy(tk.encode_prompt(metadata, program, stdin))
     decoder = tk.TokenDecoder(metadata, program, max_steps=max_steps, trace=trace,
                               write_output=write_output)  # fmt: skip
-    model.reset()
-    for token in prompt[:-1]:
-        model.step(token)
-    token = model.step(prompt[-1])
-    while decoder.feed(token.numpy()):
-        if progress is not None and decoder.steps % 1024 == 0:
-            progress(decoder.steps)
-        token = model.step(token)
+    # One thread: the per-step products are small, and threads only add overhead.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model.reset()
+        for token in prompt[:-1]:
+            model.step(token)
+        token = model.step(prompt[-1])
+        while decoder.feed(token.numpy()):
+            if progress is not None and decoder.steps % PROGRESS_EVERY == 0:
+                progress(decoder.steps)
+            token = model.step(token)
+    finally:
+        torch.set_num_threads(threads)
     return decoder.result
