@@ -21,6 +21,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from tlc.model import alu_logic as logic
+from tlc.model import alu_mul
 from tlc.model.alu_bits import (  # noqa: F401 (re-exported for the model builder)
     add_bits,
     add_signed_small,
@@ -88,4 +89,12 @@ def _one_layer_circuits() -> dict[str, Circuit]:
     return circuits
 
 
-CIRCUITS: dict[str, Circuit] = _one_layer_circuits()
+def _build_mul(blocks, layout, inputs, out, prefix) -> None:
+    _check_blocks("MUL", 2, blocks)
+    alu_mul.build_mul(blocks, layout, inputs["a"], inputs["b"], out, prefix)
+
+
+CIRCUITS: dict[str, Circuit] = {
+    **_one_layer_circuits(),
+    "MUL": Circuit("mul", 2, _build_mul),
+}

@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from tlc.model.circuit import Block
+from tlc.model.circuit import Block, Layout
 
 # Largest magnitude a float64 pre-activation may reach while every integer stays exact.
 EXACT_LIMIT = float(1 << 53)
@@ -53,6 +53,24 @@ class Affine:
 
     def __rsub__(self, other: float) -> Affine:
         return -self + other
+
+
+def bounds(form: Affine, layout: Layout) -> tuple[float, float]:
+    """The interval of `form` when every dim ranges over its Layout interval."""
+    low = high = form.const
+    for dim, weight in form.terms.items():
+        dim_low, dim_high = layout.domain[dim]
+        low += min(weight * dim_low, weight * dim_high)
+        high += max(weight * dim_low, weight * dim_high)
+    return low, high
+
+
+def power_above(value: float) -> float:
+    """The smallest power of two strictly above `value` (at least 1)."""
+    power = 1.0
+    while power <= value:
+        power *= 2.0
+    return power
 
 
 def unsigned(bits: Sequence[int], scale: float = 1.0) -> Affine:
