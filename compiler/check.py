@@ -168,7 +168,8 @@ class Checker(ExpressionChecker, InitializerChecker):
             if variable.has_definition:
                 self.reporter.error(declared.span, f"redefinition of '{name}'")
             variable.has_definition = True
-            self._global_initializer(variable, item.init)
+            if not ts.is_error(variable.ctype):
+                self._global_initializer(variable, item.init)
         elif isinstance(variable.ctype, ts.ArrayType) and variable.ctype.length is None:
             self.reporter.error(declared.span, f"array size missing in '{name}'")
             variable.ctype = ts.ERROR
@@ -405,7 +406,7 @@ class Checker(ExpressionChecker, InitializerChecker):
                             Storage.LOCAL, declared.name)
         # As in C, the name is in scope from the end of its declarator, initializer included.
         self._bind(declared.name, variable, declared.span)
-        if item.init is not None:
+        if item.init is not None and not ts.is_error(variable.ctype):
             plan = self.plan(variable.ctype, item.init)
             variable.ctype = plan.ctype
             variable.init = plan

@@ -250,19 +250,20 @@ class ExpressionChecker:
             return node.op == "*"
         return isinstance(node, (ast.Index, ast.StringLiteral))
 
-    def modifiable_lvalue(self, node: ast.Expr, what: str) -> bool:
-        """Report unless `node` is an lvalue that may be assigned; `what` names the use."""
+    def modifiable_lvalue(self, node: ast.Expr, what: str, operator: ast.Expr) -> bool:
+        """Report at `operator` unless `node` is an lvalue that may be assigned; `what`
+        names the use."""
         if ts.is_error(node.ctype):
             return False
         if not self.is_lvalue(node):
-            self.error(node, f"lvalue required as {what}")
+            self.error(operator, f"lvalue required as {what}")
             return False
         if isinstance(node.ctype, ts.ArrayType):
-            self.error(node, "assignment to expression with array type")
+            self.error(operator, "assignment to expression with array type")
             return False
         if ts.is_const_object(node.ctype):
             name = f" '{node.name}'" if isinstance(node, ast.Name) else ""
-            self.error(node, f"assignment of read-only location{name}")
+            self.error(operator, f"assignment of read-only location{name}")
             return False
         return True
 
@@ -270,7 +271,7 @@ class ExpressionChecker:
         operand = self.expr(node.operand)
         node.operand = operand
         what = ("increment" if node.op == "++" else "decrement") + " operand"
-        if not self.modifiable_lvalue(operand, what):
+        if not self.modifiable_lvalue(operand, what, node):
             node.ctype = ts.ERROR
             return node
         ctype = ts.unqualified(operand.ctype)
@@ -409,7 +410,7 @@ class ExpressionChecker:
         node.target = target
         source = self.rvalue(node.source)
         node.source = source
-        if not self.modifiable_lvalue(target, "left operand of assignment"):
+        if not self.modifiable_lvalue(target, "left operand of assignment", node):
             node.ctype = ts.ERROR
             return node
         ctype = ts.unqualified(target.ctype)
@@ -584,7 +585,8 @@ class ExpressionChecker:
             self.error(callee, f"implicit declaration of function '{callee.name}'{hint}")
             return None
         if not isinstance(symbol, Function):
-            self.error(callee, f"called object '{callee.name}' is not a function")
+            if not ts.is_error(symbol.ctype):
+                self.error(callee, f"called object '{callee.name}' is not a function")
             return None
         callee.ctype = symbol.ctype
         return symbol

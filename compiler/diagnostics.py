@@ -40,6 +40,7 @@ class Reporter:
         return CompileError([*self.diagnostics, self.diagnostic(span, message)])
 
     def check(self) -> None:
-        """Raise the recorded errors, if any."""
+        """Raise the recorded errors, if any, in source order."""
         if self.diagnostics:
-            raise CompileError(self.diagnostics)
+            ordered = sorted(self.diagnostics, key=lambda d: (d.file, d.line, d.column))
+            raise CompileError(ordered)

@@ -176,10 +176,8 @@ def static_value(expr: ast.Expr) -> int | Address | None:
 def _static_address(expr: ast.Expr) -> Address | None:
     if isinstance(expr, (ast.ImplicitCast, ast.Cast)) and ts.is_pointer(expr.ctype):
         return _static_address(expr.operand)
-    if isinstance(expr, ast.StringLiteral):
-        return Address(expr.data, 0)
-    if isinstance(expr, ast.Name) and isinstance(expr.ctype, ts.ArrayType):
-        return _global_address(expr)
+    if isinstance(expr.ctype, ts.ArrayType):  # an array that decays to its address
+        return _static_lvalue_address(expr)
     if isinstance(expr, ast.Unary) and expr.op == "&":
         return _static_lvalue_address(expr.operand)
     if isinstance(expr, ast.Binary) and expr.op in ("+", "-") and ts.is_pointer(expr.ctype):

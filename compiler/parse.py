@@ -140,22 +140,40 @@ def _lex_body(parser: Lark, macro: Macro, reporter: Reporter) -> list[Token]:
 def _parse_tokens(parser: Lark, file: str, tokens: list[Token], reporter: Reporter
                   ) -> ast.TranslationUnit:
     interactive = parser.parse_interactive("")
+    position = 0
     try:
-        for token in tokens:
+        for position, token in enumerate(tokens):
             interactive.feed_token(token)
+        position = len(tokens)
         if tokens:
             unit = interactive.feed_eof(tokens[-1])
         else:
             unit = interactive.feed_eof()
     except UnexpectedToken as error:
+        # A syntax error right after an unsupported construct is usually its consequence.
+        reporter.check()
+        expected = _acceptable_terminals(parser, tokens[:position])
         raise reporter.fatal(_error_span(file, error.token, tokens),
-                             syntax_error_message(parser, error)) from None
+                             syntax_error_message(parser, error.token, expected)) from None
     except UnexpectedInput as error:  # any other parse failure Lark reports
         raise reporter.fatal(Span(file, error.line, error.column), "syntax error") from None
     reporter.check()
     if not tokens:
         unit = ast.TranslationUnit(Span(file, 1, 1), [])
     return unit
+
+
+def _acceptable_terminals(parser: Lark, prefix: list[Token]) -> set[str]:
+    """Return the terminals that may follow `prefix`.
+
+    LALR merges states, so at an error the parser may already have reduced on the bad
+    token and its expected set is too wide. Replaying the valid prefix and trying each
+    terminal from there gives the exact set.
+    """
+    interactive = parser.parse_interactive("")
+    for token in prefix:
+        interactive.feed_token(token)
+    return interactive.accepts()
 
 
 def _error_span(file: str, token: Token, tokens: list[Token]) -> Span:
@@ -181,23 +199,33 @@ _TOKEN_NAMES = {
 }
 
 
-def syntax_error_message(parser: Lark, error: UnexpectedToken) -> str:
+def syntax_error_message(parser: Lark, token: Token, names: set[str]) -> str:
     """Describe a syntax error in C terms: what was expected and the token found."""
-    token = error.token
     if token.type == "UNSUPPORTED_TYPE":
         return unsupported_keyword_message(token.value)
-    expected = [_terminal_text(parser, name) for name in sorted(error.expected)]
+    expected = [_terminal_text(parser, name) for name in sorted(names) if name != "$END"]
     found = _found_text(token)
-    if "identifier" in expected and "numeric constant" in expected:
-        wanted = "expression"
-    else:
-        structural = [text for text in (f"'{s}'" for s in _STRUCTURAL) if text in expected]
-        candidates = structural or expected
-        if "identifier" in candidates:
-            candidates = ["identifier", *[c for c in candidates if c != "identifier"]]
-        wanted = _join_or(candidates[:3])
+    wanted = _describe_expected(expected)
     where = "at end of input" if token.type == "$END" else f"before {found}"
     return f"expected {wanted} {where}"
+
+
+def _describe_expected(expected: list[str]) -> str:
+    if "'}'" in expected and "'return'" in expected:
+        return "a statement or '}'"  # inside a block
+    if "'int'" in expected and "'return'" not in expected and "identifier" not in expected:
+        return "a declaration"  # at file scope
+    structural = [text for text in (f"'{s}'" for s in _STRUCTURAL) if text in expected]
+    if "identifier" in expected and structural:
+        return _join_or(["identifier", *structural][:3])
+    if structural:
+        return _join_or(structural[:3])
+    if "identifier" in expected and "numeric constant" in expected:
+        return "expression"
+    candidates = expected or ["end of input"]
+    if "identifier" in candidates:
+        candidates = ["identifier", *[c for c in candidates if c != "identifier"]]
+    return _join_or(candidates[:3])
 
 
 def _terminal_text(parser: Lark, name: str) -> str:
