@@ -105,7 +105,9 @@ def _layer(ctx: Context, index: int, heads, shared: Block | None, families) -> L
     router_rows = [Lin()]
     for family in present:
         opcodes = [op.mnemonic for op in family.opcodes]
-        experts.append(FeedForward.from_block(family.blocks[index], width, family.role, opcodes))
+        expert = FeedForward.from_block(family.blocks[index], width, family.role, opcodes)
+        expert.name = family.name
+        experts.append(expert)
         router_rows.append(ctx.opcode(*family.opcodes))
     router_w, router_b = rows_to_matrix(router_rows, width)
     return Layer(heads, shared_ff, router_w, router_b, experts)
