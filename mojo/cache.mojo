@@ -14,25 +14,41 @@
 
 from std.memory import bitcast
 
-from kernels import FloatPtr, float_ptr
+from kernels import FloatPtr, float_ptr, int_ptr
 
 comptime EMPTY = -1
 comptime INITIAL_TABLE_SIZE = 16
-comptime FNV_OFFSET: UInt64 = 0xCBF29CE484222325
-comptime FNV_PRIME: UInt64 = 0x100000001B3
+comptime GOLDEN: UInt64 = 0x9E3779B97F4A7C15
+comptime MIX1: UInt64 = 0xBF58476D1CE4E5B9
+comptime MIX2: UInt64 = 0x94D049BB133111EB
 
 
 @always_inline
-def hash_key(key: FloatPtr, width: Int) -> UInt64:
-    """Hash the bit patterns of the key's components (FNV-1a over 64-bit words).
+def mix(value: UInt64) -> UInt64:
+    """Return the splitmix64 finalizer of `value`: every input bit affects every
+    output bit, the high bits included."""
+    var mixed = (value ^ (value >> 30)) * MIX1
+    mixed = (mixed ^ (mixed >> 27)) * MIX2
+    return mixed ^ (mixed >> 31)
 
-    Adding 0.0 maps -0.0 to +0.0, so keys that compare equal hash equally.
+
+@always_inline
+def hash_key(key: FloatPtr, width: Int, multipliers: Pointer[UInt64, MutUntrackedOrigin]) -> UInt64:
+    """Hash the bit patterns of the key's components.
+
+    Keys are often made of +-1.0, whose bit patterns differ only in bit 63. Each word is
+    folded (w ^ w >> 32) so that bit also reaches bit 31 and multiplied by an
+    independent random odd multiplier of its position; the products are summed, which
+    needs no chain of dependent multiplications, and the sum is mixed. Multipliers that
+    share a factor (such as c * (2i + 1)) would make the sum depend on little more than
+    which positions are negative, so they come from `mix`. Adding 0.0 maps -0.0 to +0.0,
+    so keys that compare equal hash equally.
     """
-    var hash = FNV_OFFSET
+    var total: UInt64 = 0
     for i in range(width):
-        var component = key[unsafe_offset=i] + 0.0
-        hash = (hash ^ bitcast[DType.uint64](component)) * FNV_PRIME
-    return hash ^ (hash >> 29)
+        var word = bitcast[DType.uint64](key[unsafe_offset=i] + 0.0)
+        total += (word ^ (word >> 32)) * multipliers[unsafe_offset=i]
+    return mix(total)
 
 
 struct HeadCache(Movable):
@@ -48,6 +64,8 @@ struct HeadCache(Movable):
     var index_usable: Bool  # every key so far has an exact-match form
     var sentinel: Int  # slot of the sentinel key, or EMPTY
     var probe: List[Float64]  # scratch key for exact-match lookups
+    var probe_steps: Int  # buckets visited by `find` beyond the first, for tests
+    var multipliers: List[UInt64]  # one random odd multiplier per key component
 
     def __init__(out self, key_width: Int, value_width: Int, exact: Bool):
         self.key_width = key_width
@@ -60,6 +78,15 @@ struct HeadCache(Movable):
         self.index_usable = True
         self.sentinel = EMPTY
         self.probe = List[Float64](length=max(key_width, 1), fill=0.0)
+        self.probe_steps = 0
+        self.multipliers = List[UInt64](capacity=max(key_width, 1))
+        for i in range(max(key_width, 1)):
+            self.multipliers.append(mix(GOLDEN * UInt64(i + 1)) | 1)
+
+    def _multipliers(mut self) -> Pointer[UInt64, MutUntrackedOrigin]:
+        return Pointer[UInt64, MutUntrackedOrigin](
+            unsafe_from_address=Int(self.multipliers.unsafe_ptr())
+        )
 
     def count(self) -> Int:
         return len(self.stamps)
@@ -70,10 +97,11 @@ struct HeadCache(Movable):
     def find(mut self, key: FloatPtr) -> Int:
         """Return the slot whose key equals `key` component for component, or EMPTY."""
         var mask = len(self.table) - 1
-        var position = Int(hash_key(key, self.key_width)) & mask
+        var position = Int(hash_key(key, self.key_width, self._multipliers())) & mask
         var keys = float_ptr(self.keys)
+        var table = int_ptr(self.table)
         while True:
-            var slot = self.table[position]
+            var slot = table[unsafe_offset=position]
             if slot == EMPTY:
                 return EMPTY
             var base = slot * self.key_width
@@ -85,12 +113,13 @@ struct HeadCache(Movable):
             if equal:
                 return slot
             position = (position + 1) & mask
+            self.probe_steps += 1
 
     def _place(mut self, slot: Int):
         """Put `slot` into the hash table at the first free place of its probe chain."""
         var mask = len(self.table) - 1
         var key = float_ptr(self.keys).unsafe_offset(slot * self.key_width)
-        var position = Int(hash_key(key, self.key_width)) & mask
+        var position = Int(hash_key(key, self.key_width, self._multipliers())) & mask
         while self.table[position] != EMPTY:
             position = (position + 1) & mask
         self.table[position] = slot
@@ -159,18 +188,20 @@ struct HeadCache(Movable):
         if self.exact and self.index_usable and self.sentinel != EMPTY:
             var n = self.key_width - 1
             var form = query[unsafe_offset=n] == 1.0
+            var probe = float_ptr(self.probe)
             for i in range(n):
                 var component = query[unsafe_offset=i]
                 form = form and (component == 1.0 or component == -1.0)
-                self.probe[i] = component
+                probe[unsafe_offset=i] = component
             if form:
-                self.probe[n] = Float64(n)
-                var slot = self.find(float_ptr(self.probe))
+                probe[unsafe_offset=n] = Float64(n)
+                var slot = self.find(probe)
                 return slot if slot != EMPTY else self.sentinel
         return self.attend_brute_force(query)
 
     def attend_brute_force(mut self, query: FloatPtr) -> Int:
         var keys = float_ptr(self.keys)
+        var stamps = int_ptr(self.stamps)
         var best = 0
         var best_score: Float64 = 0.0
         var best_stamp = -1
@@ -179,7 +210,7 @@ struct HeadCache(Movable):
             var score: Float64 = 0.0
             for i in range(self.key_width):
                 score += query[unsafe_offset=i] * keys[unsafe_offset=base + i]
-            var stamp = self.stamps[slot]
+            var stamp = stamps[unsafe_offset=slot]
             if best_stamp < 0 or score > best_score or (
                 score == best_score and stamp > best_stamp
             ):

@@ -153,8 +153,10 @@ struct Engine(Movable):
     var one: List[Float64]  # the input of the one-column b2 matrices
     # Decoding state.
     var position: Int
-    var pending: List[Int]  # the latest predicted token
-    var previous: List[Int]  # the token emitted before pending, or the last prompt token
+    # Two tokens: the latest predicted one ("pending") at pending_offset and the one
+    # emitted before it ("previous", or the last prompt token) at F - pending_offset.
+    var token_pair: List[Int]
+    var pending_offset: Int
     var need_step: Bool  # pending was emitted and must be fed back before the next one
     var stopped: Bool
 
@@ -227,8 +229,8 @@ struct Engine(Movable):
         self.embedded_token = List[Int](length=self.field_count, fill=0)
         self.embedded_valid = False
         self.position = 0
-        self.pending = List[Int](length=self.field_count, fill=0)
-        self.previous = List[Int](length=self.field_count, fill=0)
+        self.token_pair = List[Int](length=2 * self.field_count, fill=0)
+        self.pending_offset = 0
         self.need_step = False
         self.stopped = False
 
@@ -248,23 +250,26 @@ struct Engine(Movable):
         """Set x to the embedding of `token`, the sum of one column per field."""
         var arrays = self._arrays[dtype]()
         var embedded = float_ptr(self.embedded)
+        var embedded_token = int_ptr(self.embedded_token)
+        var offsets = int_ptr(self.field_offsets)
         if not (self.incremental and self.embedded_valid):
             for i in range(self.width):
                 embedded[unsafe_offset=i] = 0.0
             for f in range(self.field_count):
-                var column = self.field_offsets[f] + token[unsafe_offset=f]
-                add_column(self.embed, column, arrays, embedded, 1.0)
-                self.embedded_token[f] = token[unsafe_offset=f]
+                var value = token[unsafe_offset=f]
+                add_column(self.embed, offsets[unsafe_offset=f] + value, arrays, embedded, 1.0)
+                embedded_token[unsafe_offset=f] = value
             self.embedded_valid = True
         else:
             for f in range(self.field_count):
                 var value = token[unsafe_offset=f]
-                var old = self.embedded_token[f]
+                var old = embedded_token[unsafe_offset=f]
                 if value == old:
                     continue
-                add_column(self.embed, self.field_offsets[f] + old, arrays, embedded, -1.0)
-                add_column(self.embed, self.field_offsets[f] + value, arrays, embedded, 1.0)
-                self.embedded_token[f] = value
+                var base = offsets[unsafe_offset=f]
+                add_column(self.embed, base + old, arrays, embedded, -1.0)
+                add_column(self.embed, base + value, arrays, embedded, 1.0)
+                embedded_token[unsafe_offset=f] = value
         var x = float_ptr(self.x)
         for i in range(self.width):
             x[unsafe_offset=i] = embedded[unsafe_offset=i]
@@ -326,9 +331,17 @@ struct Engine(Movable):
         var x = float_ptr(self.x)
         var logits = float_ptr(self.logits)
         affine(self.unembed, self.unembed_bias, arrays, x, logits)
+        var offsets = int_ptr(self.field_offsets)
+        var vocab = int_ptr(self.vocab)
+        var pending = self._pending()
         for f in range(self.field_count):
-            var segment = logits.unsafe_offset(self.field_offsets[f])
-            self.pending[f] = first_argmax(segment, self.vocab[f])
+            var segment = logits.unsafe_offset(offsets[unsafe_offset=f])
+            var size = vocab[unsafe_offset=f]
+            if size == 2:
+                var second = segment[unsafe_offset=1] > segment[unsafe_offset=0]
+                pending[unsafe_offset=f] = 1 if second else 0
+            else:
+                pending[unsafe_offset=f] = first_argmax(segment, size)
 
     def _step[dtype: DType](mut self, token: IntPtr, predict: Bool):
         self._embed[dtype](token)
@@ -346,7 +359,7 @@ struct Engine(Movable):
     def step(mut self, token: IntPtr, predict: Bool):
         """Run one token through the model, filling every cache.
 
-        With `predict` the argmax token lands in `pending`; without it the work that
+        With `predict` the argmax token becomes the pending token; without it the work that
         only feeds the prediction (the last layer's queries and feed-forward block and
         the unembedding) is skipped, as for every prompt token but the last.
         """
@@ -357,24 +370,38 @@ struct Engine(Movable):
 
     # ---- decoding ----------------------------------------------------------------
 
+    def _pending(mut self) -> IntPtr:
+        return int_ptr(self.token_pair).unsafe_offset(self.pending_offset)
+
+    def _previous(mut self) -> IntPtr:
+        return int_ptr(self.token_pair).unsafe_offset(self.field_count - self.pending_offset)
+
+    def pending_value(mut self, field: Int) -> Int:
+        return self._pending()[unsafe_offset=field]
+
+    def previous_value(mut self, field: Int) -> Int:
+        return self._previous()[unsafe_offset=field]
+
     def feed_prompt(mut self, prompt: IntPtr, length: Int):
         """Run the prompt tokens (row-major, F per token); the last one's prediction
         becomes the first generated token."""
         for i in range(length):
             var token = prompt.unsafe_offset(i * self.field_count)
             self.step(token, i == length - 1)
+        var previous = self._previous()
         for f in range(self.field_count):
-            self.previous[f] = prompt[unsafe_offset=(length - 1) * self.field_count + f]
+            previous[unsafe_offset=f] = prompt[unsafe_offset=(length - 1) * self.field_count + f]
         self.need_step = False
         self.stopped = False
 
-    def output_byte(self) -> Int:
+    def output_byte(mut self) -> Int:
         """Return the byte the pending token writes, or -1 when it writes none."""
-        if self.out_valid_field < 0 or self.pending[self.out_valid_field] != 1:
+        var pending = self._pending()
+        if self.out_valid_field < 0 or pending[unsafe_offset=self.out_valid_field] != 1:
             return -1
         var byte = 0
         for i in range(len(self.byte_fields)):
-            byte += self.byte_weights[i] * self.pending[self.byte_fields[i]]
+            byte += self.byte_weights[i] * pending[unsafe_offset=self.byte_fields[i]]
         return byte & 0xFF
 
     def generate(
@@ -389,20 +416,22 @@ struct Engine(Movable):
         var written = 0
         while emitted < max_tokens and not self.stopped:
             if self.need_step:
-                for f in range(self.field_count):
-                    self.previous[f] = self.pending[f]
-                self.step(int_ptr(self.pending), True)
+                # The pending token becomes the previous one and the input of the step,
+                # which writes its prediction into the other half of the pair.
+                self.pending_offset = self.field_count - self.pending_offset
+                self.step(self._previous(), True)
             self.need_step = True
+            var pending = self._pending()
             if record:
                 var base = emitted * self.field_count
                 for f in range(self.field_count):
-                    tokens[unsafe_offset=base + f] = self.pending[f]
+                    tokens[unsafe_offset=base + f] = pending[unsafe_offset=f]
             var byte = self.output_byte()
             if byte >= 0:
                 output[unsafe_offset=written] = UInt8(byte)
                 written += 1
             emitted += 1
-            if self.pending[self.kind_field] != self.run_value:
+            if pending[unsafe_offset=self.kind_field] != self.run_value:
                 self.stopped = True
         return (emitted, written)
 

@@ -39,7 +39,7 @@ def PyInit_tlc_mojo_engine() abi("C") -> PythonObject:
         module.def_function[destroy]("destroy", docstring="destroy(handle)")
         module.def_function[probe_exact](
             "probe_exact",
-            docstring="probe_exact(keys, queries, count, key_width, results): test hook",
+            docstring="probe_exact(keys, queries, count, key_width, results) -> extra probes",
         )
         return module.finalize()
     except error:
@@ -115,8 +115,8 @@ def generate(
     status_out[unsafe_offset=2] = 1 if engine[].stopped else 0
     var fields = engine[].field_count
     for f in range(fields):
-        status_out[unsafe_offset=3 + f] = engine[].pending[f]
-        status_out[unsafe_offset=3 + fields + f] = engine[].previous[f]
+        status_out[unsafe_offset=3 + f] = engine[].pending_value(f)
+        status_out[unsafe_offset=3 + fields + f] = engine[].previous_value(f)
     return PythonObject(None)
 
 
@@ -143,9 +143,10 @@ def probe_exact(
     key_width: PythonObject,
     results_out: PythonObject,
 ) raises -> PythonObject:
-    """Append key i at position i and then ask query i, for i in 0 .. count - 1, on an
-    exact-match cache. Writes, per step, the winning position through `attend`, the
-    winning position by brute force, and 1 when `attend` used the hash index."""
+    """Append key i at position i and then look up query i, for i in 0 .. count - 1, on
+    an exact-match cache. Writes, per step, the winning position through `attend`, the
+    winning position by brute force, and 1 when `attend` used the hash index. Returns
+    the number of extra hash-table buckets that lookups visited."""
     var width = Int(py=key_width)
     var cache = HeadCache(width, 1, True)
     var key_base = Int(py=keys)
@@ -161,4 +162,4 @@ def probe_exact(
         results[unsafe_offset=3 * i] = cache.stamps[cache.attend(query)]
         results[unsafe_offset=3 * i + 1] = cache.stamps[cache.attend_brute_force(query)]
         results[unsafe_offset=3 * i + 2] = 1 if indexed else 0
-    return PythonObject(None)
+    return cache.probe_steps

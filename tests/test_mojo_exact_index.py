@@ -25,12 +25,17 @@ def extension():
 
 def probe(extension, keys: np.ndarray, queries: np.ndarray) -> np.ndarray:
     """Return one row per step: (winner through attend, winner by brute force, indexed)."""
+    return probe_with_steps(extension, keys, queries)[0]
+
+
+def probe_with_steps(extension, keys: np.ndarray, queries: np.ndarray):
+    """Return the rows of `probe` and the number of extra hash buckets visited."""
     keys = np.ascontiguousarray(keys, dtype=np.float64)
     queries = np.ascontiguousarray(queries, dtype=np.float64)
     results = np.zeros((len(keys), 3), dtype=np.int64)
-    extension.probe_exact(keys.ctypes.data, queries.ctypes.data, len(keys), keys.shape[1],
-                          results.ctypes.data)  # fmt: skip
-    return results
+    steps = extension.probe_exact(keys.ctypes.data, queries.ctypes.data, len(keys),
+                                  keys.shape[1], results.ctypes.data)  # fmt: skip
+    return results, int(steps)
 
 
 def expected_winners(keys: np.ndarray, queries: np.ndarray) -> np.ndarray:
@@ -148,3 +153,18 @@ def test_negative_zero_key_evicts_zero_key(extension):
     queries = np.tile([1.0, 1.0, 1.0], (3, 1))
     results = probe(extension, keys, queries)
     assert np.array_equal(results[:, 0], expected_winners(keys, queries))
+
+
+def test_sign_keys_spread_over_buckets(extension):
+    """Keys of +-1 differ only in the sign bits of their Float64 patterns; the hash must
+    still spread them, or every lookup scans the whole table."""
+    n, count = 20, 2000
+    rng = np.random.default_rng(7)
+    signs = rng.choice([-1.0, 1.0], size=(count, n))
+    keys = np.hstack([signs, np.full((count, 1), float(n))])
+    keys[0] = sentinel(n)
+    queries = np.hstack([signs, np.ones((count, 1))])
+    results, steps = probe_with_steps(extension, keys, queries)
+    lookups = 2 * count  # one when appending, one for the query
+    assert results[1:, 2].all()
+    assert steps / lookups < 2.0
