@@ -27,9 +27,6 @@ from tlc.runtime.machine import Program, RunResult, Status
 logger = logging.getLogger("tlc.runtime")
 
 DTYPE = torch.float64
-# torch warns that sparse CSR support is in beta; the runtime uses only torch.mv with it.
-warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-warnings.filterwarnings("ignore", message="Sparse invariant checks")
 INITIAL_CACHE_SLOTS = 64
 PROGRESS_EVERY = 1024  # steps between calls of the progress callback
 
@@ -51,12 +48,23 @@ def sparse_matrix(tensors: dict, shapes: dict, names: list[str], axis: int = 0):
         ))  # fmt: skip
     matrix = sp.vstack(parts, format="csr") if axis == 0 else sp.hstack(parts, format="csr")
     matrix.sum_duplicates()
-    return torch.sparse_csr_tensor(
-        torch.from_numpy(matrix.indptr.astype(np.int64)),
-        torch.from_numpy(matrix.indices.astype(np.int64)),
-        torch.from_numpy(matrix.data.astype(np.float64)),
-        size=matrix.shape,
-    )
+    with warnings.catch_warnings():
+        # torch warns that sparse CSR support is in beta; only torch.mv uses it here.
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.sparse_csr_tensor(
+            torch.from_numpy(matrix.indptr.astype(np.int64)),
+            torch.from_numpy(matrix.indices.astype(np.int64)),
+            torch.from_numpy(matrix.data.astype(np.float64)),
+            size=matrix.shape,
+            check_invariants=False,  # scipy built them; checking costs time on every load
+        )
+
+
+def _to_csr(dense: torch.Tensor) -> torch.Tensor:
+    with warnings.catch_warnings():
+        # torch warns that sparse CSR support is in beta; only torch.mv uses it here.
+        warnings.simplefilter("ignore", UserWarning)
+        return dense.to_sparse_csr()
 
 
 def _vector(tensors: dict, name: str) -> torch.Tensor:
@@ -207,9 +215,9 @@ class TorchModel(torch.nn.Module):
         offsets = np.concatenate([[0], np.cumsum(vocabs)[:-1]]).astype(np.int64)
         self.register_buffer("offsets", torch.from_numpy(offsets))
         # x = E^T onehot(token): one sparse product in place of a gather of F rows.
-        self.embedding_t = self._stack(tensors, shapes, "embed", vocabs).T.to_sparse_csr()
+        self.embedding_t = _to_csr(self._stack(tensors, shapes, "embed", vocabs).T)
         self.total_vocab = int(sum(vocabs))
-        self.unembedding = self._stack(tensors, shapes, "unembed", vocabs).to_sparse_csr()
+        self.unembedding = _to_csr(self._stack(tensors, shapes, "unembed", vocabs))
         bias = np.concatenate([tensors[f"unembed.{f}.bias"] for f in range(len(vocabs))])
         self.register_buffer("unembedding_bias", torch.from_numpy(bias.astype(np.float64)))
         self.groups = self._vocab_groups(vocabs, offsets)
