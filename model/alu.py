@@ -21,7 +21,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from tlc.model import alu_logic as logic
-from tlc.model import alu_mul
+from tlc.model import alu_div, alu_mul
+from tlc.model.alu_div import division_traps  # noqa: F401 (re-exported)
 from tlc.model.alu_bits import (  # noqa: F401 (re-exported for the model builder)
     add_bits,
     add_signed_small,
@@ -94,7 +95,26 @@ def _build_mul(blocks, layout, inputs, out, prefix) -> None:
     alu_mul.build_mul(blocks, layout, inputs["a"], inputs["b"], out, prefix)
 
 
+def _division_circuit(mnemonic: str) -> Circuit:
+    is_signed = mnemonic.endswith("_S")
+    is_remainder = mnemonic.startswith("REM")
+    depth = alu_div.REMAINDER_DEPTH if is_remainder else alu_div.QUOTIENT_DEPTH
+
+    def build(blocks, layout, inputs, out, prefix) -> None:
+        _check_blocks(mnemonic, depth, blocks)
+        a, b = inputs["a"], inputs["b"]
+        if is_remainder:
+            alu_div.build_remainder(blocks, layout, a, b, out, prefix, is_signed)
+        elif is_signed:
+            alu_div.build_signed_quotient(blocks, layout, a, b, out, prefix)
+        else:
+            alu_div.build_unsigned_quotient(blocks, layout, a, b, out, prefix)
+
+    return Circuit(mnemonic.lower(), depth, build)
+
+
 CIRCUITS: dict[str, Circuit] = {
     **_one_layer_circuits(),
     "MUL": Circuit("mul", 2, _build_mul),
+    **{m: _division_circuit(m) for m in ("DIV_S", "DIV_U", "REM_S", "REM_U")},
 }
