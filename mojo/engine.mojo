@@ -17,7 +17,7 @@
 #              has_shared, [shared block], expert_count, [router, router bias,
 #              expert blocks]
 #   END_MARK
-# A matrix is the 6 Ints of a `Matrix`; a bias is one offset into `floats`; a block is
+# A matrix is the 9 Ints of a `Matrix`; a bias is one offset into `floats`; a block is
 # (w1, b1, w2, b2 as a D x 1 matrix). b2 is a matrix because it is added to the whole
 # residual, where most of its components are zero.
 
@@ -28,10 +28,13 @@ from kernels import (
     FloatPtr,
     IndexPtr,
     IntPtr,
+    MASK_BITS,
+    MaskPtr,
     Matrix,
-    accumulate,
+    accumulate_marking,
+    accumulate_masked,
     add_column,
-    affine,
+    affine_masked,
     first_argmax,
     float_ptr,
     int_ptr,
@@ -101,7 +104,20 @@ struct HeaderReader:
         var column_ids = self.next()
         var row_ids = self.next()
         var entries = self.next()
-        return Matrix(rows, stored, entry_pointers, column_ids, row_ids, entries)
+        var mask_words = self.next()
+        var column_mask = self.next()
+        var column_rank = self.next()
+        return Matrix(
+            rows,
+            stored,
+            entry_pointers,
+            column_ids,
+            row_ids,
+            entries,
+            mask_words,
+            column_mask,
+            column_rank,
+        )
 
     def block(mut self) raises -> BlockWeights:
         var w1 = self.matrix()
@@ -137,6 +153,10 @@ struct Engine(Movable):
     var embedded: List[Float64]
     var embedded_token: List[Int]
     var embedded_valid: Bool
+    # Bit masks, one bit per residual dimension: set where `embedded` is nonzero, and a
+    # superset of the nonzero components of x.
+    var embedded_mask: List[UInt64]
+    var x_mask: List[UInt64]
     var layers: List[LayerWeights]
     var heads: List[HeadWeights]
     var blocks: List[BlockWeights]
@@ -228,6 +248,9 @@ struct Engine(Movable):
         self.embedded = List[Float64](length=self.width, fill=0.0)
         self.embedded_token = List[Int](length=self.field_count, fill=0)
         self.embedded_valid = False
+        var mask_words = (self.width + MASK_BITS - 1) // MASK_BITS
+        self.embedded_mask = List[UInt64](length=max(mask_words, 1), fill=0)
+        self.x_mask = List[UInt64](length=max(mask_words, 1), fill=0)
         self.position = 0
         self.token_pair = List[Int](length=2 * self.field_count, fill=0)
         self.pending_offset = 0
@@ -246,18 +269,30 @@ struct Engine(Movable):
             float_ptr(self.floats),
         )
 
+    def _masks(mut self) -> Tuple[MaskPtr, MaskPtr]:
+        """Return pointers to (embedded_mask, x_mask)."""
+        return (
+            MaskPtr(unsafe_from_address=Int(self.embedded_mask.unsafe_ptr())),
+            MaskPtr(unsafe_from_address=Int(self.x_mask.unsafe_ptr())),
+        )
+
     def _embed[dtype: DType](mut self, token: IntPtr):
         """Set x to the embedding of `token`, the sum of one column per field."""
         var arrays = self._arrays[dtype]()
         var embedded = float_ptr(self.embedded)
         var embedded_token = int_ptr(self.embedded_token)
         var offsets = int_ptr(self.field_offsets)
+        var masks = self._masks()
+        var embedded_mask = masks[0]
         if not (self.incremental and self.embedded_valid):
             for i in range(self.width):
                 embedded[unsafe_offset=i] = 0.0
+            for i in range(len(self.embedded_mask)):
+                embedded_mask[unsafe_offset=i] = 0
             for f in range(self.field_count):
                 var value = token[unsafe_offset=f]
-                add_column(self.embed, offsets[unsafe_offset=f] + value, arrays, embedded, 1.0)
+                var column = offsets[unsafe_offset=f] + value
+                add_column(self.embed, column, arrays, embedded, 1.0, embedded_mask)
                 embedded_token[unsafe_offset=f] = value
             self.embedded_valid = True
         else:
@@ -267,12 +302,15 @@ struct Engine(Movable):
                 if value == old:
                     continue
                 var base = offsets[unsafe_offset=f]
-                add_column(self.embed, base + old, arrays, embedded, -1.0)
-                add_column(self.embed, base + value, arrays, embedded, 1.0)
+                add_column(self.embed, base + old, arrays, embedded, -1.0, embedded_mask)
+                add_column(self.embed, base + value, arrays, embedded, 1.0, embedded_mask)
                 embedded_token[unsafe_offset=f] = value
         var x = float_ptr(self.x)
         for i in range(self.width):
             x[unsafe_offset=i] = embedded[unsafe_offset=i]
+        var x_mask = masks[1]
+        for i in range(len(self.x_mask)):
+            x_mask[unsafe_offset=i] = embedded_mask[unsafe_offset=i]
 
     def _attention[dtype: DType](mut self, layer: LayerWeights, need_output: Bool):
         """Append this position's keys and values; when the layer's output is needed,
@@ -282,19 +320,20 @@ struct Engine(Movable):
         var key = float_ptr(self.key)
         var value = float_ptr(self.value)
         var query = float_ptr(self.query)
+        var x_mask = self._masks()[1]
         for h in range(layer.first_head, layer.first_head + layer.head_count):
             var head = self.heads[h]
-            affine(head.wk, head.bk, arrays, x, key)
-            affine(head.wv, head.bv, arrays, x, value)
+            affine_masked(head.wk, head.bk, arrays, x, x_mask, key)
+            affine_masked(head.wv, head.bv, arrays, x, x_mask, value)
             _ = self.caches[h].append(key, value, self.position)
             if need_output:
-                affine(head.wq, head.bq, arrays, x, query)
+                affine_masked(head.wq, head.bq, arrays, x, x_mask, query)
                 self.winners[h] = self.caches[h].attend(query)
         if not need_output:
             return
         for h in range(layer.first_head, layer.first_head + layer.head_count):
             var winner = self.caches[h].value_ptr(self.winners[h])
-            accumulate(self.heads[h].wo, arrays, winner, x)
+            accumulate_marking(self.heads[h].wo, arrays, winner, x, x_mask)
 
     def _feed_forward[dtype: DType](mut self, layer: LayerWeights):
         """Add the shared block and the routed expert, both computed from the same y."""
@@ -303,26 +342,27 @@ struct Engine(Movable):
         var shared_hidden = float_ptr(self.shared_hidden)
         var expert_hidden = float_ptr(self.expert_hidden)
         var one = float_ptr(self.one)
+        var x_mask = self._masks()[1]
         if layer.shared >= 0:
             var block = self.blocks[layer.shared]
-            affine(block.w1, block.b1, arrays, x, shared_hidden)
+            affine_masked(block.w1, block.b1, arrays, x, x_mask, shared_hidden)
             relu(shared_hidden, block.w1.rows)
         var expert = -1
         if layer.expert_count > 0:
             var logits = float_ptr(self.logits)
-            affine(layer.router, layer.router_bias, arrays, x, logits)
+            affine_masked(layer.router, layer.router_bias, arrays, x, x_mask, logits)
             expert = layer.first_expert + first_argmax(logits, layer.expert_count)
             var block = self.blocks[expert]
-            affine(block.w1, block.b1, arrays, x, expert_hidden)
+            affine_masked(block.w1, block.b1, arrays, x, x_mask, expert_hidden)
             relu(expert_hidden, block.w1.rows)
         if layer.shared >= 0:
             var block = self.blocks[layer.shared]
-            accumulate(block.w2, arrays, shared_hidden, x)
-            accumulate(block.b2, arrays, one, x)
+            accumulate_marking(block.w2, arrays, shared_hidden, x, x_mask)
+            accumulate_marking(block.b2, arrays, one, x, x_mask)
         if expert >= 0:
             var block = self.blocks[expert]
-            accumulate(block.w2, arrays, expert_hidden, x)
-            accumulate(block.b2, arrays, one, x)
+            accumulate_marking(block.w2, arrays, expert_hidden, x, x_mask)
+            accumulate_marking(block.b2, arrays, one, x, x_mask)
 
     def _unembed[dtype: DType](mut self):
         """Set `pending` to the argmax token: all logits in one product, then the
@@ -330,7 +370,7 @@ struct Engine(Movable):
         var arrays = self._arrays[dtype]()
         var x = float_ptr(self.x)
         var logits = float_ptr(self.logits)
-        affine(self.unembed, self.unembed_bias, arrays, x, logits)
+        affine_masked(self.unembed, self.unembed_bias, arrays, x, self._masks()[1], logits)
         var offsets = int_ptr(self.field_offsets)
         var vocab = int_ptr(self.vocab)
         var pending = self._pending()
@@ -456,7 +496,7 @@ def _read_layer(
         shared = len(blocks)
         blocks.append(reader.block())
     var expert_count = reader.next()
-    var router = Matrix(0, 0, 0, 0, 0, 0)
+    var router = Matrix(0, 0, 0, 0, 0, 0, 0, 0, 0)
     var router_bias = 0
     var first_expert = len(blocks)
     if expert_count > 0:

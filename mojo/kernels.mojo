@@ -3,15 +3,21 @@
 # Every matrix W of the model is stored by columns, and only its nonempty columns are
 # stored: W @ v visits the columns j that W reads and skips those where v[j] is 0. The
 # residual of a tlc model is mostly zeros (bits, one-hot codes and scratch dimensions
-# that only some experts write), so most columns are skipped. The arrays live in the
-# engine (see `Arrays`) and a `Matrix` holds the offsets of one matrix inside them.
+# that only some experts write), so most columns are skipped. For products with the
+# residual, a bit mask of the residual's nonzero components is ANDed with a bit mask of
+# the matrix's stored columns, so the skipped columns cost nothing at all. The arrays
+# live in the engine (see `Arrays`) and a `Matrix` holds the offsets of one matrix.
 # Entry values are stored as Float32 when every value of the model converts to Float32
 # exactly, which halves the bytes read per entry; all arithmetic is in Float64.
+
+from std.bit import count_trailing_zeros, pop_count
 
 comptime FloatPtr = Pointer[Float64, MutUntrackedOrigin]
 comptime IntPtr = Pointer[Int, MutUntrackedOrigin]
 comptime IndexPtr = Pointer[Int32, MutUntrackedOrigin]
 comptime BytePtr = Pointer[UInt8, MutUntrackedOrigin]
+comptime MaskPtr = Pointer[UInt64, MutUntrackedOrigin]
+comptime MASK_BITS = 64
 
 
 def float_ptr(ref values: List[Float64]) -> FloatPtr:
@@ -31,7 +37,7 @@ def int_ptr(ref values: List[Int]) -> IntPtr:
 struct Arrays[dtype: DType](ImplicitlyCopyable, Movable):
     """Pointers to the weight arrays, with entry values of type `dtype`."""
 
-    var pointers: IntPtr  # per matrix: stored + 1 entry pointers
+    var pointers: IntPtr  # per matrix: stored + 1 entry pointers, column masks and ranks
     var indices: IndexPtr  # per matrix: stored column ids, then the row of every entry
     var values: Pointer[Scalar[Self.dtype], MutUntrackedOrigin]
     var floats: FloatPtr  # bias vectors
@@ -42,7 +48,9 @@ struct Matrix(ImplicitlyCopyable, Movable):
     """One sparse matrix by stored columns. Stored column k is column
     indices[column_ids + k] of the matrix and holds the entries e = p[k] .. p[k + 1] - 1,
     where p is pointers[entry_pointers :]; entry e sits in row indices[row_ids + e] and
-    has the value values[entries + e]."""
+    has the value values[entries + e]. Bit c of the mask words pointers[column_mask :]
+    is set when column c is stored, and pointers[column_rank + w] counts the stored
+    columns below 64 w."""
 
     var rows: Int
     var stored: Int  # number of stored columns
@@ -50,13 +58,58 @@ struct Matrix(ImplicitlyCopyable, Movable):
     var column_ids: Int
     var row_ids: Int
     var entries: Int
+    var mask_words: Int
+    var column_mask: Int
+    var column_rank: Int
 
 
 @always_inline
-def accumulate[
+def accumulate_masked[
     dtype: DType
-](matrix: Matrix, arrays: Arrays[dtype], input: FloatPtr, output: FloatPtr):
-    """Add matrix @ input to output, skipping the columns where input is 0.
+](
+    matrix: Matrix,
+    arrays: Arrays[dtype],
+    input: FloatPtr,
+    input_mask: MaskPtr,
+    output: FloatPtr,
+):
+    """Add matrix @ input to output, visiting only the stored columns whose bit is set
+    in `input_mask`, a superset of input's nonzero components."""
+    var pointers = arrays.pointers.unsafe_offset(matrix.entry_pointers)
+    var row_ids = arrays.indices.unsafe_offset(matrix.row_ids)
+    var values = arrays.values.unsafe_offset(matrix.entries)
+    var column_mask = arrays.pointers.unsafe_offset(matrix.column_mask)
+    var column_rank = arrays.pointers.unsafe_offset(matrix.column_rank)
+    for word in range(matrix.mask_words):
+        var stored_bits = UInt64(column_mask[unsafe_offset=word])
+        var bits = stored_bits & input_mask[unsafe_offset=word]
+        while bits != 0:
+            var bit = count_trailing_zeros(bits)
+            bits &= bits - 1
+            var coefficient = input[unsafe_offset=word * MASK_BITS + Int(bit)]
+            if coefficient == 0.0:
+                continue
+            var below = stored_bits & ((UInt64(1) << bit) - 1)
+            var k = column_rank[unsafe_offset=word] + Int(pop_count(below))
+            for entry in range(pointers[unsafe_offset=k], pointers[unsafe_offset=k + 1]):
+                var row = Int(row_ids[unsafe_offset=entry])
+                var weight = values[unsafe_offset=entry].cast[DType.float64]()
+                output[unsafe_offset=row] += weight * coefficient
+
+
+@always_inline
+def accumulate_marking[
+    dtype: DType
+](
+    matrix: Matrix,
+    arrays: Arrays[dtype],
+    input: FloatPtr,
+    output: FloatPtr,
+    output_mask: MaskPtr,
+):
+    """Add matrix @ input to output, skipping the columns where input is 0, and set the
+    bit of every output component written, so that output_mask stays a superset of
+    output's nonzero components.
 
     The additions run column by column rather than row by row. That order changes
     nothing for the certified models of docs/model.md, where every partial sum is an
@@ -74,30 +127,55 @@ def accumulate[
             var row = Int(row_ids[unsafe_offset=entry])
             var weight = values[unsafe_offset=entry].cast[DType.float64]()
             output[unsafe_offset=row] += weight * coefficient
+            output_mask[unsafe_offset=row // MASK_BITS] |= UInt64(1) << UInt64(row % MASK_BITS)
 
 
 @always_inline
-def affine[
+def affine_masked[
     dtype: DType
-](matrix: Matrix, bias: Int, arrays: Arrays[dtype], input: FloatPtr, output: FloatPtr):
-    """Set output = matrix @ input + floats[bias : bias + rows]."""
+](
+    matrix: Matrix,
+    bias: Int,
+    arrays: Arrays[dtype],
+    input: FloatPtr,
+    input_mask: MaskPtr,
+    output: FloatPtr,
+):
+    """Set output = matrix @ input + floats[bias : bias + rows], visiting only the
+    columns set in input_mask."""
     for row in range(matrix.rows):
         output[unsafe_offset=row] = arrays.floats[unsafe_offset=bias + row]
-    accumulate(matrix, arrays, input, output)
+    accumulate_masked(matrix, arrays, input, input_mask, output)
 
 
 @always_inline
 def add_column[
     dtype: DType
-](matrix: Matrix, column: Int, arrays: Arrays[dtype], output: FloatPtr, scale: Float64):
-    """Add scale times stored column `column` to output: an embedding lookup, for a
-    matrix that stores all of its columns."""
+](
+    matrix: Matrix,
+    column: Int,
+    arrays: Arrays[dtype],
+    output: FloatPtr,
+    scale: Float64,
+    output_mask: MaskPtr,
+):
+    """Add scale times stored column `column` to output (an embedding lookup, for a
+    matrix that stores all of its columns) and set or clear the mask bit of every
+    written component by whether it is nonzero now."""
     var pointers = arrays.pointers.unsafe_offset(matrix.entry_pointers)
     var row_ids = arrays.indices.unsafe_offset(matrix.row_ids)
     var values = arrays.values.unsafe_offset(matrix.entries)
     for entry in range(pointers[unsafe_offset=column], pointers[unsafe_offset=column + 1]):
         var row = Int(row_ids[unsafe_offset=entry])
-        output[unsafe_offset=row] += values[unsafe_offset=entry].cast[DType.float64]() * scale
+        var updated = output[unsafe_offset=row] + values[unsafe_offset=entry].cast[
+            DType.float64
+        ]() * scale
+        output[unsafe_offset=row] = updated
+        var bit = UInt64(1) << UInt64(row % MASK_BITS)
+        var word = output_mask[unsafe_offset=row // MASK_BITS]
+        output_mask[unsafe_offset=row // MASK_BITS] = (word | bit) if updated != 0.0 else (
+            word & ~bit
+        )
 
 
 @always_inline

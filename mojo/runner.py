@@ -20,7 +20,13 @@ from typing import NamedTuple
 import numpy as np
 
 from tlc.mojo import build
-from tlc.mojo.weights import ModelWeights, SparseMatrix, WeightFileError, load_weights
+from tlc.mojo.weights import (
+    ModelWeights,
+    SparseMatrix,
+    WeightFileError,
+    load_weights,
+    weights_from_tensors,
+)
 from tlc.runtime.machine import RunResult, Status
 
 logger = logging.getLogger("tlc.mojo")
@@ -78,12 +84,18 @@ class _Packer:
         if not every_column:
             column_ids = np.flatnonzero(np.diff(pointers))
             pointers = np.append(pointers[column_ids], pointers[-1])
-        self.header += [rows, len(column_ids), self.int_length, self._indices(column_ids),
+        self.header += [rows, len(column_ids), self._ints(pointers), self._indices(column_ids),
                         self._indices(row_ids), self.value_length]  # fmt: skip
-        self.int_parts.append(pointers.astype(np.int64))
-        self.int_length += len(pointers)
         self.value_parts.append(values.astype(np.float64))
         self.value_length += len(values)
+        mask, rank = _column_mask(column_ids, cols)
+        self.header += [len(mask), self._ints(mask.view(np.int64)), self._ints(rank)]
+
+    def _ints(self, values: np.ndarray) -> int:
+        offset = self.int_length
+        self.int_parts.append(np.asarray(values, dtype=np.int64))
+        self.int_length += len(values)
+        return offset
 
     def vector(self, values: np.ndarray, length: int, name: str) -> None:
         if len(values) != length:
@@ -136,6 +148,22 @@ class PackedModel:
         parts = (self.ints, self.indices, self.value_words, self.floats)
         fields = [number for part in parts for number in (part.ctypes.data, len(part))]
         return np.array([*fields, int(self.narrow)], dtype=np.int64)
+
+
+MASK_BITS = 64  # bits per mask word, as in kernels.mojo
+
+
+def _column_mask(column_ids: np.ndarray, cols: int) -> tuple[np.ndarray, np.ndarray]:
+    """Return (mask, rank) of a `Matrix`: bit c of the uint64 words of mask is set for
+    every stored column c, and rank[w] counts the stored columns below 64 w."""
+    words = max((cols + MASK_BITS - 1) // MASK_BITS, 1)
+    mask = np.zeros(words, dtype=np.uint64)
+    ids = np.asarray(column_ids, dtype=np.int64)
+    np.bitwise_or.at(mask, ids // MASK_BITS, np.left_shift(np.uint64(1),
+                                                           (ids % MASK_BITS).astype(np.uint64)))
+    counts = np.bincount(ids // MASK_BITS, minlength=words)[:words]
+    rank = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+    return mask, rank
 
 
 def _column(vector: np.ndarray) -> SparseMatrix:
@@ -377,7 +405,8 @@ def decode(
 
 # ---- loading with a cache --------------------------------------------------------------
 
-_loaded: dict[tuple, tuple[ModelWeights, PackedModel]] = {}
+# Loaded models by (path, size, modification time), plus the universal model.
+_loaded: dict[tuple | str, tuple[ModelWeights, PackedModel]] = {}
 
 
 def load_packed(path: str | Path) -> tuple[ModelWeights, PackedModel]:
@@ -388,7 +417,8 @@ def load_packed(path: str | Path) -> tuple[ModelWeights, PackedModel]:
     key = (str(path), info.st_size, info.st_mtime_ns)
     if key not in _loaded:
         weights = load_weights(path)
-        _loaded.clear()
+        for stale in [k for k in _loaded if k != _UNIVERSAL]:
+            del _loaded[stale]
         _loaded[key] = (weights, pack_model(weights))
     return _loaded[key]
 
@@ -434,12 +464,21 @@ def _model_helpers():
     return tokens
 
 
-def _default_weights() -> Path:
-    """Return the weight file of the interpreter model, built by tlc.model."""
-    # NOTE: assumed name; tlc.model has not published how to find its default weights.
-    from tlc.model.weights import default_weights_path
+_UNIVERSAL = "<universal model>"
 
-    return Path(default_weights_path())
+
+def load_universal() -> tuple[ModelWeights, PackedModel]:
+    """Return the universal interpreter model, built in memory by tlc.model, and its
+    packed form. Built once per process."""
+    if _UNIVERSAL not in _loaded:
+        from tlc.model.weights import model_tensors, universal_model
+
+        model = universal_model()
+        tensors, shapes = model_tensors(model)
+        metadata = dict(model.metadata, shapes=shapes)
+        weights = weights_from_tensors(tensors, metadata, _UNIVERSAL)
+        _loaded[_UNIVERSAL] = (weights, pack_model(weights))
+    return _loaded[_UNIVERSAL]
 
 
 def unavailable_reason() -> str | None:
@@ -449,7 +488,7 @@ def unavailable_reason() -> str | None:
         return reason
     try:
         _model_helpers()
-        from tlc.model.weights import default_weights_path  # noqa: F401
+        from tlc.model.weights import model_tensors, universal_model  # noqa: F401
     except ImportError as error:
         return f"the interpreter model is not available yet: {error}"
     return None
@@ -480,7 +519,13 @@ def run_program(
     as the program writes it and `progress` the token count between chunks.
     """
     tokens = _model_helpers()
-    model, packed = load_packed(_default_weights() if weights is None else weights)
+    from tlc.model.weights import uncovered_opcodes
+
+    model, packed = load_universal() if weights is None else load_packed(weights)
+    missing = uncovered_opcodes(model.metadata, program)
+    if missing:
+        raise ValueError(f"the model does not compute {', '.join(missing)} yet; "
+                         "run this program with --backend ref")  # fmt: skip
     prompt = tokens.encode_prompt(model.metadata, program, stdin)
     with MojoEngine(model, packed) as engine:
         engine.feed(prompt)
