@@ -1,8 +1,8 @@
 """The abstract syntax tree of .tl programs: plain dataclasses with a source span each.
 
-The parser (`parse.py`) builds these nodes; the checker (`check.py`) fills in the fields
-marked "set by the checker" (the C type of every expression, its folded constant value,
-the symbol behind every name) and wraps operands in `ImplicitCast` nodes where C
+The parser (`parse.py`) builds these nodes. The checker (`check.py`) fills in the fields
+marked "set by the checker": the C type of every expression, its folded constant value
+and the symbol behind every name. It also wraps operands in `ImplicitCast` nodes where C
 converts them implicitly.
 """
 

@@ -37,7 +37,7 @@ class CheckedUnit:
 
 @dataclass
 class _Context:
-    """Where the checker is inside a function body."""
+    """The checker's position inside a function body."""
 
     function: Function
     breakable: list[ast.Stmt] = field(default_factory=list)  # enclosing loops and switches

@@ -35,7 +35,7 @@ HEADER_OF = {
 
 
 def is_null_constant(expr: ast.Expr) -> bool:
-    """Whether `expr` is a null pointer constant: integer 0, or 0 cast to void *."""
+    """Return whether `expr` is a null pointer constant: integer 0, or 0 cast to void *."""
     if expr.value != 0:
         return False
     ctype = expr.ctype
@@ -641,8 +641,8 @@ class ExpressionChecker:
                 self.error(arg, f"%{conversion.conversion} expects an integer, but argument "
                            f"{position} has type '{ts.type_text(ctype)}'")
                 return arg
-            wanted = ts.UINT if conversion.conversion in "uxX" else ts.INT
-            return self.convert(arg, wanted)
+            argument_type = ts.UINT if conversion.conversion in "uxX" else ts.INT
+            return self.convert(arg, argument_type)
         if not (ts.is_pointer(ctype) and ts.strip_qualifiers(ctype.target) == ts.CHAR):
             self.error(arg, f"%s expects 'char *', but argument {position} has type "
                        f"'{ts.type_text(ctype)}'")

@@ -1,8 +1,8 @@
 """Code generation: linked IR to 55-opcode stack code.
 
 Expressions become postfix code, since the machine is a stack machine. The machine has
-no unconditional jump, so `jump L` is `PUSH 0; JZ L`; the block order puts most jump
-targets right after their jump, where no code is needed.
+no unconditional jump, so `jump L` is `PUSH 0; JZ L`. The block order puts most jump
+targets right after their jump, where the jump needs no code.
 
 Calls follow docs/isa.md: arguments pushed left to right, the callee moves them into
 slots 0 .. n-1 with `LOCAL.SET n-1 ... LOCAL.SET 0`, and the result is left on the
@@ -46,7 +46,7 @@ class _Pending:
 
 
 def pushes_value(expr: ir.Expr) -> bool:
-    """Whether evaluating `expr` leaves a word on the stack (void calls do not)."""
+    """Return whether evaluating `expr` leaves a word on the stack (void calls do not)."""
     if isinstance(expr, ir.Call):
         return expr.returns_value
     if isinstance(expr, ir.Sequence):

@@ -1,6 +1,6 @@
 """Collecting located errors across the stages of one compilation.
 
-A `Reporter` knows the text of every source file of the compilation (the program and the
+A `Reporter` stores the text of every source file of the compilation (the program and the
 stdlib headers and sources it pulls in), so that each diagnostic shows its source line
 and a caret. Stages call `error` for problems they can continue past, `fatal` for those
 they cannot, and `check` at the end of a stage.

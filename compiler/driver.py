@@ -4,8 +4,8 @@
     -> lay out memory -> generate stack code
 
 The stdlib units (stdlib/*.tl) go through the same stages once per process. The whole
-compilation runs in a thread with a large stack, so that deeply nested source compiles;
-nesting beyond even that limit is a compile error, never a RecursionError.
+compilation runs in a thread with a large stack, so that deeply nested source compiles.
+Nesting beyond even that limit is a compile error, never a RecursionError.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """The intermediate representation between the checked AST and stack code.
 
-A function is a list of basic blocks. A block holds statements and ends in one
+A function is a list of basic blocks. A block contains statements and ends in one
 terminator (jump, branch, return or halt). Statements and terminators contain expression
-trees in which every operator is already a machine opcode, so all C typing decisions
+trees in which every operator is already a machine opcode. So all C typing decisions
 (signedness, scaling of pointer arithmetic, truncation to narrow types) are made when
 the IR is built, and code generation only chooses the instruction order. Every value
 is one 32-bit word. docs/ir.md describes the printed form.
@@ -191,7 +191,7 @@ class Return:
 
 @dataclass(frozen=True, eq=False, slots=True)
 class Halt:
-    """Stop the machine with `value` on top of the stack (exit and main's return)."""
+    """Stop the machine with `value` on top of the stack, as `exit` does."""
 
     value: Expr
     line: int | None = None
@@ -215,7 +215,7 @@ class Function:
     """A function: `params` arguments arrive in slots 0 .. params-1.
 
     When `frame_size` is non-zero the function owns `frame_size` bytes of the memory
-    stack while it runs, and slot `frame_slot` holds the frame's lowest address.
+    stack while it runs, and slot `frame_slot` contains the frame's lowest address.
     """
 
     name: str

@@ -7,7 +7,7 @@ the data segment at the top of memory and the memory stack below it:
     0 ............................ stack_top | SP word | globals, strings ... | size
     memory stack, grows down  <-  stack_top
 
-The SP word holds the memory stack pointer, initially `stack_top`. A stack that grows
+The SP word contains the memory stack pointer, initially `stack_top`. A stack that grows
 past address 0 wraps to an address near 2^32, which traps on its first access; a stack
 that has room never reaches the data above it.
 """
@@ -20,8 +20,8 @@ from tlc.compiler import ir
 from tlc.compiler.isa import DEFAULT_MEMORY_SIZE, MAX_MEMORY_SIZE
 
 STACK_POINTER_SYMBOL = "__tl_stack_pointer"
-# The memory stack gets at least this many bytes; a program whose data leaves less room in
-# the default memory gets a larger memory (up to MAX_MEMORY_SIZE).
+# The memory stack gets at least this many bytes. A program whose data leaves less room in
+# the default memory gets a larger memory, up to MAX_MEMORY_SIZE.
 MIN_STACK_BYTES = 16 * 1024
 DATA_ALIGNMENT = 16
 

@@ -1,7 +1,7 @@
 """Integer, character and string literals: C's spelling rules and the values they denote.
 
 tlc has no `long`, so an integer constant must fit `int` or `unsigned int`. C gives an
-unsuffixed decimal constant the first of int, long, long long that holds it, and an
+unsuffixed decimal constant the first of int, long, long long that fits its value, and an
 unsuffixed hexadecimal or octal constant the first of int, unsigned int, long, ...; a
 constant that would need `long` is rejected rather than silently narrowed.
 """

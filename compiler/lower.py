@@ -28,7 +28,7 @@ from tlc.compiler import ir
 from tlc.compiler import typesys as ts
 from tlc.compiler.check import CheckedUnit
 from tlc.compiler.diagnostics import Reporter
-from tlc.compiler.initializers import Address, BytesItem, InitPlan, ScalarItem, static_value
+from tlc.compiler.initializers import Address, BytesItem, InitPlan, static_value
 from tlc.compiler.isa import LOCALS_PER_FRAME, Opcode
 from tlc.compiler.lower_expr import (
     INLINED_LIBRARY,
@@ -44,8 +44,8 @@ logger = logging.getLogger("tlc.compiler")
 # the memory frame instead.
 TEMPORARY_RESERVE = 16
 FRAME_ALIGNMENT = 4
-# A local array initializer up to this many words is written by one store per word; a
-# larger one is copied from a data image by a loop.
+# A local array initializer of up to this many words is written by one store per word.
+# A larger one is copied from an image in the data segment by a loop.
 UNROLLED_INIT_WORDS = 16
 WORD = 4
 

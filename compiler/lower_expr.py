@@ -1,9 +1,9 @@
 """Lowering of checked expressions to IR expression trees and straight-line statements.
 
-Here C's typing turns into machine operations: the signedness of the operation type
-picks DIV_S or DIV_U (and LT_S or LT_U, SHR_S or SHR_U), pointer arithmetic is scaled
-by the element size, and a conversion to a narrow type truncates the word to its
-canonical form:
+Here C's typing turns into machine operations. The signedness of the operation type
+picks DIV_S or DIV_U (and LT_S or LT_U, SHR_S or SHR_U). Pointer arithmetic is scaled
+by the element size. A conversion to a narrow type truncates the word to its canonical
+form:
 
     to _Bool:            x != 0
     to unsigned char:    x & 0xFF          to unsigned short:  x & 0xFFFF
@@ -27,7 +27,7 @@ from tlc.compiler import ir
 from tlc.compiler import typesys as ts
 from tlc.compiler.isa import WORD_MASK, Opcode
 from tlc.compiler.printf_format import Conversion, Text
-from tlc.compiler.symbols import Builtin, Function, Storage, Variable
+from tlc.compiler.symbols import Builtin, Function, Variable
 
 _PLAIN_OPCODES = {
     "+": Opcode.ADD, "-": Opcode.SUB, "*": Opcode.MUL, "&": Opcode.AND, "|": Opcode.OR,
@@ -99,7 +99,7 @@ def convert(value: ir.Expr, source: ts.Type, target: ts.Type) -> ir.Expr:
 
 
 def _fits(source: ts.Type, target: ts.IntType) -> bool:
-    """Whether every value of `source` is a value of `target`."""
+    """Return whether every value of `source` is a value of `target`."""
     if not isinstance(source, ts.IntType):
         return False
     if source.name == "_Bool":
@@ -457,7 +457,11 @@ class ExpressionLowering:
         return [ir.Eval(call, self.line)]
 
     def _conversion_call(self, piece: Conversion, value: ir.Expr) -> ir.Expr | ir.Stmt:
-        flags = (FLAG_LEFT if piece.left else 0) | (FLAG_ZERO if piece.zero else 0)
+        flags = 0
+        if piece.left:
+            flags |= FLAG_LEFT
+        if piece.zero:
+            flags |= FLAG_ZERO
         width = ir.Const(piece.width)
         conversion = piece.conversion
         if conversion == "c":

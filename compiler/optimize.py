@@ -1,9 +1,8 @@
 """Simple IR optimizations: expression rewrites and control-flow cleanup.
 
-Every rewrite keeps the machine's semantics exactly, traps included: an expression with
-side effects or one that may trap is never dropped, and operations that can trap
-(division, memory access) are never evaluated at compile time when their operands
-would trap. The rewrites:
+Every rewrite keeps the machine's semantics exactly, traps included. No rewrite drops an
+expression that has side effects or may trap, and constant folding leaves alone an
+operation (division) whose constant operands would trap. The rewrites:
 
 - fold operators on constants; drop `x + 0`, `x * 1`, `x | 0`, `x << 0` ...;
 - multiply by 2^k becomes `shl k`; unsigned divide and remainder by 2^k become

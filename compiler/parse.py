@@ -1,9 +1,9 @@
 """The parser: tokens from the Lark lexer, macro expansion, then an LALR parse into the AST.
 
 `parse_file` runs the three steps on preprocessed text. The Lark parser is built once per
-process from grammar.lark; its callbacks (`AstBuilder`) build AST nodes while the LALR
-parser reduces, so no parse tree is kept and no recursion happens, however deeply the
-source nests.
+process from grammar.lark. Its callbacks (`AstBuilder`) build AST nodes while the LALR
+parser reduces, so no parse tree is kept and parsing does not recurse, however deeply
+the source nests.
 """
 
 from __future__ import annotations
@@ -185,8 +185,8 @@ def _error_span(file: str, token: Token, tokens: list[Token]) -> Span:
     return Span(file, last.end_line or last.line, (last.end_column or last.column))
 
 
-# Terminals that end or separate constructs; when one is expected, an error lists only
-# these and leaves out the operators that could also continue an expression.
+# Terminals that end or separate constructs. When one of them is expected, a syntax error
+# lists only these and leaves out the operators that could also continue an expression.
 _STRUCTURAL = (";", ")", "]", "}", ",", ":")
 _TOKEN_NAMES = {
     "IDENT": "identifier",
@@ -205,9 +205,9 @@ def syntax_error_message(parser: Lark, token: Token, names: set[str]) -> str:
         return unsupported_keyword_message(token.value)
     expected = [_terminal_text(parser, name) for name in sorted(names) if name != "$END"]
     found = _found_text(token)
-    wanted = _describe_expected(expected)
+    description = _describe_expected(expected)
     where = "at end of input" if token.type == "$END" else f"before {found}"
-    return f"expected {wanted} {where}"
+    return f"expected {description} {where}"
 
 
 def _describe_expected(expected: list[str]) -> str:

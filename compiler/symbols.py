@@ -1,8 +1,8 @@
 """Symbols that names resolve to: variables and functions, with their storage.
 
-The checker creates symbols and records how the program uses them (whether a variable's
-address is taken, where a function is first called); lowering decides where each
-variable lives (a local slot, the call's memory frame or the data segment).
+The checker creates symbols and records how the program uses them: whether a variable's
+address is taken and where a function is first called. Lowering then decides where each
+variable lives: a local slot, the call's memory frame or the data segment.
 """
 
 from __future__ import annotations

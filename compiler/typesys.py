@@ -116,7 +116,7 @@ def is_void(ctype: Type) -> bool:
 
 
 def is_signed(ctype: Type) -> bool:
-    """Whether comparisons, division and right shifts of `ctype` are signed."""
+    """Return whether comparisons, division and right shifts of `ctype` are signed."""
     return isinstance(ctype, IntType) and ctype.signed
 
 
@@ -231,7 +231,7 @@ def with_const(ctype: Type) -> Type:
 
 
 def is_const_object(ctype: Type) -> bool:
-    """Whether an lvalue of this type may not be assigned to."""
+    """Return whether an lvalue of this type is read-only."""
     if isinstance(ctype, ArrayType):
         return is_const_object(ctype.element)
     return ctype.const

@@ -277,9 +277,10 @@ def programs(draw) -> str:
     lines = generator.lines
     lines.append("#include <stdio.h>")
     lines.append("")
-    globals_ = []
+
     arrays = [("int", "table")]
     lines.append("int table[8] = {" + ", ".join(generator.constant() for _ in range(8)) + "};")
+    globals_ = []
     for _ in range(generator.integer(1, 4)):
         ctype = generator.choice(INT_TYPES)
         name = generator.fresh("g")
@@ -294,12 +295,14 @@ def programs(draw) -> str:
         arrays.append((ctype, name))
     lines.append("int *cursor = &table[0];")
     pointers = ["cursor"]
+
     functions: list[Function] = []
     for _ in range(generator.integer(0, 3)):
         functions.append(_function(generator, globals_, arrays, pointers, list(functions)))
     if generator.draw(st.booleans()):
         functions.append(_recursive_function(generator, globals_, arrays, pointers,
                                              list(functions)))
+
     _main(generator, globals_, arrays, pointers, functions)
     return "\n".join(lines) + "\n"
 
