@@ -236,6 +236,10 @@ class FunctionLowering(ExpressionLowering):
     # --- the function ---
 
     def lower(self) -> ir.Function:
+        if self.params >= LOCALS_PER_FRAME:
+            raise self.unit.reporter.fatal(
+                self.function.span, f"function '{self.function.name}' has {self.params} "
+                f"parameters; at most {LOCALS_PER_FRAME - 1} fit in the machine's local slots")
         self.start("entry")
         for variable in self.definition.param_symbols:
             self._parameter(variable)
