@@ -47,6 +47,7 @@ from tlc.model.alu_mul import build_multiply_subtract
 from tlc.model.circuit import Block, Layout, Vec
 
 WORD_BITS = 32
+MASK = (1 << WORD_BITS) - 1
 DIGIT_BITS = 8
 STAGE_SHIFTS = (24, 16, 8, 0)  # one stage per layer, 8 quotient bits each
 CHUNK_BITS = 8  # divisor chunks for the remainder update; their maximum is the gate slope M
@@ -88,6 +89,47 @@ def negative_top_divisor(bits: Sequence[int], gate: Affine) -> Divisor:
     chunk = float(1 << width) - unsigned(bits[:width])
     guard = float(WORD_BITS - width) - bit_sum(bits[width:])
     return Divisor([(0, chunk)], guard, gate)
+
+
+@dataclass
+class IntegerDivisor:
+    """The divisor as scratch integers: its bytes, and guard flags [B >= 2^(32 - s)]."""
+
+    bytes: list[int]
+    guards: dict[int, int]  # stage shift -> dim of its guard flag
+
+    def at(self, shift: int) -> Divisor:
+        width = WORD_BITS - shift
+        chunks = [
+            (offset, Affine({self.bytes[offset // CHUNK_BITS]: 1.0}))
+            for offset in range(0, width, CHUNK_BITS)
+        ]
+        guard = Affine({self.guards[shift]: 1.0}) if shift else Affine()
+        return Divisor(chunks, guard, Affine())
+
+
+def build_integer_divisor(
+    block: Block, layout: Layout, bits: Sequence[int], shifts: Sequence[int], prefix: str
+) -> IntegerDivisor:
+    """Write the bytes of B (one neuron each) and, for each nonzero shift s, the guard
+    [B >= 2^(32 - s)] = 1 - AND(NOT b_(32-s) .. NOT b_31) (one neuron) into scratch.
+
+    Later stages read these few dims in place of 32 bits, which cuts their fan-in.
+    """
+    byte_values = float((1 << CHUNK_BITS) - 1)
+    dims = []
+    for offset in range(0, WORD_BITS, CHUNK_BITS):
+        dim = layout.add(f"{prefix}divisor_byte{offset // CHUNK_BITS}", 1, 0.0, byte_values)[0]
+        relu(block, unsigned(bits[offset : offset + CHUNK_BITS]), {dim: 1.0})
+        dims.append(dim)
+    guards = {}
+    for shift in shifts:
+        if shift:
+            dim = layout.add(f"{prefix}divisor_guard{shift}", 1)[0]
+            block.constant({dim: 1.0})
+            conjunction(block, [(d, False) for d in bits[WORD_BITS - shift :]], {dim: -1.0})
+            guards[shift] = dim
+    return IntegerDivisor(dims, guards)
 
 
 @dataclass
@@ -156,11 +198,21 @@ def _stages(target: Sequence[int], top_thresholds: int, last_update: bool) -> li
 
 
 def build_unsigned_quotient(blocks, layout, a, b, quotient: Sequence[int], prefix) -> None:
-    """Write floor(A / B) into `quotient` in 4 blocks (all ones when B = 0)."""
-    remainder = unsigned(a)
-    for block, stage in zip(blocks, _stages(quotient, (1 << DIGIT_BITS) - 1, False)):
-        divisor = unsigned_divisor(b, stage.shift)
-        remainder = remainder + build_stage(block, layout, [(remainder, divisor)], stage, prefix)
+    """Write floor(A / B) into `quotient` in 4 blocks (all ones when B = 0).
+
+    Block 1 runs the first stage on the bits of a and b and writes A, the bytes of B and
+    the guards of stages 2 and 3 as scratch integers for the later stages.
+    """
+    stages = _stages(quotient, (1 << DIGIT_BITS) - 1, False)
+    first = blocks[0]
+    dividend = layout.add(f"{prefix}dividend", 1, 0.0, float(MASK))[0]
+    relu(first, unsigned(a), {dividend: 1.0})
+    divisor = build_integer_divisor(first, layout, b, STAGE_SHIFTS[1:], prefix)
+    top = [(unsigned(a), unsigned_divisor(b, stages[0].shift))]
+    remainder = Affine({dividend: 1.0}) + build_stage(first, layout, top, stages[0], prefix)
+    for block, stage in zip(blocks[1:], stages[1:]):
+        case = (remainder, divisor.at(stage.shift))
+        remainder = remainder + build_stage(block, layout, [case], stage, prefix)
 
 
 def _literal(dim: int, positive: bool) -> Affine:
@@ -202,7 +254,7 @@ def digit_change(t: int, out: Sequence[int], negate: bool) -> dict[int, float]:
 
 
 def build_signed_last_stage(
-    block, layout, remainder, divisor_bits, high, sign, out, prefix
+    block, layout, remainder, divisor: Divisor, high, sign, out, prefix
 ) -> None:
     """The last stage of signed division, writing sign ? -Q : Q into `out`.
 
@@ -218,7 +270,6 @@ def build_signed_last_stage(
     [-d_1 - 1 - W' (number of false literals) >= 0]: 7 neurons per high bit.
     """
     stage = Stage(0, (1 << DIGIT_BITS) - 1, out[:DIGIT_BITS], False)
-    divisor = unsigned_divisor(divisor_bits, 0)
     build_stage(block, layout, [(remainder, divisor)], stage, prefix)
     wide = power_above(bounds(remainder, layout)[1])
     not_sign = _literal(sign, False)
@@ -240,18 +291,27 @@ def build_signed_last_stage(
             step(block, below - slope * false_literals, {out[k]: -weight})
 
 
+def build_magnitude(block: Block, bits: Sequence[int], dim: int) -> None:
+    """Write |A| as an integer: ReLU(A - 2^32 a_31) + ReLU(2^32 - A - 2^32 (1 - a_31))."""
+    value = unsigned(bits)
+    wide = float(1 << WORD_BITS)
+    relu(block, value - Affine({bits[-1]: wide}), {dim: 1.0})
+    relu(block, wide - value - wide * _literal(bits[-1], False), {dim: 1.0})
+
+
 def build_signed_quotient(blocks, layout, a, b, quotient: Sequence[int], prefix) -> None:
     """Write the truncated signed quotient a / b into `quotient` in 4 blocks.
 
-    Block 1 also writes |a|, |b| (ABS, so |INT_MIN| reads as 2^31 unsigned) and the
-    quotient's sign a_31 XOR b_31 into scratch bits for the later stages.
+    Block 1 runs the first stage in four sign cases and writes |a| (an integer), the bits
+    of |b| (ABS, so |INT_MIN| reads as 2^31) and the quotient's sign a_31 XOR b_31. Block 2
+    reads the bits of |b| and writes its bytes and the guard of stage 3 for blocks 3 and 4.
     """
-    magnitude_a = layout.add(f"{prefix}abs_a", WORD_BITS)
+    magnitude_a = layout.add(f"{prefix}abs_a", 1, 0.0, float(1 << (WORD_BITS - 1)))[0]
     magnitude_b = layout.add(f"{prefix}abs_b", WORD_BITS)
     sign = layout.add(f"{prefix}sign", 1)[0]
     high = layout.add(f"{prefix}abs_q_high", WORD_BITS - DIGIT_BITS)
     first = blocks[0]
-    build_abs(first, a, magnitude_a)
+    build_magnitude(first, a, magnitude_a)
     build_abs(first, b, magnitude_b)
     relu(first, Affine({a[-1]: 1.0, b[-1]: -1.0}), {sign: 1.0})
     relu(first, Affine({a[-1]: -1.0, b[-1]: 1.0}), {sign: 1.0})
@@ -259,12 +319,15 @@ def build_signed_quotient(blocks, layout, a, b, quotient: Sequence[int], prefix)
     target = [*quotient[:DIGIT_BITS], *high]
     stages = _stages(target, SIGNED_TOP_DIGIT, False)
     change = build_stage(first, layout, signed_top_cases(a, b), stages[0], prefix)
-    remainder = unsigned(magnitude_a) + change
-    for block, stage in zip(blocks[1:-1], stages[1:-1]):
-        divisor = unsigned_divisor(magnitude_b, stage.shift)
-        remainder = remainder + build_stage(block, layout, [(remainder, divisor)], stage, prefix)
+    remainder = Affine({magnitude_a: 1.0}) + change
+    second = blocks[1]
+    divisor = build_integer_divisor(second, layout, magnitude_b, STAGE_SHIFTS[2:], prefix)
+    case = (remainder, unsigned_divisor(magnitude_b, stages[1].shift))
+    remainder = remainder + build_stage(second, layout, [case], stages[1], prefix)
+    case = (remainder, divisor.at(stages[2].shift))
+    remainder = remainder + build_stage(blocks[2], layout, [case], stages[2], prefix)
     build_signed_last_stage(
-        blocks[-1], layout, remainder, magnitude_b, high, sign, quotient, prefix
+        blocks[3], layout, remainder, divisor.at(0), high, sign, quotient, prefix
     )
 
 
