@@ -91,8 +91,16 @@ def _run_deep(function, *args):
     try:
         sys.setrecursionlimit(max(previous_limit, RECURSION_LIMIT))
         thread = threading.Thread(target=target, name="tlc-compile")
-        thread.start()
-        thread.join()
+        try:
+            thread.start()
+        except RuntimeError:
+            # No thread with a large stack here (a tight address-space limit): compile in
+            # this thread, where deep nesting fails sooner but still as a compile error.
+            logger.debug("cannot start the compile thread", exc_info=True)
+            sys.setrecursionlimit(previous_limit)
+            target()
+        else:
+            thread.join()
     finally:
         threading.stack_size(previous_stack)
         sys.setrecursionlimit(previous_limit)
