@@ -16,7 +16,8 @@ from tlc.runtime.machine import Status
 from tlc.runtime.reference import run_program
 
 PROFILE_EXAMPLES = {"ci": 30, "long": 2000}
-EXAMPLES = PROFILE_EXAMPLES[os.environ.get("TLC_HYPOTHESIS_PROFILE", "ci")]
+EXAMPLES = PROFILE_EXAMPLES.get(os.environ.get("TLC_HYPOTHESIS_PROFILE", "ci"),
+                                PROFILE_EXAMPLES["ci"])
 # Generated programs are bounded far below this; reaching it means a miscompiled loop.
 MAX_STEPS = 5_000_000
 
