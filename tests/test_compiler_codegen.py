@@ -8,7 +8,8 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from tlc.compiler.driver import compile_source, ir_text
+from tlc.compiler.assembler import assemble, disassemble
+from tlc.compiler.driver import compile_file, compile_source, ir_text
 from tlc.compiler.isa import Opcode
 from tlc.runtime.machine import Status, Trap
 from tlc.runtime.reference import run_program
@@ -173,3 +174,12 @@ def test_cli_runs_tl_with_exit_status():
                                 str(path)], capture_output=True)
     assert completed.returncode == 0
     assert b"8 queens: 92 solutions" in completed.stdout
+
+
+def test_asm_text_assembles_to_same_program():
+    program = compile_file(REPOSITORY / "examples" / "strings.tl")
+    again = assemble(disassemble(program), "strings.tasm")
+    assert [(i.opcode, i.immediate) for i in again.instructions] == [
+        (i.opcode, i.immediate) for i in program.instructions]
+    assert again.memory_size == program.memory_size
+    assert again.initial_memory() == program.initial_memory()
