@@ -1,10 +1,10 @@
 """Exact ALU circuits for the 32-bit opcodes, keyed by mnemonic.
 
 A `Circuit` is a builder for `depth` consecutive feed-forward blocks. Its operands are bit
-vectors in the residual (`inputs["a"]` the first-pushed operand, `inputs["b"]` the top;
-unary opcodes read only "b"); it writes the 32 result bits, each exactly 0 or 1, into
-`out` and allocates any scratch dims it needs in the `Layout` under `prefix`, each with
-its true value interval. Scratch written by block k is read by block k + 1 or later.
+vectors in the residual: `inputs["a"]` is the first-pushed operand and `inputs["b"]` the
+top, and unary opcodes read only "b". It writes the 32 result bits, each exactly 0 or 1,
+into `out`. It allocates its scratch dims in the `Layout` under `prefix`, each with its
+true value interval. Scratch written by block k is read by block k + 1 or later.
 
     from tlc.model.alu import CIRCUITS
     circuit = CIRCUITS["MUL"]

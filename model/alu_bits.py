@@ -56,7 +56,7 @@ class Affine:
 
 
 def bounds(form: Affine, layout: Layout) -> tuple[float, float]:
-    """The interval of `form` when every dim ranges over its Layout interval."""
+    """Return the interval of `form` when every dim ranges over its Layout interval."""
     low = high = form.const
     for dim, weight in form.terms.items():
         dim_low, dim_high = layout.domain[dim]
@@ -66,7 +66,7 @@ def bounds(form: Affine, layout: Layout) -> tuple[float, float]:
 
 
 def power_above(value: float) -> float:
-    """The smallest power of two strictly above `value` (at least 1)."""
+    """Return the smallest power of two strictly above `value` (at least 1)."""
     power = 1.0
     while power <= value:
         power *= 2.0
@@ -74,12 +74,12 @@ def power_above(value: float) -> float:
 
 
 def unsigned(bits: Sequence[int], scale: float = 1.0) -> Affine:
-    """The integer `scale * sum 2^i x[bits[i]]` as a linear form."""
+    """Return the integer `scale * sum 2^i x[bits[i]]` as a linear form."""
     return Affine({int(d): scale * float(1 << i) for i, d in enumerate(bits)})
 
 
 def bit_sum(bits: Sequence[int]) -> Affine:
-    """The number of set bits among `bits`, `sum x[d]`, as a linear form."""
+    """Return the number of set bits among `bits`, `sum x[d]`, as a linear form."""
     return Affine({int(d): 1.0 for d in bits})
 
 
@@ -110,7 +110,7 @@ def _accumulate(table: dict[int, float], dim: int, weight: float) -> None:
 
 
 def _carry_outputs(out: Sequence[int], i: int) -> dict[int, float]:
-    """Where the carry into bit i goes: +1 into s_i and -2 into s_(i-1)."""
+    """Return the output weights of the carry into bit i: +1 into s_i, -2 into s_(i-1)."""
     outputs: dict[int, float] = {}
     if i < len(out):
         _accumulate(outputs, out[i], 1.0)

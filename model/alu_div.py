@@ -1,25 +1,29 @@
 """Division and remainder, unsigned and signed, as radix-256 restoring division.
 
 The quotient comes out 8 bits per layer, from the top, in 4 stages with shifts s = 24, 16,
-8, 0. Stage s holds the partial remainder R (an exact integer below 2^32, a linear form of
+8, 0. Stage s reads the partial remainder R (an exact integer below 2^32, a linear form of
 residual dims) and the divisor B, with R < 256 * 2^s * B. Its digit q = floor(R / (2^s B))
 comes from the monotone flags
 
-    g_t = [d_t >= 0],   d_t = R - t 2^s B_low - 2^32 H,    t = 1 .. 255
+    g_t = [d_t >= 0],   d_t = R - t 2^s B_low - W H,    t = 1 .. 255
 
-where B_low = B mod 2^(32-s) and H = (number of set bits of B at or above 32 - s). When
-H >= 1, 2^s B >= 2^32 > R, so q = 0, and the 2^32 H term makes every d_t negative; when
-H = 0, B = B_low and the flags are exact comparisons. Bit m of q is the telescoping sum
-over t of g_t (bit m of t - bit m of t - 1), linear in the flags, so digit bits cost no
-extra neurons. The new remainder R - 2^s B q needs `g_t * B`, a product: with B_low split
-into byte chunks C_c (B_low = sum 2^(o_c) C_c, 0 <= C_c <= M = 255),
+where B_low = B mod 2^(32-s), W is the power of two above the largest R (2^32, or 2^33
+in the signed first stage) and H counts the set bits of B at or above bit 32 - s (later
+stages read it as one guard flag). When H >= 1, 2^s B >= 2^32 > R, so q = 0, and the W H
+term makes every d_t negative. When H = 0, B = B_low and the flags are exact comparisons.
+Bit m of q is the telescoping sum over t of g_t (bit m of t - bit m of t - 1), linear in
+the flags, so digit bits cost no extra neurons. The new remainder R - 2^s B q needs
+`g_t * B`, a product: with B_low split into byte chunks C_c (B_low = sum 2^(o_c) C_c,
+0 <= C_c <= M, M = 255 or 256),
 
     C_c * g_t = ReLU(C_c + M d_t) - M ReLU(d_t)
 
 because for d_t >= 0 both ReLUs pass, and for d_t <= -1, C_c + M d_t <= 0. Each chunk
 accumulates `U_c = -C_c q` in its own scratch dim, and the next stage reads
 `R' = R + sum 2^(s + o_c) U_c`. Keeping U_c per chunk (output weights 1 and M, not
-2^(s + o_c)) keeps every neuron output below 2^53: |d_t| < 2^43 and M |d_t| < 2^51.
+2^(s + o_c)) keeps sums exact. Interval bounds over the Layout domains: every
+pre-activation is below 2^50 in magnitude, every neuron output times its weight below
+2^42, and no dim receives more than about 2^10 such terms.
 
 Signed forms divide magnitudes and fix the sign in the last stage. Remainders are
 `a - q * b` mod 2^32 from the quotient bits, two more layers (see alu_mul); for the signed
@@ -58,7 +62,7 @@ SIGNED_TOP_DIGIT = 1 << (WORD_BITS - 1 - STAGE_SHIFTS[0])
 
 @dataclass
 class Divisor:
-    """One case of the divisor as a stage sees it: B_low = sum 2^offset * chunk.
+    """One case of the divisor at one stage: B_low = sum 2^offset * chunk.
 
     `guard` is 0 when B < 2^(32 - s) and at least 1 otherwise; `gate` is 0 when this case
     applies (sign cases of signed division) and at least 1 otherwise.
@@ -70,7 +74,7 @@ class Divisor:
 
 
 def unsigned_divisor(bits: Sequence[int], shift: int, gate: Affine | None = None) -> Divisor:
-    """The divisor with unsigned bits `bits` at stage shift `shift`."""
+    """Return the divisor with unsigned bits `bits` at stage shift `shift`."""
     width = WORD_BITS - shift
     chunks = [
         (offset, unsigned(bits[offset : min(offset + CHUNK_BITS, width)]))
@@ -80,7 +84,7 @@ def unsigned_divisor(bits: Sequence[int], shift: int, gate: Affine | None = None
 
 
 def negative_top_divisor(bits: Sequence[int], gate: Affine) -> Divisor:
-    """|B| = 2^32 - B for a negative B, as the first stage (s = 24) sees it.
+    """Return |B| = 2^32 - B for a negative B, in the form the first stage (s = 24) uses.
 
     If bits 8..31 are all 1, |B| = 2^8 - (B mod 2^8), in [1, 2^8]; otherwise |B| > 2^8
     and the guard, the number of 0 bits among 8..31, is at least 1.
@@ -216,12 +220,12 @@ def build_unsigned_quotient(blocks, layout, a, b, quotient: Sequence[int], prefi
 
 
 def _literal(dim: int, positive: bool) -> Affine:
-    """The bit literal x[dim] or 1 - x[dim] as a linear form."""
+    """Return the bit literal x[dim] or 1 - x[dim] as a linear form."""
     return Affine({dim: 1.0}) if positive else Affine({dim: -1.0}, 1.0)
 
 
 def signed_top_cases(a: Sequence[int], b: Sequence[int]) -> list[tuple[Affine, Divisor]]:
-    """The four sign cases of the first signed stage, read straight from a and b.
+    """Return the four sign cases of the first signed stage, read from the bits of a, b.
 
     |A| is A or 2^32 - A and |B| as in `negative_top_divisor`; the gate of a case counts
     the sign bits that contradict it, so exactly one case has gate 0.
@@ -256,7 +260,7 @@ def digit_change(t: int, out: Sequence[int], negate: bool) -> dict[int, float]:
 def build_signed_last_stage(
     block, layout, remainder, divisor: Divisor, high, sign, out, prefix
 ) -> None:
-    """The last stage of signed division, writing sign ? -Q : Q into `out`.
+    """Add the last stage of signed division, which writes sign ? -Q : Q into `out`.
 
     Q = 2^8 H + q, with the bits of H (Q's bits 8..31) in `high` and q the last digit.
     Low bits: for sign = 1 the digit flags g_t also carry the weights of (-q) mod 2^8

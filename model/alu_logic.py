@@ -29,7 +29,7 @@ COUNT_BITS = 5  # a shift or rotate count is b mod 32, the low 5 bits of b
 
 
 def signed(bits: Sequence[int]) -> Affine:
-    """The two's-complement value `A - 2^32 a_31` as a linear form, in [-2^31, 2^31)."""
+    """Return the two's-complement value `A - 2^32 a_31` as a linear form."""
     return unsigned(bits) - Affine({bits[-1]: float(1 << len(bits))})
 
 
@@ -100,12 +100,12 @@ def build_bitwise(mnemonic: str, block: Block, a, b, out) -> None:
 
 
 def count_literals(b: Sequence[int], count: int) -> list[tuple[int, bool]]:
-    """The literals that say "b mod 32 == count"."""
+    """Return the literals whose conjunction is [b mod 32 == count]."""
     return [(b[j], bool((count >> j) & 1)) for j in range(COUNT_BITS)]
 
 
 def shift_source(mnemonic: str, i: int, k: int) -> int | None:
-    """The bit of `a` that lands in result bit i for a count k, or None for a fill bit.
+    """Return the bit of `a` that lands in result bit i for a count k, or None for a fill.
 
     SHR_S fills with a_31, handled separately, so it returns None there too.
     """

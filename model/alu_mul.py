@@ -9,10 +9,11 @@ that lands at or below bit k:
 Each term is one neuron `ReLU(L_kj - 2^(k+1) (1 - y_j))` with `L_kj = sum over i <= k - j
 of 2^(i+j) x_i < 2^(k+1)`, exact because the ReLU passes L_kj when y_j = 1 and cuts it to
 0 when y_j = 0: 528 neurons and 32 scratch dims. `P_k` agrees with X * Y modulo 2^(k+1),
-so layer 2 reads bit k of the product as the parity of floor(V_k / 2^k) for
-`V_k = P_k` (MUL) or `V_k = (A mod 2^(k+1)) - P_k` (A - X * Y for remainders): a sum of
-alternating steps `[V_k >= u 2^k]` over the values u that floor(V_k / 2^k) can take,
-about 2k steps per bit. Every pre-activation is below 32 * 2^32 = 2^37 in magnitude.
+so layer 2 reads bit k of the product as the parity of floor(V_k / 2^k), with
+`V_k = P_k` for MUL and `V_k = (A mod 2^(k+1)) - P_k` for A - X * Y (remainders). That
+parity is a sum of alternating steps `[V_k >= u 2^k]` over the values u that
+floor(V_k / 2^k) can take, about 2k steps per bit. Every pre-activation is below
+32 * 2^32 = 2^37 in magnitude.
 """
 
 from __future__ import annotations
