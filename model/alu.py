@@ -24,7 +24,11 @@ from tlc.model import alu_logic as logic
 from tlc.model import alu_div, alu_mul
 from tlc.model.alu_div import division_traps  # noqa: F401 (re-exported)
 from tlc.model.alu_bits import (  # noqa: F401 (re-exported for the model builder)
+    EXACT_LIMIT,
+    Affine,
     add_bits,
+    bounds,
+    power_above,
     add_signed_small,
     decrement_bits,
     increment_bits,
@@ -118,3 +122,28 @@ CIRCUITS: dict[str, Circuit] = {
     "MUL": Circuit("mul", 2, _build_mul),
     **{m: _division_circuit(m) for m in ("DIV_S", "DIV_U", "REM_S", "REM_U")},
 }
+
+
+def gate_blocks(blocks: list[Block], layout: Layout, gate: int) -> None:
+    """Make built blocks write nothing unless the bit dim `gate` is 1 (an opcode one-hot).
+
+    Every neuron `ReLU(x)` becomes `ReLU(x - G (1 - gate))` with G the power of two above
+    the interval maximum of x, and every output constant c becomes the neuron
+    `ReLU(c gate)` (or its negation). With gate = 1 nothing changes; with gate = 0 every
+    neuron is off, so the blocks add 0 and scratch dims stay 0, which later blocks of the
+    same circuit read as inputs of neurons that are off too. Several circuits can then share
+    one expert. Raises ValueError when a gated pre-activation could reach 2^53.
+    """
+    for block in blocks:
+        for unit in block.neurons:
+            high = bounds(Affine(unit.inputs, unit.bias), layout)[1]
+            slope = power_above(max(high, 0.0))
+            low = bounds(Affine(unit.inputs, unit.bias), layout)[0] - slope
+            if max(abs(low), high) >= EXACT_LIMIT:
+                raise ValueError(f"gating block {block.name} would reach {low:.3g}")
+            unit.inputs[gate] = unit.inputs.get(gate, 0.0) + slope
+            unit.bias -= slope
+        constants, block.bias_out = block.bias_out, {}
+        for dim, value in constants.items():
+            sign = 1.0 if value > 0 else -1.0
+            block.neuron({gate: abs(value)}, 0.0, {dim: sign})

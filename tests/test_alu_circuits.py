@@ -17,6 +17,7 @@ from alu_oracle import (
     EXACT_LIMIT,
     MASK,
     Harness,
+    bit_matrix,
     expected,
     integers,
     pre_activation_bounds,
@@ -24,7 +25,8 @@ from alu_oracle import (
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tlc.model.alu import CIRCUITS, division_traps
+from tlc.model.alu import CIRCUITS, division_traps, gate_blocks
+from tlc.model.circuit import evaluate_blocks
 
 MNEMONICS = ("ADD SUB MUL DIV_S DIV_U REM_S REM_U EQZ EQ NE LT_S LT_U GT_S GT_U LE_S LE_U "
              "GE_S GE_U AND OR XOR SHL SHR_S SHR_U ROTL ROTR CLZ CTZ POPCNT ABS NEG").split()
@@ -159,3 +161,32 @@ def test_check_detects_a_corrupted_neuron():
         for a, b, got in zip([0x12345678, MASK, 0xDEADBEEF], [0x9ABCDEF1, MASK, 3], integers(bits))
     ]
     assert any(wrong)
+
+
+@pytest.mark.parametrize("mnemonic", ["NE", "NEG", "SHR_S", "MUL", "DIV_S", "REM_U"])
+def test_gated_circuit_follows_gate(mnemonic):
+    circuit = CIRCUITS[mnemonic]
+    harness = Harness.empty(circuit.depth)
+    gate = harness.layout.add("gate", 1)[0]
+    circuit.build(harness.blocks, harness.layout, harness.inputs, harness.out, "alu.")
+    gate_blocks(harness.blocks, harness.layout, gate)
+    values = sorted(set(EDGE_VALUES))
+    a_values = [a for a in values for _ in values]
+    b_values = [b for _ in values for b in values]
+    for gate_value in (0.0, 1.0):
+        x = np.zeros((len(a_values), harness.layout.width))
+        x[:, list(harness.inputs["a"])] = bit_matrix(a_values)
+        x[:, list(harness.inputs["b"])] = bit_matrix(b_values)
+        x[:, gate] = gate_value
+        y = evaluate_blocks(harness.blocks, x)
+        changed = y - x
+        if gate_value == 0.0:
+            assert not np.any(changed), f"gated-off {mnemonic} changed the residual"
+            continue
+        bits = y[:, list(harness.out)]
+        for a, b, got in zip(a_values, b_values, integers(bits)):
+            want = expected(mnemonic, a, b)
+            if want is not None:
+                assert got == want, f"gated {mnemonic}({a:#x}, {b:#x}) = {got:#x}"
+    bounds = pre_activation_bounds(harness.blocks, harness.layout)
+    assert max(bounds) < EXACT_LIMIT
