@@ -197,6 +197,10 @@ class ProgramGenerator:
             _, name = self.choice(scope.writable_arrays)
             op = self.choice(("=", *COMPOUND_OPERATORS))
             self.lines.append(f"{indent}{name}[{self.index(scope, 2)}] {op} {expression};")
+            if ("int", "table") in scope.writable_arrays and self.draw(st.booleans()):
+                # cursor points at table[0], so this writes table through a pointer.
+                self.lines.append(f"{indent}*(cursor + {self.index(scope, 1)}) {op} "
+                                  f"{self.expression(scope, 2)};")
         elif scope.writable:
             _, name = self.choice(scope.writable)
             self.lines.append(f"{indent}{name} <<= ({expression}) & 31;")
@@ -369,9 +373,12 @@ def _main(generator: ProgramGenerator, globals_, arrays, pointers, functions) ->
     init_scope = Scope(globals_, [], arrays, [], pointers, callable_)
     for ctype, name in locals_:
         lines.append(f"    {ctype} {name} = {generator.expression(init_scope, 2)};")
+    local_array = generator.fresh("ml")
+    initial = ", ".join(generator.expression(init_scope, 1) for _ in range(generator.integer(1, 4)))
+    lines.append(f"    short {local_array}[{ARRAY_LENGTH}] = {{{initial}}};")
+    arrays = arrays + [("short", local_array)]
     writable = globals_ + locals_
-    writable_arrays = [a for a in arrays]
-    scope = Scope(writable, writable, arrays, writable_arrays, pointers, callable_)
+    scope = Scope(writable, writable, arrays, list(arrays), pointers, callable_)
     for function in recursive:
         target = generator.choice(writable)[1]
         lines.append(f"    {target} = {function.name}({generator.expression(scope, 1)} & 7, "
