@@ -15,6 +15,7 @@ Interval arithmetic over-approximates, so a bound below 2^53 proves that float64
 every intermediate integer exactly, on every input the domain allows, for any number of
 decoding steps (no value depends on the position). The builder rejects a model whose
 bound reaches 2^53.
+
 """
 
 from __future__ import annotations
@@ -81,10 +82,56 @@ def affine(matrix: sp.csr_matrix, bias: np.ndarray, x: Interval) -> Interval:
     return Interval(np.asarray(low).ravel(), np.asarray(high).ravel())
 
 
+def _neuron_groups(w1: sp.csr_matrix) -> list[np.ndarray]:
+    """Group the neurons whose input rows are equal (they differ only in bias)."""
+    groups: dict[tuple[bytes, bytes], list[int]] = {}
+    for n in range(w1.shape[0]):
+        start, end = w1.indptr[n], w1.indptr[n + 1]
+        key = (w1.indices[start:end].tobytes(), w1.data[start:end].tobytes())
+        groups.setdefault(key, []).append(n)
+    return [np.array(members) for members in groups.values()]
+
+
+def _group_range(members, biases, x_low, x_high, w2: sp.csc_matrix):
+    """Return (dims, low, high): the exact range of the group's contribution
+    sum_n W2[d, n] ReLU(x + b_n) to each output dim d for x in [x_low, x_high].
+
+    The contribution is piecewise linear in the one scalar x with breakpoints at -b_n,
+    so its extremes lie at the interval's ends or at breakpoints inside it.
+    """
+    inside = [-b for b in biases if x_low < -b < x_high]
+    points = np.array([x_low, x_high, *inside])
+    activations = np.maximum(points[None, :] + biases[:, None], 0.0)
+    sub = w2[:, members]
+    dims = np.unique(sub.indices)
+    weights = sub[dims, :].toarray()
+    values = weights @ activations
+    return dims, values.min(axis=1), values.max(axis=1)
+
+
 def _feed_forward_delta(block, y: Interval) -> tuple[Interval, float]:
+    """Bound W2 ReLU(W1 y + b1) + b2 over the box y, group by group (see `_group_range`),
+    which keeps a step [x >= 0] = ReLU(x + 1) - ReLU(x) within [0, 1] where plain interval
+    arithmetic would give [-M, M + 1].
+
+    Returns the interval and the largest magnitude among the pre-activations and the sums
+    of |W2| ReLU(pre) + |b2| per output, which bound every partial sum of the product.
+    """
     pre = affine(block.w1, block.b1, y)
-    hidden = Interval(np.maximum(pre.low, 0.0), np.maximum(pre.high, 0.0))
-    return affine(block.w2, block.b2, hidden), pre.magnitude()
+    hidden_max = np.maximum(pre.high, 0.0)
+    term_sums = abs(block.w2) @ hidden_max + np.abs(block.b2)
+    largest = max(pre.magnitude(), float(term_sums.max(initial=0.0)))
+    x_low, x_high = pre.low - block.b1, pre.high - block.b1
+    low, high = block.b2.copy(), block.b2.copy()
+    w2 = block.w2.tocsc()
+    for members in _neuron_groups(block.w1):
+        first = members[0]
+        dims, group_low, group_high = _group_range(
+            members, block.b1[members], x_low[first], x_high[first], w2
+        )
+        low[dims] += group_low
+        high[dims] += group_high
+    return Interval(low, high), largest
 
 
 def _attention(index: int, layer: Layer, x: Interval, certificate: Certificate) -> Interval:
@@ -112,7 +159,7 @@ def _feed_forward(index: int, layer: Layer, y: Interval, certificate: Certificat
         delta, pre = _feed_forward_delta(layer.shared, y)
         low += delta.low
         high += delta.high
-        certificate.record(index, "shared pre-activations", pre)
+        certificate.record(index, "shared pre-activations and output terms", pre)
     if layer.experts:
         router = affine(layer.router_w, layer.router_b, y)
         certificate.record(index, "router logits", router.magnitude())
@@ -124,12 +171,10 @@ def _feed_forward(index: int, layer: Layer, y: Interval, certificate: Certificat
             expert_low = np.minimum(expert_low, delta.low)
             expert_high = np.maximum(expert_high, delta.high)
             largest = max(largest, pre)
-        certificate.record(index, "expert pre-activations", largest)
+        certificate.record(index, "expert pre-activations and output terms", largest)
         low += expert_low
         high += expert_high
-    result = Interval(low, high)
-    certificate.record(index, "residual", result.magnitude())
-    return result
+    return Interval(low, high)
 
 
 def certify(domain: list[tuple[float, float]], token_width: int, layers: list[Layer],
@@ -146,6 +191,7 @@ def certify(domain: list[tuple[float, float]], token_width: int, layers: list[La
     for index, layer in enumerate(layers):
         x = _attention(index, layer, x, certificate)
         x = _feed_forward(index, layer, x, certificate)
+        certificate.record(index, "residual", x.magnitude())
     largest = 0.0
     for matrix, bias in zip(unembed, unembed_bias):
         logits = affine(sp.csr_matrix(matrix), bias, x)
