@@ -12,11 +12,12 @@
 # far has one of the forms the contract allows and the query has its form too; otherwise
 # it takes the brute-force argmax, which is exact for any keys.
 
-from std.memory import bitcast
+from std.memory import bitcast, unsafe_memcpy
 
 from kernels import FloatPtr, float_ptr, int_ptr
 
 comptime EMPTY = -1
+comptime LANES = 8  # SIMD width for hashing and comparing keys
 comptime INITIAL_TABLE_SIZE = 16
 comptime GOLDEN: UInt64 = 0x9E3779B97F4A7C15
 comptime MIX1: UInt64 = 0xBF58476D1CE4E5B9
@@ -44,11 +45,35 @@ def hash_key(key: FloatPtr, width: Int, multipliers: Pointer[UInt64, MutUntracke
     which positions are negative, so they come from `mix`. Adding 0.0 maps -0.0 to +0.0,
     so keys that compare equal hash equally.
     """
-    var total: UInt64 = 0
-    for i in range(width):
+    var lanes = SIMD[DType.uint64, LANES](0)
+    var i = 0
+    while i + LANES <= width:
+        var words = bitcast[DType.uint64, LANES](key.unsafe_load[width=LANES](i) + 0.0)
+        lanes += (words ^ (words >> 32)) * multipliers.unsafe_load[width=LANES](i)
+        i += LANES
+    var total = lanes.reduce_add()
+    while i < width:
         var word = bitcast[DType.uint64](key[unsafe_offset=i] + 0.0)
         total += (word ^ (word >> 32)) * multipliers[unsafe_offset=i]
+        i += 1
     return mix(total)
+
+
+@always_inline
+def keys_equal(first: FloatPtr, second: FloatPtr, width: Int) -> Bool:
+    """Return True when the keys are equal component for component (-0.0 == 0.0)."""
+    var i = 0
+    while i + LANES <= width:
+        var a = first.unsafe_load[width=LANES](i)
+        var b = second.unsafe_load[width=LANES](i)
+        if not a.eq(b).reduce_and():
+            return False
+        i += LANES
+    while i < width:
+        if first[unsafe_offset=i] != second[unsafe_offset=i]:
+            return False
+        i += 1
+    return True
 
 
 struct HeadCache(Movable):
@@ -104,13 +129,7 @@ struct HeadCache(Movable):
             var slot = table[unsafe_offset=position]
             if slot == EMPTY:
                 return EMPTY
-            var base = slot * self.key_width
-            var equal = True
-            for i in range(self.key_width):
-                if keys[unsafe_offset=base + i] != key[unsafe_offset=i]:
-                    equal = False
-                    break
-            if equal:
+            if keys_equal(keys.unsafe_offset(slot * self.key_width), key, self.key_width):
                 return slot
             position = (position + 1) & mask
             self.probe_steps += 1
@@ -150,9 +169,7 @@ struct HeadCache(Movable):
             if self.exact:
                 self._check_key_form(key, slot)
             return slot
-        var values = self.value_ptr(slot)
-        for i in range(self.value_width):
-            values[unsafe_offset=i] = value[unsafe_offset=i]
+        unsafe_memcpy(dest=self.value_ptr(slot), src=value, count=self.value_width)
         self.stamps[slot] = stamp
         return slot
 

@@ -21,6 +21,8 @@
 # (w1, b1, w2, b2 as a D x 1 matrix). b2 is a matrix because it is added to the whole
 # residual, where most of its components are zero.
 
+from std.memory import unsafe_memcpy
+
 from cache import HeadCache
 from kernels import (
     Arrays,
@@ -305,12 +307,8 @@ struct Engine(Movable):
                 add_column(self.embed, base + old, arrays, embedded, -1.0, embedded_mask)
                 add_column(self.embed, base + value, arrays, embedded, 1.0, embedded_mask)
                 embedded_token[unsafe_offset=f] = value
-        var x = float_ptr(self.x)
-        for i in range(self.width):
-            x[unsafe_offset=i] = embedded[unsafe_offset=i]
-        var x_mask = masks[1]
-        for i in range(len(self.x_mask)):
-            x_mask[unsafe_offset=i] = embedded_mask[unsafe_offset=i]
+        unsafe_memcpy(dest=float_ptr(self.x), src=embedded, count=self.width)
+        unsafe_memcpy(dest=masks[1], src=embedded_mask, count=len(self.x_mask))
 
     def _attention[dtype: DType](mut self, layer: LayerWeights, need_output: Bool):
         """Append this position's keys and values; when the layer's output is needed,
@@ -376,12 +374,7 @@ struct Engine(Movable):
         var pending = self._pending()
         for f in range(self.field_count):
             var segment = logits.unsafe_offset(offsets[unsafe_offset=f])
-            var size = vocab[unsafe_offset=f]
-            if size == 2:
-                var second = segment[unsafe_offset=1] > segment[unsafe_offset=0]
-                pending[unsafe_offset=f] = 1 if second else 0
-            else:
-                pending[unsafe_offset=f] = first_argmax(segment, size)
+            pending[unsafe_offset=f] = first_argmax(segment, vocab[unsafe_offset=f])
 
     def _step[dtype: DType](mut self, token: IntPtr, predict: Bool):
         self._embed[dtype](token)

@@ -11,6 +11,7 @@
 # exactly, which halves the bytes read per entry; all arithmetic is in Float64.
 
 from std.bit import count_trailing_zeros, pop_count
+from std.memory import unsafe_memcpy
 
 comptime FloatPtr = Pointer[Float64, MutUntrackedOrigin]
 comptime IntPtr = Pointer[Int, MutUntrackedOrigin]
@@ -143,8 +144,7 @@ def affine_masked[
 ):
     """Set output = matrix @ input + floats[bias : bias + rows], visiting only the
     columns set in input_mask."""
-    for row in range(matrix.rows):
-        output[unsafe_offset=row] = arrays.floats[unsafe_offset=bias + row]
+    unsafe_memcpy(dest=output, src=arrays.floats.unsafe_offset(bias), count=matrix.rows)
     accumulate_masked(matrix, arrays, input, input_mask, output)
 
 
@@ -188,6 +188,15 @@ def relu(values: FloatPtr, length: Int):
 @always_inline
 def first_argmax(values: FloatPtr, length: Int) -> Int:
     """Return the lowest index among the maximal entries of values[0 : length]."""
+    if length == 2:
+        return 1 if values[unsafe_offset=1] > values[unsafe_offset=0] else 0
+    if length == 3:
+        var first = values[unsafe_offset=0]
+        var second = values[unsafe_offset=1]
+        var third = values[unsafe_offset=2]
+        if third > first and third > second:
+            return 2
+        return 1 if second > first else 0
     var best = 0
     for i in range(1, length):
         if values[unsafe_offset=i] > values[unsafe_offset=best]:
