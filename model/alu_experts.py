@@ -6,7 +6,8 @@ layer, from layer 0 on) to a = T1 and b = T0, written into next_t0, and moves th
 * binary ( a b -- f(a, b) ): next_t1 = T2, next_t2 = reload A (slot sp - 4), sp -= 1;
 * unary ( a -- f(a) ): next_t1 = T1, next_t2 = T2.
 
-The division families also raise their traps in FFN 0:
+Division and remainder use `tlc.model.division` (long division in steps the certificate
+can bound) and raise their traps in FFN 0:
 
     divide_by_zero   = ReLU(1 - sum of b's bits)                      (b == 0)
     integer_overflow = AND(a_31, NOT a_0 .. NOT a_30, b_0 .. b_31)   (DIV_S only:
@@ -19,6 +20,7 @@ from tlc.compiler.isa import OPCODES, Opcode
 from tlc.model.alu import CIRCUITS
 from tlc.model.circuit import Block
 from tlc.model.context import Context, Family
+from tlc.model.division import build_division, depth
 from tlc.model.wiring import all_of, none_of, not_bit
 
 DIVISIONS = (Opcode.DIV_S, Opcode.DIV_U, Opcode.REM_S, Opcode.REM_U)
@@ -40,12 +42,20 @@ def _division_traps(ctx: Context, opcode: Opcode, block: Block) -> None:
 def alu_family(ctx: Context, opcode: Opcode) -> Family:
     """The family of one ALU opcode, built from its circuit."""
     r = ctx.r
-    circuit = CIRCUITS[opcode.name]
-    family = Family(opcode.name.lower(), [opcode], f"{opcode.mnemonic}: {circuit.name} "
-                    f"circuit, {circuit.depth} layer(s)")  # fmt: skip
-    blocks = [family.block(layer) for layer in range(circuit.depth)]
-    circuit.build(blocks, r.layout, {"a": r["t1"], "b": r["t0"]}, r["next_t0"],
-                  f"alu.{opcode.name.lower()}.")  # fmt: skip
+    prefix = f"alu.{opcode.name.lower()}."
+    if opcode in DIVISIONS:
+        layers = depth(opcode)
+        role = f"{opcode.mnemonic}: radix-256 long division, {layers} layers"
+    else:
+        circuit = CIRCUITS[opcode.name]
+        layers = circuit.depth
+        role = f"{opcode.mnemonic}: {circuit.name} circuit, {layers} layer(s)"
+    family = Family(opcode.name.lower(), [opcode], role)
+    blocks = [family.block(layer) for layer in range(layers)]
+    if opcode in DIVISIONS:
+        build_division(opcode, blocks, r.layout, r["t1"], r["t0"], r["next_t0"], prefix)
+    else:
+        circuit.build(blocks, r.layout, {"a": r["t1"], "b": r["t0"]}, r["next_t0"], prefix)
     first = blocks[0]
     if OPCODES[opcode].pops == 2:
         ctx.change_sp(first, -1)
@@ -57,18 +67,12 @@ def alu_family(ctx: Context, opcode: Opcode) -> Family:
     return family
 
 
-# NOTE: the division circuits of tlc.model.alu gate a divisor chunk C by a flag as
-# ReLU(C + M d) - M ReLU(d) with |d| up to 2^41. That is exact, but interval arithmetic
-# cannot bound it (the certificate derives values near 2^57), so the builder would reject
-# the model. Until a circuit that the certificate can bound exists, these opcodes have no
-# family: they are missing from covered_opcodes and the runners reject them.
-UNCERTIFIED = ("DIV_S", "DIV_U", "REM_S", "REM_U")
-
-
 def alu_families(ctx: Context) -> list[Family]:
-    """Families for every ALU opcode whose circuit exists and can be certified."""
+    """Families for every ALU opcode whose circuit exists."""
+    # NOTE: an opcode without a circuit in tlc.model.alu gets no family, so it is missing
+    # from covered_opcodes and the runners reject programs that use it.
     return [
         alu_family(ctx, Opcode[name])
         for name in ALU_OPCODES
-        if name in CIRCUITS and name not in UNCERTIFIED
+        if name in CIRCUITS or Opcode[name] in DIVISIONS
     ]
