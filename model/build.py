@@ -80,7 +80,8 @@ def build_model(
     metadata = _metadata(residual, numbering, layers, certificate, families, covered)
     dims = {name: list(vec) for name, vec in residual.layout.names.items()}
     logger.info("built model: D=%d, %d layers", residual.width, layer_count)
-    return Model(residual.width, embed, unembed, unembed_bias, layers, metadata, dims)
+    return Model(residual.width, embed, unembed, unembed_bias, layers, metadata, dims,
+                 list(residual.layout.domain), residual.token_width)  # fmt: skip
 
 
 def _check_families(families: list[Family]) -> None:

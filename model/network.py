@@ -126,3 +126,5 @@ class Model:
     layers: list[Layer]
     metadata: dict
     dims: dict[str, list[int]] = field(default_factory=dict)  # residual vectors by name
+    domain: list[tuple[float, float]] = field(default_factory=list)  # declared intervals
+    token_width: int = 0  # dims below this are written by the embedding only

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import scipy.sparse as sp
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from tlc.model import tokens as tk
@@ -111,12 +111,15 @@ def save_weights(model: Model, path: str | Path, program: Program | None = None,
 
 def load_weights(path: str | Path) -> tuple[dict[str, np.ndarray], dict]:
     """Return (tensors, metadata) of a weight file; ValueError when it is not one."""
-    with safe_open(str(path), framework="numpy") as handle:
-        raw = (handle.metadata() or {}).get(tk.METADATA_KEY)
-        if raw is None:
-            raise ValueError(f"{path}: not a tlc weight file (metadata {tk.METADATA_KEY!r} "
-                             "is missing)")  # fmt: skip
-        tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+    try:
+        with safe_open(str(path), framework="numpy") as handle:
+            raw = (handle.metadata() or {}).get(tk.METADATA_KEY)
+            tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+    except SafetensorError as error:
+        raise ValueError(f"{path}: not a safetensors file ({error})") from None
+    if raw is None:
+        raise ValueError(f"{path}: not a tlc weight file (metadata {tk.METADATA_KEY!r} "
+                         "is missing)")  # fmt: skip
     metadata = json.loads(raw)
     if metadata.get("format") != tk.FORMAT_VERSION:
         raise ValueError(f"{path}: weight format {metadata.get('format')!r}, expected "

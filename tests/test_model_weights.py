@@ -1,0 +1,146 @@
+"""The weight file and the token schema: round trips, metadata, prompt encoding, decoding,
+and the Mojo runtime's reader on a file written by the builder."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tlc.compiler.assembler import assemble
+from tlc.model import tokens as tk
+from tlc.model.weights import (
+    decode_token_stream,
+    encode_prompt,
+    load_weights,
+    model_tensors,
+    save_weights,
+    universal_model,
+)
+from tlc.runtime import reference, torch_runner
+from tlc.runtime.machine import Status, Trap
+
+PROGRAM = '.memory 64\n.data 6 "hi"\nPUSH 6\nI32.LOAD16_U 0\nPUSH 1\nADD\nHALT'
+
+
+@pytest.fixture(scope="module")
+def weight_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("weights") / "program.safetensors"
+    save_weights(universal_model(), path, assemble(PROGRAM, "p.tasm"))
+    return path
+
+
+def test_weight_file_round_trip(weight_file):
+    tensors, metadata = load_weights(weight_file)
+    expected, shapes = model_tensors(universal_model())
+    assert metadata["shapes"] == shapes
+    for name, value in expected.items():
+        assert np.array_equal(tensors[name], value), name
+
+
+def test_metadata_describes_the_model(weight_file):
+    _, metadata = load_weights(weight_file)
+    assert metadata["format"] == tk.FORMAT_VERSION
+    assert metadata["dtype"] == "float64"
+    assert [f["name"] for f in metadata["fields"]] == tk.SCHEMA.names
+    assert metadata["kind"]["RUN"] == tk.kind_id("RUN")
+    assert metadata["output"]["bits"] == [f"out_bit{i}" for i in range(8)]
+    assert len(metadata["opcodes"]) == 55
+    assert sorted(metadata["covered_opcodes"]) == sorted(metadata["opcodes"])
+    assert metadata["program"]["memory_size"] == 64
+    assert metadata["certificate"]["passed"] is True
+
+
+def test_every_head_and_expert_has_a_role(weight_file):
+    _, metadata = load_weights(weight_file)
+    for layer in metadata["layers"]:
+        for head in layer["heads"]:
+            assert head["role"], head
+            assert head["lookup"] in ("exact", "hardmax")
+        for expert in layer["experts"][1:]:
+            assert expert["opcodes"], expert
+            assert expert["role"], expert
+
+
+def test_prompt_layout():
+    metadata = universal_model().metadata
+    program = assemble(PROGRAM, "p.tasm")
+    prompt = encode_prompt(metadata, program, b"ab")
+    schema = tk.SCHEMA
+    kinds = [tk.KIND_VALUES[t[schema.index("kind")]] for t in prompt]
+    # sentinel, 5 instructions, 2 data words (bytes 6, 7 sit in word 1), 2 input bytes,
+    # start state
+    assert kinds == ["SENTINEL"] + ["CODE"] * 5 + ["DATA"] + ["INPUT"] * 2 + ["RUN"]
+    assert schema.bits(prompt[0], "t0") == 64
+    data = prompt[6]
+    assert data[schema.index("mkey2", 0)] == tk.KEY_ONE  # word 1, channel 2
+    assert data[schema.index("mkey0", 0)] == tk.KEY_ABSENT
+    assert (schema.bits(data, "aux_val") >> 16) & 0xFFFF == int.from_bytes(b"hi", "little")
+
+
+def test_prompt_rejects_long_input():
+    program = assemble("HALT", "t")
+    with pytest.raises(ValueError, match="input has"):
+        encode_prompt(universal_model().metadata, program, bytes(tk.MAX_INPUT_BYTES + 1))
+
+
+def test_stored_prompt_runs(weight_file):
+    tensors, metadata = load_weights(weight_file)
+    program = assemble(PROGRAM, "p.tasm")
+    assert np.array_equal(tensors["prompt"], encode_prompt(metadata, program))
+    result = torch_runner.run_program(program, weights=weight_file)
+    assert result.status is Status.HALTED
+    assert result.result == reference.run_program(program).result
+
+
+def _token(**registers) -> np.ndarray:
+    schema = tk.SCHEMA
+    token = schema.empty_token()
+    token[schema.index("kind")] = tk.kind_id(registers.pop("kind", "RUN"))
+    token[schema.index("op")] = registers.pop("op", 0)
+    for group, value in registers.items():
+        schema.set_bits(token, group, value)
+    return token
+
+
+def test_decoder_builds_trace_and_result():
+    metadata = universal_model().metadata
+    program = assemble("PUSH 5\nHALT", "t")
+    push = metadata["opcodes"].index("PUSH")
+    halt = metadata["opcodes"].index("HALT")
+    tokens = [_token(op=push, imm=5, ip=1, sp=1, t0=5),
+              _token(kind="HALT", op=halt, ip=2, sp=1, t0=5)]  # fmt: skip
+    result, lines = decode_token_stream(metadata, program, tokens)
+    assert lines == ["step=0 ip=0 op=PUSH imm=5 depth=1 top=5 line=1",
+                     "step=1 ip=1 op=HALT imm=- depth=1 top=5 line=2"]  # fmt: skip
+    assert result.status is Status.HALTED
+    assert result.result == 5
+    assert result.steps == 2
+
+
+def test_decoder_reports_trap_at_previous_ip():
+    metadata = universal_model().metadata
+    program = assemble("PUSH 5\nPOP\nPOP", "t")
+    push = metadata["opcodes"].index("PUSH")
+    tokens = [_token(op=push, imm=5, ip=1, sp=1, t0=5), _token(op=0, ip=2),
+              _token(kind="STACK_UNDERFLOW")]  # fmt: skip
+    result, lines = decode_token_stream(metadata, program, tokens)
+    assert result.status is Status.TRAPPED
+    assert result.trap is Trap.STACK_UNDERFLOW
+    assert result.trap_ip == 2
+    assert result.steps == 2
+    assert len(lines) == 2
+
+
+def test_mojo_reader_and_oracle_agree_with_torch(weight_file):
+    weights_module = pytest.importorskip("tlc.mojo.weights")
+    reference_module = pytest.importorskip("tlc.mojo.reference")
+    weights = weights_module.load_weights(weight_file)
+    assert weights.width == universal_model().width
+    program = assemble(PROGRAM, "p.tasm")
+    prompt = encode_prompt(weights.metadata, program)
+    tokens, _ = reference_module.run_tokens(weights, prompt, 50)
+    result, _ = decode_token_stream(weights.metadata, program, tokens)
+    expected = torch_runner.run_program(program, weights=weight_file)
+    assert result.status is expected.status
+    assert result.result == expected.result
+    assert result.steps == expected.steps
