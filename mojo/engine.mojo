@@ -44,6 +44,7 @@ from kernels import (
 )
 
 comptime MAGIC = 0x746C6301
+comptime FIELD_LANES = 8  # token fields compared at once
 comptime END_MARK = 0x746C63FF
 
 
@@ -170,6 +171,8 @@ struct Engine(Movable):
     var value: List[Float64]
     var shared_hidden: List[Float64]
     var expert_hidden: List[Float64]
+    var shared_mask: List[UInt64]  # positive units of shared_hidden after the ReLU
+    var expert_mask: List[UInt64]
     var logits: List[Float64]
     var winners: List[Int]
     var one: List[Float64]  # the input of the one-column b2 matrices
@@ -241,6 +244,8 @@ struct Engine(Movable):
         var hidden = _max_hidden(self.blocks) + 1
         self.shared_hidden = List[Float64](length=hidden, fill=0.0)
         self.expert_hidden = List[Float64](length=hidden, fill=0.0)
+        self.shared_mask = List[UInt64](length=hidden // MASK_BITS + 1, fill=0)
+        self.expert_mask = List[UInt64](length=hidden // MASK_BITS + 1, fill=0)
         var logit_count = max(total_vocab, 1)
         for layer in self.layers:
             logit_count = max(logit_count, layer.expert_count)
@@ -298,15 +303,26 @@ struct Engine(Movable):
                 embedded_token[unsafe_offset=f] = value
             self.embedded_valid = True
         else:
-            for f in range(self.field_count):
-                var value = token[unsafe_offset=f]
-                var old = embedded_token[unsafe_offset=f]
-                if value == old:
-                    continue
-                var base = offsets[unsafe_offset=f]
-                add_column(self.embed, base + old, arrays, embedded, -1.0, embedded_mask)
-                add_column(self.embed, base + value, arrays, embedded, 1.0, embedded_mask)
-                embedded_token[unsafe_offset=f] = value
+            # Compare the fields eight at a time and update only those that differ.
+            var f = 0
+            while f < self.field_count:
+                if f + FIELD_LANES <= self.field_count:
+                    var new_values = token.unsafe_load[width=FIELD_LANES](f)
+                    var old_values = embedded_token.unsafe_load[width=FIELD_LANES](f)
+                    if new_values.eq(old_values).reduce_and():
+                        f += FIELD_LANES
+                        continue
+                var end = min(f + FIELD_LANES, self.field_count)
+                for g in range(f, end):
+                    var value = token[unsafe_offset=g]
+                    var old = embedded_token[unsafe_offset=g]
+                    if value == old:
+                        continue
+                    var base = offsets[unsafe_offset=g]
+                    add_column(self.embed, base + old, arrays, embedded, -1.0, embedded_mask)
+                    add_column(self.embed, base + value, arrays, embedded, 1.0, embedded_mask)
+                    embedded_token[unsafe_offset=g] = value
+                f = end
         unsafe_memcpy(dest=float_ptr(self.x), src=embedded, count=self.width)
         unsafe_memcpy(dest=masks[1], src=embedded_mask, count=len(self.x_mask))
 
@@ -341,10 +357,12 @@ struct Engine(Movable):
         var expert_hidden = float_ptr(self.expert_hidden)
         var one = float_ptr(self.one)
         var x_mask = self._masks()[1]
+        var shared_mask = MaskPtr(unsafe_from_address=Int(self.shared_mask.unsafe_ptr()))
+        var expert_mask = MaskPtr(unsafe_from_address=Int(self.expert_mask.unsafe_ptr()))
         if layer.shared >= 0:
             var block = self.blocks[layer.shared]
             affine_masked(block.w1, block.b1, arrays, x, x_mask, shared_hidden)
-            relu(shared_hidden, block.w1.rows)
+            relu(shared_hidden, block.w1.rows, shared_mask)
         var expert = -1
         if layer.expert_count > 0:
             var logits = float_ptr(self.logits)
@@ -352,14 +370,18 @@ struct Engine(Movable):
             expert = layer.first_expert + first_argmax(logits, layer.expert_count)
             var block = self.blocks[expert]
             affine_masked(block.w1, block.b1, arrays, x, x_mask, expert_hidden)
-            relu(expert_hidden, block.w1.rows)
+            relu(expert_hidden, block.w1.rows, expert_mask)
         if layer.shared >= 0:
             var block = self.blocks[layer.shared]
-            accumulate_marking(block.w2, arrays, shared_hidden, x, x_mask)
+            accumulate_masked[mark_output=True](
+                block.w2, arrays, shared_hidden, shared_mask, x, x_mask
+            )
             accumulate_marking(block.b2, arrays, one, x, x_mask)
         if expert >= 0:
             var block = self.blocks[expert]
-            accumulate_marking(block.w2, arrays, expert_hidden, x, x_mask)
+            accumulate_masked[mark_output=True](
+                block.w2, arrays, expert_hidden, expert_mask, x, x_mask
+            )
             accumulate_marking(block.b2, arrays, one, x, x_mask)
 
     def _unembed[dtype: DType](mut self):

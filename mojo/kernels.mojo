@@ -66,16 +66,18 @@ struct Matrix(ImplicitlyCopyable, Movable):
 
 @always_inline
 def accumulate_masked[
-    dtype: DType
+    dtype: DType, mark_output: Bool = False
 ](
     matrix: Matrix,
     arrays: Arrays[dtype],
     input: FloatPtr,
     input_mask: MaskPtr,
     output: FloatPtr,
+    output_mask: MaskPtr,
 ):
     """Add matrix @ input to output, visiting only the stored columns whose bit is set
-    in `input_mask`, a superset of input's nonzero components."""
+    in `input_mask`, a superset of input's nonzero components. With `mark_output`, set
+    the bit of every output component written in `output_mask`."""
     var pointers = arrays.pointers.unsafe_offset(matrix.entry_pointers)
     var row_ids = arrays.indices.unsafe_offset(matrix.row_ids)
     var values = arrays.values.unsafe_offset(matrix.entries)
@@ -96,6 +98,9 @@ def accumulate_masked[
                 var row = Int(row_ids[unsafe_offset=entry])
                 var weight = values[unsafe_offset=entry].cast[DType.float64]()
                 output[unsafe_offset=row] += weight * coefficient
+                comptime if mark_output:
+                    var bit = UInt64(1) << UInt64(row % MASK_BITS)
+                    output_mask[unsafe_offset=row // MASK_BITS] |= bit
 
 
 @always_inline
@@ -145,7 +150,7 @@ def affine_masked[
     """Set output = matrix @ input + floats[bias : bias + rows], visiting only the
     columns set in input_mask."""
     unsafe_memcpy(dest=output, src=arrays.floats.unsafe_offset(bias), count=matrix.rows)
-    accumulate_masked(matrix, arrays, input, input_mask, output)
+    accumulate_masked(matrix, arrays, input, input_mask, output, input_mask)
 
 
 @always_inline
@@ -179,10 +184,21 @@ def add_column[
 
 
 @always_inline
-def relu(values: FloatPtr, length: Int):
-    for i in range(length):
-        if values[unsafe_offset=i] < 0.0:
-            values[unsafe_offset=i] = 0.0
+def relu(values: FloatPtr, length: Int, mask: MaskPtr):
+    """Replace values[0 : length] by their ReLU and set `mask` to the positive ones."""
+    var word = 0
+    var start = 0
+    while start < length:
+        var end = min(start + MASK_BITS, length)
+        var bits: UInt64 = 0
+        for i in range(start, end):
+            var value = values[unsafe_offset=i]
+            var positive = value > 0.0
+            values[unsafe_offset=i] = value if positive else 0.0
+            bits |= UInt64(Int(positive)) << UInt64(i - start)
+        mask[unsafe_offset=word] = bits
+        word += 1
+        start = end
 
 
 @always_inline
