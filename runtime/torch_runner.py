@@ -179,11 +179,12 @@ class Layer(torch.nn.Module):
         self.caches = [HeadCache(k, v, exact) for k, v, exact in self.head_specs]
 
     @staticmethod
-    def _feed_forward(block, y: torch.Tensor) -> torch.Tensor:
+    def _feed_forward(block, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Return x + W2 ReLU(W1 y + b1) + b2 (x itself for an empty block)."""
         w1, b1, w2, b2 = block
         if w1.shape[0] == 0:
-            return b2
-        return torch.mv(w2, torch.relu(torch.mv(w1, y) + b1)) + b2
+            return x + b2 if bool(b2.any()) else x
+        return x + torch.mv(w2, torch.relu(torch.mv(w1, y) + b1)) + b2
 
     def forward(self, x: torch.Tensor, position: int) -> torch.Tensor:
         if self.has_heads:
@@ -195,11 +196,11 @@ class Layer(torch.nn.Module):
             x = x + torch.mv(self.wo, torch.from_numpy(np.concatenate(values)))
         y = x
         if self.shared is not None:
-            x = x + self._feed_forward(self.shared, y)
+            x = self._feed_forward(self.shared, x, y)
         if self.router is not None:
             # torch.argmax returns the first maximal index: ties go to the lowest expert.
             expert = int(torch.argmax(torch.mv(self.router, y) + self.router_bias))
-            x = x + self._feed_forward(self.experts[expert], y)
+            x = self._feed_forward(self.experts[expert], x, y)
         return x
 
 
@@ -260,7 +261,7 @@ class TorchModel(torch.nn.Module):
         indicator[self.offsets + token] = 1.0
         x = torch.mv(self.embedding_t, indicator)
         for layer in self.layers:
-            x = layer(x, self.position)
+            x = layer.forward(x, self.position)
         self.position += 1
         logits = torch.mv(self.unembedding, x) + self.unembedding_bias
         token_out = torch.empty(len(self.offsets), dtype=torch.int64)
