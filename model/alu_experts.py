@@ -40,7 +40,7 @@ def _division_traps(ctx: Context, opcode: Opcode, block: Block) -> None:
 
 
 def alu_family(ctx: Context, opcode: Opcode) -> Family:
-    """The family of one ALU opcode, built from its circuit."""
+    """Build the family of one ALU opcode from its circuit."""
     r = ctx.r
     prefix = f"alu.{opcode.name.lower()}."
     if opcode in DIVISIONS:

@@ -1,4 +1,4 @@
-"""What every circuit builder needs: the residual, the opcode numbering and bit helpers."""
+"""The build context of every circuit: the residual, the opcode numbering and bit helpers."""
 
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ class Context:
         return [bit(d) for d in dims[start:stop]]
 
     def opcode(self, *opcodes: Opcode) -> Lin:
-        """The bit expression "the fetched opcode is one of `opcodes`"."""
+        """Return the bit expression "the fetched opcode is one of `opcodes`"."""
         dims = self.r["fetched_op"]
         return total(bit(dims[self.number[op.mnemonic]]) for op in opcodes)
 
@@ -81,7 +81,7 @@ class Context:
         return [bit(a) + bit(b) for a, b in zip(r["ip"], r["delta_ip"])]
 
     def literal_patterns(self, bits: Sequence[Lin]) -> list[list[Lin]]:
-        """For each value v < 2^len(bits): the literals that say "bits hold v"."""
+        """Return, for each value v < 2^len(bits), the literals of "the bits are v"."""
         patterns = []
         for value in range(1 << len(bits)):
             patterns.append([

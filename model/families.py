@@ -3,9 +3,9 @@
 Each family writes the whole change of state of its opcodes: the next stack window
 (next_t0 .. next_t2), the register deltas it needs beyond the shared ip + 1, and its
 writes. Stack growth by one spills the slot that leaves the window (old T2) keyed by the
-new sp; a shrink by one or two brings back slot sp - 4 (reload A, key sp) and slot
-sp - 5 (reload B, key sp - 1). docs/model.md proves that these reads return the slots'
-values.
+new sp. A shrink by one brings back slot sp - 4 (reload A, key sp), and a shrink by two
+also slot sp - 5 (reload B, key sp - 1). docs/model.md proves that these reads return
+the slots' values.
 
 Jumps: FFN 0 leaves delta_ip = (ip + 1) - ip; a taken jump to t adds, bit by bit,
 t_i - (ip + 1)_i in FFN 1 (`change_bits`), so ip + delta_ip becomes t.
@@ -151,7 +151,7 @@ def local_families(ctx: Context) -> list[Family]:
 
 
 def control_families(ctx: Context) -> list[Family]:
-    """Every family of this module."""
+    """Build every family of this module."""
     return [
         *push_family(ctx),
         *shuffle_families(ctx),

@@ -41,7 +41,7 @@ def _sentinel_flag(residual: Residual, n: int) -> Lin:
 
 
 def aux_head(residual, name, role, tag, key_bits: Sequence[Lin], values, outputs) -> Head:
-    """An exact-match head on the auxiliary channel for writes tagged `tag`."""
+    """Build an exact-match head on the auxiliary channel for writes tagged `tag`."""
     r = residual
     n = AUX_KEY_COMPONENTS
     queries = _tag_components(tag) + _plus_minus(key_bits, tk.AUX_KEY_BITS) + [Lin.constant(1)]

@@ -1,7 +1,7 @@
 """Experts for loads and stores, including the input and output ports.
 
 Memory lives in four channels: the byte at address a is channel a mod 4, key a >> 2.
-For an access of w bytes at e = p + o, channel c holds the byte of the one address in
+For an access of w bytes at e = p + o, channel c contains the byte of the one address in
 [e, e + 4) congruent to c, whose word index is
 
     W_c = (e + 3 - c) >> 2        (= (e >> 2) + [c < e mod 4])
@@ -45,7 +45,7 @@ STORES = {Opcode.I32_STORE: 4, Opcode.I32_STORE8: 1, Opcode.I32_STORE16: 2}
 
 
 def _wider_than(ctx: Context, widths: dict[Opcode, int], j: int) -> list[Lin]:
-    """Literals that say "the access is wider than j bytes" (none for j = 0)."""
+    """Return the literals of "the access is wider than j bytes" (none for j = 0)."""
     if j == 0:
         return []
     return [ctx.opcode(*(op for op, w in widths.items() if w > j))]

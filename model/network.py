@@ -117,7 +117,7 @@ class Layer:
 
 @dataclass
 class Model:
-    """Everything a weight file holds apart from the program."""
+    """The model part of a weight file: everything but the program."""
 
     width: int
     embed: list[np.ndarray]  # per field, (V_f, D)

@@ -57,7 +57,7 @@ WORD_BITS = 32
 IP_BITS = 32  # a jump may target any 32-bit address, which then traps at the fetch
 SP_BITS = 11  # 0 .. 1024 values on the operand stack
 CALLS_BITS = 11  # 0 .. 1024 active calls
-CURSOR_BITS = 20  # input position; stdin holds fewer than 2^20 bytes
+CURSOR_BITS = 20  # input position; stdin has fewer than 2^20 bytes
 AUX_KEY_BITS = 20
 WORD_INDEX_BITS = (MAX_MEMORY_SIZE // 4 - 1).bit_length()  # 18 for 1 MiB
 MEMORY_CHANNELS = 4
@@ -232,7 +232,7 @@ def _code_token(schema, numbers, address: int, instruction: Instruction) -> np.n
 
 
 def _data_tokens(schema: Schema, program: Program) -> list[np.ndarray]:
-    """One DATA token per word that data segments touch, with the final initial bytes.
+    """Return one DATA token per word that data segments touch, with its initial bytes.
 
     Later segments override earlier ones, as in `Program.initial_memory`.
     """

@@ -64,12 +64,12 @@ class Lin:
 
 
 def bit(dim: int) -> Lin:
-    """The bit expression x[dim]."""
+    """Return the bit expression x[dim]."""
     return Lin.dim(dim)
 
 
 def not_bit(expression: Lin | int) -> Lin:
-    """The negation 1 - e of a bit expression (or of a bit dimension)."""
+    """Return the negation 1 - e of a bit expression (or of a bit dimension)."""
     if not isinstance(expression, Lin):
         expression = bit(expression)
     return 1.0 - expression
@@ -83,7 +83,7 @@ def total(expressions: Iterable[Lin]) -> Lin:
 
 
 def number(dims: Sequence[int]) -> Lin:
-    """The unsigned integer sum of 2^i x[dims[i]]."""
+    """Return the unsigned integer sum of 2^i x[dims[i]]."""
     return Lin({int(d): float(1 << i) for i, d in enumerate(dims)})
 
 

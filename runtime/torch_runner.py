@@ -2,7 +2,7 @@
 
 The decode loop only embeds tokens, runs the layers with the stored weights, takes
 argmaxes, appends to the KV caches, copies output bytes and stops on a token whose kind
-is not RUN. It knows nothing about opcodes: `tlc.model.tokens.TokenDecoder` turns the
+is not RUN. It contains no opcode semantics: `tlc.model.tokens.TokenDecoder` turns the
 tokens into the trace and the result.
 
 Attention is hard-max: each head scores every cached key, and among the best scores the
@@ -75,7 +75,7 @@ class HeadCache:
     """The KV cache of one hard-max head, one entry per distinct key.
 
     For an exact-match head (docs/model.md section 1) a query of the form (t, 1) with
-    every t_i in {-1, +1} is answered from the dict: the latest entry with key (t, n),
+    every t_i in {-1, +1} is looked up in the dict: the latest entry with key (t, n),
     else the sentinel (0 .. 0, 2n - 1). Any other query, and every query of other heads,
     scores every cached key; among the best scores the latest position wins.
     """
