@@ -17,7 +17,7 @@
 #              has_shared, [shared block], expert_count, [router, router bias,
 #              expert blocks]
 #   END_MARK
-# A matrix is the 9 Ints of a `Matrix`; a bias is one offset into `floats`; a block is
+# A matrix is the 10 Ints of a `Matrix`; a bias is one offset into `floats`; a block is
 # (w1, b1, w2, b2 as a D x 1 matrix). b2 is a matrix because it is added to the whole
 # residual, where most of its components are zero.
 
@@ -107,6 +107,7 @@ struct HeaderReader:
         var column_ids = self.next()
         var row_ids = self.next()
         var entries = self.next()
+        var first_word = self.next()
         var mask_words = self.next()
         var column_mask = self.next()
         var column_rank = self.next()
@@ -117,6 +118,7 @@ struct HeaderReader:
             column_ids,
             row_ids,
             entries,
+            first_word,
             mask_words,
             column_mask,
             column_rank,
@@ -511,7 +513,7 @@ def _read_layer(
         shared = len(blocks)
         blocks.append(reader.block())
     var expert_count = reader.next()
-    var router = Matrix(0, 0, 0, 0, 0, 0, 0, 0, 0)
+    var router = Matrix(0, 0, 0, 0, 0, 0, 0, 0, 0, 0)
     var router_bias = 0
     var first_expert = len(blocks)
     if expert_count > 0:

@@ -49,9 +49,10 @@ struct Matrix(ImplicitlyCopyable, Movable):
     """One sparse matrix by stored columns. Stored column k is column
     indices[column_ids + k] of the matrix and holds the entries e = p[k] .. p[k + 1] - 1,
     where p is pointers[entry_pointers :]; entry e sits in row indices[row_ids + e] and
-    has the value values[entries + e]. Bit c of the mask words pointers[column_mask :]
-    is set when column c is stored, and pointers[column_rank + w] counts the stored
-    columns below 64 w."""
+    has the value values[entries + e]. The mask covers the 64-column words first_word
+    .. first_word + mask_words - 1, which contain every stored column: bit c of mask
+    word i, pointers[column_mask + i], is set when column 64 (first_word + i) + c is
+    stored, and pointers[column_rank + i] counts the stored columns before that word."""
 
     var rows: Int
     var stored: Int  # number of stored columns
@@ -59,6 +60,7 @@ struct Matrix(ImplicitlyCopyable, Movable):
     var column_ids: Int
     var row_ids: Int
     var entries: Int
+    var first_word: Int
     var mask_words: Int
     var column_mask: Int
     var column_rank: Int
@@ -83,8 +85,9 @@ def accumulate_masked[
     var values = arrays.values.unsafe_offset(matrix.entries)
     var column_mask = arrays.pointers.unsafe_offset(matrix.column_mask)
     var column_rank = arrays.pointers.unsafe_offset(matrix.column_rank)
-    for word in range(matrix.mask_words):
-        var stored_bits = UInt64(column_mask[unsafe_offset=word])
+    for index in range(matrix.mask_words):
+        var word = matrix.first_word + index
+        var stored_bits = UInt64(column_mask[unsafe_offset=index])
         var bits = stored_bits & input_mask[unsafe_offset=word]
         while bits != 0:
             var bit = count_trailing_zeros(bits)
@@ -93,7 +96,7 @@ def accumulate_masked[
             if coefficient == 0.0:
                 continue
             var below = stored_bits & ((UInt64(1) << bit) - 1)
-            var k = column_rank[unsafe_offset=word] + Int(pop_count(below))
+            var k = column_rank[unsafe_offset=index] + Int(pop_count(below))
             for entry in range(pointers[unsafe_offset=k], pointers[unsafe_offset=k + 1]):
                 var row = Int(row_ids[unsafe_offset=entry])
                 var weight = values[unsafe_offset=entry].cast[DType.float64]()

@@ -88,8 +88,9 @@ class _Packer:
                         self._indices(row_ids), self.value_length]  # fmt: skip
         self.value_parts.append(values.astype(np.float64))
         self.value_length += len(values)
-        mask, rank = _column_mask(column_ids, cols)
-        self.header += [len(mask), self._ints(mask.view(np.int64)), self._ints(rank)]
+        first_word, mask, rank = _column_mask(column_ids)
+        self.header += [first_word, len(mask), self._ints(mask.view(np.int64)),
+                        self._ints(rank)]  # fmt: skip
 
     def _ints(self, values: np.ndarray) -> int:
         offset = self.int_length
@@ -153,17 +154,23 @@ class PackedModel:
 MASK_BITS = 64  # bits per mask word, as in kernels.mojo
 
 
-def _column_mask(column_ids: np.ndarray, cols: int) -> tuple[np.ndarray, np.ndarray]:
-    """Return (mask, rank) of a `Matrix`: bit c of the uint64 words of mask is set for
-    every stored column c, and rank[w] counts the stored columns below 64 w."""
-    words = max((cols + MASK_BITS - 1) // MASK_BITS, 1)
-    mask = np.zeros(words, dtype=np.uint64)
+def _column_mask(column_ids: np.ndarray) -> tuple[int, np.ndarray, np.ndarray]:
+    """Return (first_word, mask, rank) of a `Matrix`: the mask words cover the 64-column
+    words from first_word to the last one with a stored column; bit c of mask[i] is set
+    when column 64 (first_word + i) + c is stored, and rank[i] counts the stored columns
+    before that word."""
     ids = np.asarray(column_ids, dtype=np.int64)
-    np.bitwise_or.at(mask, ids // MASK_BITS, np.left_shift(np.uint64(1),
-                                                           (ids % MASK_BITS).astype(np.uint64)))
-    counts = np.bincount(ids // MASK_BITS, minlength=words)[:words]
+    if len(ids) == 0:
+        return 0, np.zeros(0, dtype=np.uint64), np.zeros(0, dtype=np.int64)
+    words = ids // MASK_BITS
+    first_word = int(words.min())
+    count = int(words.max()) - first_word + 1
+    mask = np.zeros(count, dtype=np.uint64)
+    bits = np.left_shift(np.uint64(1), (ids % MASK_BITS).astype(np.uint64))
+    np.bitwise_or.at(mask, words - first_word, bits)
+    counts = np.bincount(words - first_word, minlength=count)
     rank = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
-    return mask, rank
+    return first_word, mask, rank
 
 
 def _column(vector: np.ndarray) -> SparseMatrix:
