@@ -29,6 +29,7 @@ logger = logging.getLogger("tlc.runtime")
 DTYPE = torch.float64
 INITIAL_CACHE_SLOTS = 64
 PROGRESS_EVERY = 1024  # steps between calls of the progress callback
+PREFILL_CHUNK = 2048  # prompt positions per batched pass: (chunk, D) float64 at a time
 
 
 def is_available() -> bool:
@@ -186,6 +187,43 @@ class Layer(torch.nn.Module):
             return x + b2 if bool(b2.any()) else x
         return x + torch.mv(w2, torch.relu(torch.mv(w1, y) + b1)) + b2
 
+    def forward_many(self, x: torch.Tensor, first_position: int) -> torch.Tensor:
+        """Run the layer on the rows of x (P, D), positions first_position + row, in order.
+
+        Equal to calling `forward` row by row: the rows' keys enter the caches in order
+        and each row attends over the caches up to itself; the products run batched.
+        """
+        if self.has_heads:
+            qkv = (torch.sparse.mm(self.qkv, x.T).T + self.qkv_bias).numpy()
+            values = np.zeros((len(x), self.wo.shape[1]))
+            for row in range(len(x)):
+                start = 0
+                for cache, (q, k, v, end) in zip(self.caches, self.head_slices):
+                    cache.append(qkv[row, k:v], qkv[row, v:end], first_position + row)
+                    values[row, start : start + end - v] = cache.lookup(qkv[row, q:k])
+                    start += end - v
+            x = x + torch.sparse.mm(self.wo, torch.from_numpy(values).T).T
+        y = x
+        if self.shared is not None:
+            x = x + self._feed_forward_many(self.shared, y)
+        if self.router is not None:
+            logits = torch.sparse.mm(self.router, y.T).T + self.router_bias
+            # torch.argmax returns the first maximal index: ties go to the lowest expert.
+            chosen = torch.argmax(logits, dim=1)
+            for expert in torch.unique(chosen).tolist():
+                rows = torch.nonzero(chosen == expert).flatten()
+                x[rows] = x[rows] + self._feed_forward_many(self.experts[expert], y[rows])
+        return x
+
+    @staticmethod
+    def _feed_forward_many(block, y: torch.Tensor) -> torch.Tensor:
+        """Return W2 ReLU(W1 y + b1) + b2 for every row of y."""
+        w1, b1, w2, b2 = block
+        if w1.shape[0] == 0:
+            return b2.expand(len(y), -1)
+        hidden = torch.relu(torch.sparse.mm(w1, y.T).T + b1)
+        return torch.sparse.mm(w2, hidden.T).T + b2
+
     def forward(self, x: torch.Tensor, position: int) -> torch.Tensor:
         if self.has_heads:
             qkv = (torch.mv(self.qkv, x) + self.qkv_bias).numpy()
@@ -263,11 +301,29 @@ class TorchModel(torch.nn.Module):
         for layer in self.layers:
             x = layer.forward(x, self.position)
         self.position += 1
+        return self._next_token(x)
+
+    def _next_token(self, x: torch.Tensor) -> torch.Tensor:
         logits = torch.mv(self.unembedding, x) + self.unembedding_bias
         token_out = torch.empty(len(self.offsets), dtype=torch.int64)
         for fields, index in self.groups:
             token_out[fields] = logits[index].argmax(dim=1)
         return token_out
+
+    @torch.no_grad()
+    def prefill(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Run the prompt tokens (P, F) in chunks, layer by layer over each chunk, and
+        return the token that follows the last one. Equal to `step` on each token."""
+        for start in range(0, len(tokens), PREFILL_CHUNK):
+            chunk = tokens[start : start + PREFILL_CHUNK]
+            indicator = torch.zeros((self.total_vocab, len(chunk)), dtype=DTYPE)
+            columns = torch.arange(len(chunk)).unsqueeze(1).expand(-1, chunk.shape[1])
+            indicator[self.offsets + chunk, columns] = 1.0
+            x = torch.sparse.mm(self.embedding_t, indicator).T.contiguous()
+            for layer in self.layers:
+                x = layer.forward_many(x, self.position)
+            self.position += len(chunk)
+        return self._next_token(x[-1])
 
 
 _MODELS: dict[str, TorchModel] = {}
@@ -316,9 +372,7 @@ def run_program(
     torch.set_num_threads(1)
     try:
         model.reset()
-        for token in prompt[:-1]:
-            model.step(token)
-        token = model.step(prompt[-1])
+        token = model.prefill(prompt)
         while decoder.feed(token.numpy()):
             if progress is not None and decoder.steps % PROGRESS_EVERY == 0:
                 progress(decoder.steps)

@@ -128,3 +128,23 @@ def test_torch_rejects_uncomputed_opcode(monkeypatch):
     monkeypatch.setitem(model.metadata, "covered_opcodes", covered)
     with pytest.raises(ValueError, match="does not compute ADD"):
         torch_runner.run_program(assemble("PUSH 1\nPUSH 2\nADD\nHALT", "t"))
+
+
+def test_prefill_matches_token_by_token():
+    import torch
+
+    from tlc.model import tokens as tk
+
+    model = torch_runner.load_model()
+    program = assemble(PROGRAMS["data-segments"], "t.tasm")
+    prompt = torch.from_numpy(tk.encode_prompt(model.metadata, program, b"abc"))
+    model.reset()
+    batched = model.prefill(prompt)
+    batched_sizes = [cache.size for layer in model.layers for cache in layer.caches]
+    model.reset()
+    for token in prompt[:-1]:
+        model.step(token)
+    stepped = model.step(prompt[-1])
+    stepped_sizes = [cache.size for layer in model.layers for cache in layer.caches]
+    assert torch.equal(batched, stepped)
+    assert batched_sizes == stepped_sizes
