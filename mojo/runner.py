@@ -39,7 +39,13 @@ PACK_END_MARK = 0x746C63FF
 # and each next one doubles while a chunk takes less than CHUNK_SECONDS.
 FIRST_CHUNK = 1024
 MAX_CHUNK = 1 << 20
-MAX_RECORDED_CHUNK = 1 << 16  # when tokens are recorded, F int64 each
+# A recorded chunk holds F int64 per token, so its size is bounded in bytes.
+MAX_RECORDED_BYTES = 8 << 20
+
+
+def max_recorded_chunk(field_count: int) -> int:
+    """Return the most tokens per chunk when tokens are recorded."""
+    return max(1, MAX_RECORDED_BYTES // (8 * max(field_count, 1)))
 CHUNK_SECONDS = 0.05
 
 
@@ -384,6 +390,8 @@ def decode(
     output = bytearray()
     count = 0
     chunk = FIRST_CHUNK
+    if record:
+        chunk = min(chunk, max_recorded_chunk(len(engine.weights.fields)))
     stopped = False
     while not stopped and (max_tokens is None or count < max_tokens):
         size = chunk if max_tokens is None else min(chunk, max_tokens - count)
@@ -400,7 +408,8 @@ def decode(
         if progress is not None and not stopped:
             progress(count)
         if elapsed < CHUNK_SECONDS:
-            chunk = min(chunk * 2, MAX_RECORDED_CHUNK if record else MAX_CHUNK)
+            limit = max_recorded_chunk(len(engine.weights.fields)) if record else MAX_CHUNK
+            chunk = min(chunk * 2, limit)
     tokens = None
     if record:
         field_count = len(engine.weights.fields)
@@ -548,12 +557,10 @@ def run_program(
 
 def _run_traced(engine: MojoEngine, decoder, max_steps: int | None, progress):
     """Generate in chunks and feed every token to the decoder, which prints the trace."""
+    chunk = max_recorded_chunk(len(engine.weights.fields))
     count = 0
-    while True:
-        size = MAX_RECORDED_CHUNK if max_steps is None else min(MAX_RECORDED_CHUNK,
-                                                                max_steps - count)  # fmt: skip
-        if size <= 0:
-            break
+    while max_steps is None or count < max_steps:
+        size = chunk if max_steps is None else min(chunk, max_steps - count)
         piece = engine.generate(size, record=True)
         count += piece.emitted
         for token in piece.tokens:

@@ -173,3 +173,13 @@ def test_corrupted_expert_breaks_its_programs():
             break
     expected = interpreter.run_program(program)
     assert outcome(decoder.result) != outcome(expected)
+
+
+def test_trace_spans_several_chunks():
+    weights, _ = runner.load_universal()
+    chunk = runner.max_recorded_chunk(len(weights.fields))
+    iterations = chunk // 2  # four steps per iteration: two chunks and a part
+    program = assemble(f"PUSH {iterations}\nloop: PUSH 1\nSUB\nDUP\nJNZ loop\nHALT", "t")
+    result = check(program, max_steps=10 * chunk)
+    assert result.steps > 2 * chunk
+    assert result.status is Status.HALTED
