@@ -39,7 +39,7 @@ PACK_END_MARK = 0x746C63FF
 # and each next one doubles while a chunk takes less than CHUNK_SECONDS.
 FIRST_CHUNK = 1024
 MAX_CHUNK = 1 << 20
-# A recorded chunk holds F int64 per token, so its size is bounded in bytes.
+# A recorded chunk stores F int64 per token, so its size is bounded in bytes.
 MAX_RECORDED_BYTES = 8 << 20
 
 
@@ -161,10 +161,12 @@ MASK_BITS = 64  # bits per mask word, as in kernels.mojo
 
 
 def _column_mask(column_ids: np.ndarray) -> tuple[int, np.ndarray, np.ndarray]:
-    """Return (first_word, mask, rank) of a `Matrix`: the mask words cover the 64-column
-    words from first_word to the last one with a stored column; bit c of mask[i] is set
-    when column 64 (first_word + i) + c is stored, and rank[i] counts the stored columns
-    before that word."""
+    """Return (first_word, mask, rank) of a `Matrix`.
+
+    The mask words cover the 64-column words from first_word to the last one with a
+    stored column. Bit c of mask[i] is set when column 64 (first_word + i) + c is stored,
+    and rank[i] counts the stored columns before that word.
+    """
     ids = np.asarray(column_ids, dtype=np.int64)
     if len(ids) == 0:
         return 0, np.zeros(0, dtype=np.uint64), np.zeros(0, dtype=np.int64)
@@ -386,13 +388,14 @@ def decode(
     progress: Callable[[int], None] | None = None,
 ) -> Decoded:
     """Generate in chunks until the run stops or `max_tokens` tokens (None: no limit)."""
+    field_count = len(engine.weights.fields)
+    limit = max_recorded_chunk(field_count) if record else MAX_CHUNK
+    chunk = min(FIRST_CHUNK, limit)
     chunks: list[np.ndarray] = []
     output = bytearray()
     count = 0
-    chunk = FIRST_CHUNK
-    if record:
-        chunk = min(chunk, max_recorded_chunk(len(engine.weights.fields)))
     stopped = False
+
     while not stopped and (max_tokens is None or count < max_tokens):
         size = chunk if max_tokens is None else min(chunk, max_tokens - count)
         started = time.perf_counter()
@@ -408,11 +411,10 @@ def decode(
         if progress is not None and not stopped:
             progress(count)
         if elapsed < CHUNK_SECONDS:
-            limit = max_recorded_chunk(len(engine.weights.fields)) if record else MAX_CHUNK
             chunk = min(chunk * 2, limit)
+
     tokens = None
     if record:
-        field_count = len(engine.weights.fields)
         tokens = np.concatenate(chunks) if chunks else np.zeros((0, field_count), np.int64)
     last = engine.last_token() if count else None
     previous = engine.previous_token() if count else None

@@ -12,8 +12,8 @@ which exercises the tie rules. Its structure follows the contract:
   exact-match heads see keys `(bits of key, c)` and queries `(bits of query, 1)` with
   c = n for NORMAL, 2n - 1 for SENTINEL and at most n - 2 for LOW.
 * With `well_formed=True` the unembedding never produces key or query "none" or the
-  SENTINEL tag (their logits get a large negative bias), and the prompt contains exactly
-  one sentinel token, so every exact-match key and query has the form of
+  SENTINEL tag, because their logits get a large negative bias. The prompt contains
+  exactly one sentinel token, so every exact-match key and query has the form of
   docs/model.md. With `well_formed=False` malformed keys and queries occur, and a
   runtime must notice them and search by brute force.
 """

@@ -156,8 +156,8 @@ def test_negative_zero_key_evicts_zero_key(extension):
 
 
 def test_sign_keys_spread_over_buckets(extension):
-    """Keys of +-1 differ only in the sign bits of their Float64 patterns; the hash must
-    still spread them, or every lookup scans the whole table."""
+    """Keys of +-1 differ only in the sign bits of their Float64 patterns. The hash must
+    still spread them, because otherwise every lookup scans the whole table."""
     n, count = 20, 2000
     rng = np.random.default_rng(7)
     signs = rng.choice([-1.0, 1.0], size=(count, n))
