@@ -1,0 +1,44 @@
+"""Tests of `tlc bench`: the table it prints for real runs."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+from tlc.runtime.bench import Measurement, format_table
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_format_table_ratios():
+    rows = [
+        Measurement("p.tl", "ref", 1000, 0.5, 10.0, "halted"),
+        Measurement("p.tl", "torch", 1000, 5.0, 20.0, "halted"),
+        Measurement("p.tl", "gcc -O2", None, 0.01, 0.0, "native"),
+    ]
+    lines = format_table(rows).splitlines()
+    torch_row = lines[3]
+    assert "| torch | 1000 |" in torch_row
+    assert "| 200 |" in torch_row
+    assert "0.10x" in torch_row
+    assert "500x slower" in torch_row
+
+
+def test_bench_runs_ref_and_gcc(tmp_path):
+    source = tmp_path / "sum.tl"
+    source.write_text(
+        "int main(void) { int s = 0; for (int i = 0; i < 100; i++) s += i; return s & 255; }\n"
+    )
+    completed = subprocess.run(
+        [sys.executable, "-m", "tlc", "bench", str(source), "--backends", "ref"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
+    assert completed.returncode == 0, completed.stderr
+    ref_rows = [line for line in completed.stdout.splitlines() if "| ref |" in line]
+    native_rows = [line for line in completed.stdout.splitlines() if "| gcc -O2 |" in line]
+    assert len(ref_rows) == 1
+    assert "halted" in ref_rows[0]
+    assert len(native_rows) == 1
+    assert "native" in native_rows[0]
