@@ -14,7 +14,11 @@ The functions a runtime needs are all importable from here: `build_model`,
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
+import logging
+import os
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -23,6 +27,8 @@ import scipy.sparse as sp
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
+from tlc.cache import cache_dir
+from tlc.compiler import isa
 from tlc.model import tokens as tk
 from tlc.model.build import build_model
 from tlc.model.network import Model
@@ -39,13 +45,54 @@ __all__ = [
     "model_tensors",
     "save_weights",
     "universal_model",
+    "universal_weights",
 ]
+
+logger = logging.getLogger("tlc.model")
 
 
 @functools.lru_cache(maxsize=4)
 def universal_model(numbering: tuple[str, ...] | None = None) -> Model:
     """Build (once per process and numbering) the universal model."""
     return build_model(numbering)
+
+
+def _builder_hash() -> str:
+    """Return a hash of the sources the universal weights are built from."""
+    digest = hashlib.sha256()
+    sources = sorted(Path(__file__).resolve().parent.glob("*.py")) + [Path(isa.__file__)]
+    for source in sources:
+        digest.update(source.name.encode())
+        digest.update(source.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+@functools.lru_cache(maxsize=1)
+def universal_weights() -> tuple[dict[str, np.ndarray], dict]:
+    """Return (tensors, metadata) of the universal model, as `load_weights` gives them.
+
+    Building takes seconds, so the file is cached under the tlc cache folder, keyed by a
+    hash of the builder's sources. A cache that cannot be read or written is skipped.
+    """
+    path = cache_dir() / "weights" / f"universal-{_builder_hash()}.safetensors"
+    if path.is_file():
+        try:
+            return load_weights(path)
+        except ValueError as error:
+            logger.info("ignoring unreadable cached weights %s: %s", path, error)
+
+    model = universal_model()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(dir=path.parent, suffix=".safetensors")
+        os.close(handle)
+        save_weights(model, temporary)
+        os.replace(temporary, path)
+        return load_weights(path)
+    except OSError as error:
+        logger.info("cannot cache the universal weights in %s: %s", path.parent, error)
+    tensors, shapes = model_tensors(model)
+    return tensors, dict(model.metadata, shapes=shapes)
 
 
 def model_tensors(model: Model) -> tuple[dict[str, np.ndarray], dict[str, list[int]]]:

@@ -27,6 +27,8 @@ import tempfile
 from pathlib import Path
 from types import ModuleType
 
+from tlc.cache import cache_dir
+
 logger = logging.getLogger("tlc.mojo")
 logger.addHandler(logging.NullHandler())
 
@@ -50,15 +52,6 @@ class MojoBuildError(RuntimeError):
 
 class MojoCompilerMissing(MojoBuildError):
     """No Mojo compiler is installed, so the extension cannot be built on this machine."""
-
-
-def cache_dir() -> Path:
-    """Return the folder that contains built extensions."""
-    override = os.environ.get("TLC_CACHE_DIR")
-    if override:
-        return Path(override)
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "tlc"
 
 
 def _compiler_version() -> str:

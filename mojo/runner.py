@@ -486,14 +486,12 @@ _UNIVERSAL = "<universal model>"
 
 
 def load_universal() -> tuple[ModelWeights, PackedModel]:
-    """Return the universal interpreter model, built in memory by tlc.model, and its
-    packed form. Built once per process."""
+    """Return the universal interpreter model, from tlc.model's weight cache, and its
+    packed form. Loaded once per process."""
     if _UNIVERSAL not in _loaded:
-        from tlc.model.weights import model_tensors, universal_model
+        from tlc.model.weights import universal_weights
 
-        model = universal_model()
-        tensors, shapes = model_tensors(model)
-        metadata = dict(model.metadata, shapes=shapes)
+        tensors, metadata = universal_weights()
         weights = weights_from_tensors(tensors, metadata, _UNIVERSAL)
         _loaded[_UNIVERSAL] = (weights, pack_model(weights))
     return _loaded[_UNIVERSAL]

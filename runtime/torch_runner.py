@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from tlc.model import tokens as tk
-from tlc.model.weights import load_weights, model_tensors, universal_model, uncovered_opcodes
+from tlc.model.weights import load_weights, uncovered_opcodes, universal_weights
 from tlc.runtime.machine import Program, RunResult, Status
 
 logger = logging.getLogger("tlc.runtime")
@@ -334,8 +334,7 @@ def load_model(weights: str | Path | None = None) -> TorchModel:
     key = str(weights) if weights is not None else "<universal>"
     if key not in _MODELS:
         if weights is None:
-            tensors, shapes = model_tensors(universal_model())
-            metadata = dict(universal_model().metadata, shapes=shapes)
+            tensors, metadata = universal_weights()
         else:
             tensors, metadata = load_weights(weights)
         _MODELS[key] = TorchModel(tensors, metadata)
