@@ -120,7 +120,7 @@ def _validate_instruction(address: int, instruction: Instruction) -> None:
 
 
 class Status(enum.Enum):
-    """How a run ended."""
+    """Final state of a run: halted, trapped or stopped at the step limit."""
 
     HALTED = "halted"
     TRAPPED = "trapped"
