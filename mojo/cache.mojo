@@ -11,6 +11,13 @@
 # key is absent. The cache uses the table for a query only while every key appended so
 # far has one of the forms the contract allows and the query has its form too; otherwise
 # it takes the brute-force argmax, which is exact for any keys.
+#
+# Most keys of a tlc model are ternary: every component but the last is -1, 0 or +1.
+# Such a key (with at most 64 of those components) is encoded without loss as a `Code`,
+# the bit masks of its nonzero and of its negative components plus the bit pattern of
+# its last component, and found in a second hash table by that code, which costs one
+# mix and three integer compares instead of hashing and comparing the Float64s. Whether
+# a key is ternary depends only on the key, so equal keys always meet in the same table.
 
 from std.memory import bitcast, unsafe_memcpy
 
@@ -59,6 +66,72 @@ def hash_key(key: FloatPtr, width: Int, multipliers: Pointer[UInt64, MutUntracke
     return mix(total)
 
 
+comptime CODE_BITS = 64  # ternary components a Code can hold
+comptime CODE_NONZERO: UInt64 = 0xD6E8FEB86659FD93  # odd multipliers of the code words
+comptime CODE_NEGATIVE: UInt64 = 0xA0761D6478BD642F
+comptime CODE_LAST: UInt64 = 0xE7037ED1A0B428DB
+
+
+@fieldwise_init
+struct Code(Equatable, ImplicitlyCopyable, Movable):
+    """A ternary key: bit i of `nonzero` and `negative` describe component i, and `last`
+    is the bit pattern of the last component (never of -0.0 or a NaN)."""
+
+    var nonzero: UInt64
+    var negative: UInt64
+    var last: UInt64
+
+    def __eq__(self, other: Self) -> Bool:
+        return (
+            self.nonzero == other.nonzero
+            and self.negative == other.negative
+            and self.last == other.last
+        )
+
+    def hash(self) -> UInt64:
+        return mix(
+            self.nonzero * CODE_NONZERO + self.negative * CODE_NEGATIVE + self.last * CODE_LAST
+        )
+
+
+@always_inline
+def encode_ternary(key: FloatPtr, width: Int, mut code: Code) -> Bool:
+    """Set `code` to the key's code and return True when the key is ternary: width - 1
+    <= CODE_BITS components in {-1, 0, +1} and a last component that is not a NaN."""
+    var n = width - 1
+    if n > CODE_BITS or n < 0:
+        return False
+    var last = key[unsafe_offset=n] + 0.0  # -0.0 becomes +0.0
+    if last != last:
+        return False
+    var lane_bits = SIMD[DType.uint64, LANES](1, 2, 4, 8, 16, 32, 64, 128)
+    var nonzero: UInt64 = 0
+    var negative: UInt64 = 0
+    var i = 0
+    while i + LANES <= n:
+        var values = key.unsafe_load[width=LANES](i)
+        var is_zero = values.eq(0.0)
+        var is_positive = values.eq(1.0)
+        var is_negative = values.eq(-1.0)
+        if not (is_zero | is_positive | is_negative).reduce_and():
+            return False
+        nonzero |= (~is_zero).select(lane_bits, 0).reduce_or() << UInt64(i)
+        negative |= is_negative.select(lane_bits, 0).reduce_or() << UInt64(i)
+        i += LANES
+    while i < n:
+        var value = key[unsafe_offset=i]
+        if value == 1.0:
+            nonzero |= UInt64(1) << UInt64(i)
+        elif value == -1.0:
+            nonzero |= UInt64(1) << UInt64(i)
+            negative |= UInt64(1) << UInt64(i)
+        elif value != 0.0:
+            return False
+        i += 1
+    code = Code(nonzero, negative, bitcast[DType.uint64](last))
+    return True
+
+
 @always_inline
 def keys_equal(first: FloatPtr, second: FloatPtr, width: Int) -> Bool:
     """Return True when the keys are equal component for component (-0.0 == 0.0)."""
@@ -86,10 +159,15 @@ struct HeadCache(Movable):
     var values: List[Float64]
     var stamps: List[Int]  # the position that last wrote each slot
     var table: List[Int]  # open addressing with linear probing: a slot or EMPTY
+    var table_count: Int  # slots in `table`: those whose key is not ternary
+    var codes: List[Code]  # the code of each slot (unused for a key that is not ternary)
+    var code_table: List[Int]  # the slots of ternary keys, found by code
+    var code_count: Int
     var index_usable: Bool  # every key so far has an exact-match form
     var sentinel: Int  # slot of the sentinel key, or EMPTY
     var probe: List[Float64]  # scratch key for exact-match lookups
     var probe_steps: Int  # buckets visited by `find` beyond the first, for tests
+    var last_indexed: Bool  # the latest `attend` answered through the exact-match index
     var multipliers: List[UInt64]  # one random odd multiplier per key component
 
     def __init__(out self, key_width: Int, value_width: Int, exact: Bool):
@@ -100,10 +178,15 @@ struct HeadCache(Movable):
         self.values = List[Float64]()
         self.stamps = List[Int]()
         self.table = List[Int](length=INITIAL_TABLE_SIZE, fill=EMPTY)
+        self.table_count = 0
+        self.codes = List[Code]()
+        self.code_table = List[Int](length=INITIAL_TABLE_SIZE, fill=EMPTY)
+        self.code_count = 0
         self.index_usable = True
         self.sentinel = EMPTY
         self.probe = List[Float64](length=max(key_width, 1), fill=0.0)
         self.probe_steps = 0
+        self.last_indexed = False
         self.multipliers = List[UInt64](capacity=max(key_width, 1))
         for i in range(max(key_width, 1)):
             self.multipliers.append(mix(GOLDEN * UInt64(i + 1)) | 1)
@@ -121,6 +204,27 @@ struct HeadCache(Movable):
 
     def find(mut self, key: FloatPtr) -> Int:
         """Return the slot whose key equals `key` component for component, or EMPTY."""
+        var code = Code(0, 0, 0)
+        if encode_ternary(key, self.key_width, code):
+            return self.find_code(code)
+        return self._find_float(key)
+
+    def find_code(mut self, code: Code) -> Int:
+        """Return the slot of the ternary key with this code, or EMPTY."""
+        var mask = len(self.code_table) - 1
+        var position = Int(code.hash()) & mask
+        var table = int_ptr(self.code_table)
+        var codes = self.codes.unsafe_ptr()
+        while True:
+            var slot = table[unsafe_offset=position]
+            if slot == EMPTY:
+                return EMPTY
+            if codes[slot] == code:
+                return slot
+            position = (position + 1) & mask
+            self.probe_steps += 1
+
+    def _find_float(mut self, key: FloatPtr) -> Int:
         var mask = len(self.table) - 1
         var position = Int(hash_key(key, self.key_width, self._multipliers())) & mask
         var keys = float_ptr(self.keys)
@@ -135,7 +239,8 @@ struct HeadCache(Movable):
             self.probe_steps += 1
 
     def _place(mut self, slot: Int):
-        """Put `slot` into the hash table at the first free place of its probe chain."""
+        """Put the slot of a key that is not ternary into `table` at the first free
+        place of its probe chain."""
         var mask = len(self.table) - 1
         var key = float_ptr(self.keys).unsafe_offset(slot * self.key_width)
         var position = Int(hash_key(key, self.key_width, self._multipliers())) & mask
@@ -143,10 +248,37 @@ struct HeadCache(Movable):
             position = (position + 1) & mask
         self.table[position] = slot
 
-    def _grow_table(mut self):
-        var size = len(self.table) * 2
-        self.table = List[Int](length=size, fill=EMPTY)
-        for slot in range(self.count()):
+    def _place_code(mut self, slot: Int):
+        """Put the slot of a ternary key into `code_table`."""
+        var mask = len(self.code_table) - 1
+        var position = Int(self.codes[slot].hash()) & mask
+        while self.code_table[position] != EMPTY:
+            position = (position + 1) & mask
+        self.code_table[position] = slot
+
+    def _insert(mut self, slot: Int, ternary: Bool):
+        """Index a new slot, doubling its table when that becomes more than half full."""
+        if ternary:
+            self.code_count += 1
+            if 2 * self.code_count > len(self.code_table):
+                self.code_table = List[Int](length=2 * len(self.code_table), fill=EMPTY)
+                var code = Code(0, 0, 0)
+                for other in range(self.count()):
+                    var key = float_ptr(self.keys).unsafe_offset(other * self.key_width)
+                    if encode_ternary(key, self.key_width, code):
+                        self._place_code(other)
+            else:
+                self._place_code(slot)
+            return
+        self.table_count += 1
+        if 2 * self.table_count > len(self.table):
+            self.table = List[Int](length=2 * len(self.table), fill=EMPTY)
+            var code = Code(0, 0, 0)
+            for other in range(self.count()):
+                var key = float_ptr(self.keys).unsafe_offset(other * self.key_width)
+                if not encode_ternary(key, self.key_width, code):
+                    self._place(other)
+        else:
             self._place(slot)
 
     def append(mut self, key: FloatPtr, value: FloatPtr, stamp: Int) -> Int:
@@ -154,7 +286,9 @@ struct HeadCache(Movable):
 
         An equal key already cached is replaced, which is the exact eviction.
         """
-        var slot = self.find(key)
+        var code = Code(0, 0, 0)
+        var ternary = encode_ternary(key, self.key_width, code)
+        var slot = self.find_code(code) if ternary else self._find_float(key)
         if slot == EMPTY:
             slot = self.count()
             for i in range(self.key_width):
@@ -162,16 +296,24 @@ struct HeadCache(Movable):
             for i in range(self.value_width):
                 self.values.append(value[unsafe_offset=i])
             self.stamps.append(stamp)
-            if 2 * self.count() > len(self.table):
-                self._grow_table()
-            else:
-                self._place(slot)
+            self.codes.append(code)
+            self._insert(slot, ternary)
             if self.exact:
                 self._check_key_form(key, slot)
             return slot
         unsafe_memcpy(dest=self.value_ptr(slot), src=value, count=self.value_width)
         self.stamps[slot] = stamp
         return slot
+
+    def rewrite(mut self, slot: Int, value: FloatPtr, stamp: Int):
+        """Append a key equal to the key of `slot`, with this value, at position
+        `stamp`: what `append` does for a cached key, without looking the key up."""
+        unsafe_memcpy(dest=self.value_ptr(slot), src=value, count=self.value_width)
+        self.stamps[slot] = stamp
+
+    def restamp(mut self, slot: Int, stamp: Int):
+        """Append the key and value that `slot` holds again, at position `stamp`."""
+        self.stamps[slot] = stamp
 
     def _check_key_form(mut self, key: FloatPtr, slot: Int):
         """Record whether a new key keeps the exact-match index exact.
@@ -201,10 +343,32 @@ struct HeadCache(Movable):
         self.index_usable = False
 
     def attend(mut self, query: FloatPtr) -> Int:
-        """Return the slot with the largest q . k, the latest stamp winning ties."""
+        """Return the slot with the largest q . k, the latest stamp winning ties.
+
+        Sets `last_indexed` when the exact-match index gave the answer, which then
+        depends only on the query and the set of cached keys, not on the stamps.
+        """
+        self.last_indexed = True
+        return self._attend(query)
+
+    def _attend(mut self, query: FloatPtr) -> Int:
         if self.exact and self.index_usable and self.sentinel != EMPTY:
             var n = self.key_width - 1
-            var form = query[unsafe_offset=n] == 1.0
+            if query[unsafe_offset=n] != 1.0:
+                return self.attend_brute_force(query)
+            # The query's code, if it has the form (t, 1) with every t_i = +-1, is the
+            # code of the key (t, n) that it selects.
+            var code = Code(0, 0, 0)
+            if n <= CODE_BITS and encode_ternary(query, self.key_width, code):
+                var all_signs = (
+                    UInt64(0) - 1 if n == CODE_BITS else (UInt64(1) << UInt64(n)) - 1
+                )
+                if code.nonzero == all_signs:
+                    code.last = bitcast[DType.uint64](Float64(n))
+                    var slot = self.find_code(code)
+                    return slot if slot != EMPTY else self.sentinel
+                return self.attend_brute_force(query)
+            var form = True
             var probe = float_ptr(self.probe)
             for i in range(n):
                 var component = query[unsafe_offset=i]
@@ -217,6 +381,7 @@ struct HeadCache(Movable):
         return self.attend_brute_force(query)
 
     def attend_brute_force(mut self, query: FloatPtr) -> Int:
+        self.last_indexed = False
         var keys = float_ptr(self.keys)
         var stamps = int_ptr(self.stamps)
         var best = 0

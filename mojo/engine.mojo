@@ -13,7 +13,9 @@
 #   embed^T (D x sum of V_f, every column stored; field f's value t is column
 #   V_0 + .. + V_(f-1) + t), unembed (sum of V_f x D, the fields' rows stacked) and its
 #   bias,
-#   per layer: head_count, per head (exact, wq, bq, wk, bk, wv, bv, wo),
+#   per layer: head_count, per head (exact, wq, bq, wk, bk, wv, bv, wo, then the token
+#              fields of the key, the value and the query: a count and that many
+#              fields, or -1 when the projection reads a dimension a layer writes),
 #              has_shared, [shared block], expert_count, [router, router bias,
 #              expert blocks]
 #   END_MARK
@@ -21,6 +23,7 @@
 # (w1, b1, w2, b2 as a D x 1 matrix). b2 is a matrix because it is added to the whole
 # residual, where most of its components are zero.
 
+from std.bit import count_trailing_zeros
 from std.memory import unsafe_memcpy
 
 from cache import HeadCache
@@ -40,6 +43,7 @@ from kernels import (
     first_argmax,
     float_ptr,
     int_ptr,
+    nonzero_mask,
     relu,
 )
 
@@ -58,6 +62,11 @@ struct HeadWeights(ImplicitlyCopyable, Movable):
     var wv: Matrix
     var bv: Int
     var wo: Matrix
+    # The token fields that the key, the value and the query depend on, as the offset
+    # of a field mask in Engine.field_masks, or -1 when they depend on more.
+    var key_fields: Int
+    var value_fields: Int
+    var query_fields: Int
 
 
 @fieldwise_init
@@ -162,15 +171,30 @@ struct Engine(Movable):
     # superset of the nonzero components of x.
     var embedded_mask: List[UInt64]
     var x_mask: List[UInt64]
+    # The components of x that the layers wrote at this position. x equals `embedded`
+    # everywhere else, so the next position restores only these.
+    var written_mask: List[UInt64]
+    # The fields of the token at `position` that differ from the token before it,
+    # one bit per field (every bit at position 0), and the field masks of the heads.
+    var changed_fields: List[UInt64]
+    var field_words: Int
+    var field_masks: List[UInt64]
     var layers: List[LayerWeights]
     var heads: List[HeadWeights]
     var blocks: List[BlockWeights]
     var caches: List[HeadCache]
+    # Per head: the slot that the latest position appended to (-1 before the first),
+    # and whether `winners` holds an answer of the exact-match index that is still
+    # right while the query and the cache's slot count (in `winner_counts`) stay the same.
+    var last_slots: List[Int]
+    var winner_reusable: List[Bool]
+    var winner_counts: List[Int]
     # Work buffers, sized for the largest matrix that writes into each.
     var x: List[Float64]
     var query: List[Float64]
     var key: List[Float64]
     var value: List[Float64]
+    var value_mask: List[UInt64]  # nonzero components of a winning value
     var shared_hidden: List[Float64]
     var expert_hidden: List[Float64]
     var shared_mask: List[UInt64]  # positive units of shared_hidden after the ReLU
@@ -229,20 +253,30 @@ struct Engine(Movable):
         self.embed = reader.matrix()
         self.unembed = reader.matrix()
         self.unembed_bias = reader.next()
+        self.field_words = self.field_count // MASK_BITS + 1
+        self.changed_fields = List[UInt64](length=self.field_words, fill=0)
+        self.field_masks = List[UInt64]()
         self.layers = List[LayerWeights]()
         self.heads = List[HeadWeights]()
         self.blocks = List[BlockWeights]()
         for _ in range(layer_count):
-            self.layers.append(_read_layer(reader, self.heads, self.blocks))
+            self.layers.append(
+                _read_layer(reader, self.heads, self.blocks, self.field_masks, self.field_count)
+            )
         if reader.next() != END_MARK:
             raise Error("packed model header does not end where expected")
         self.caches = List[HeadCache]()
         for head in self.heads:
             self.caches.append(HeadCache(head.wk.rows, head.wv.rows, head.exact))
+        self.last_slots = List[Int](length=len(self.heads), fill=-1)
+        self.winner_reusable = List[Bool](length=len(self.heads), fill=False)
+        self.winner_counts = List[Int](length=len(self.heads), fill=0)
         self.x = List[Float64](length=self.width, fill=0.0)
         self.query = List[Float64](length=_max_rows(self.heads, 0) + 1, fill=0.0)
         self.key = List[Float64](length=_max_rows(self.heads, 1) + 1, fill=0.0)
         self.value = List[Float64](length=_max_rows(self.heads, 2) + 1, fill=0.0)
+        var value_mask_words = _max_rows(self.heads, 2) // MASK_BITS + 1
+        self.value_mask = List[UInt64](length=value_mask_words, fill=0)
         var hidden = _max_hidden(self.blocks) + 1
         self.shared_hidden = List[Float64](length=hidden, fill=0.0)
         self.expert_hidden = List[Float64](length=hidden, fill=0.0)
@@ -260,6 +294,7 @@ struct Engine(Movable):
         var mask_words = (self.width + MASK_BITS - 1) // MASK_BITS
         self.embedded_mask = List[UInt64](length=max(mask_words, 1), fill=0)
         self.x_mask = List[UInt64](length=max(mask_words, 1), fill=0)
+        self.written_mask = List[UInt64](length=max(mask_words, 1), fill=0)
         self.position = 0
         self.token_pair = List[Int](length=2 * self.field_count, fill=0)
         self.pending_offset = 0
@@ -278,21 +313,31 @@ struct Engine(Movable):
             float_ptr(self.floats),
         )
 
-    def _masks(mut self) -> Tuple[MaskPtr, MaskPtr]:
-        """Return pointers to (embedded_mask, x_mask)."""
+    def _masks(mut self) -> Tuple[MaskPtr, MaskPtr, MaskPtr]:
+        """Return pointers to (embedded_mask, x_mask, written_mask)."""
         return (
             MaskPtr(unsafe_from_address=Int(self.embedded_mask.unsafe_ptr())),
             MaskPtr(unsafe_from_address=Int(self.x_mask.unsafe_ptr())),
+            MaskPtr(unsafe_from_address=Int(self.written_mask.unsafe_ptr())),
         )
 
     def _embed[dtype: DType](mut self, token: IntPtr):
-        """Set x to the embedding of `token`, the sum of one column per field."""
+        """Set x to the embedding of `token`, the sum of one column per field, and
+        `changed_fields` to the fields that differ from the previous token's."""
         var arrays = self._arrays[dtype]()
         var embedded = float_ptr(self.embedded)
         var embedded_token = int_ptr(self.embedded_token)
         var offsets = int_ptr(self.field_offsets)
         var masks = self._masks()
         var embedded_mask = masks[0]
+        var written = masks[2]
+        var x = float_ptr(self.x)
+        var changed = MaskPtr(unsafe_from_address=Int(self.changed_fields.unsafe_ptr()))
+        if self.embedded_valid:
+            self._mark_changed(token)
+        else:
+            for w in range(self.field_words):
+                changed[unsafe_offset=w] = ~UInt64(0)
         if not (self.incremental and self.embedded_valid):
             for i in range(self.width):
                 embedded[unsafe_offset=i] = 0.0
@@ -301,32 +346,65 @@ struct Engine(Movable):
             for f in range(self.field_count):
                 var value = token[unsafe_offset=f]
                 var column = offsets[unsafe_offset=f] + value
-                add_column(self.embed, column, arrays, embedded, 1.0, embedded_mask)
+                add_column(self.embed, column, arrays, embedded, 1.0, embedded_mask, embedded)
                 embedded_token[unsafe_offset=f] = value
             self.embedded_valid = True
+            unsafe_memcpy(dest=x, src=embedded, count=self.width)
+            for w in range(len(self.written_mask)):
+                written[unsafe_offset=w] = 0
         else:
-            # Compare the fields eight at a time and update only those that differ.
-            var f = 0
-            while f < self.field_count:
-                if f + FIELD_LANES <= self.field_count:
-                    var new_values = token.unsafe_load[width=FIELD_LANES](f)
-                    var old_values = embedded_token.unsafe_load[width=FIELD_LANES](f)
-                    if new_values.eq(old_values).reduce_and():
-                        f += FIELD_LANES
-                        continue
-                var end = min(f + FIELD_LANES, self.field_count)
-                for g in range(f, end):
+            for w in range(self.field_words):
+                var bits = changed[unsafe_offset=w]
+                while bits != 0:
+                    var g = w * MASK_BITS + Int(count_trailing_zeros(bits))
+                    bits &= bits - 1
                     var value = token[unsafe_offset=g]
                     var old = embedded_token[unsafe_offset=g]
-                    if value == old:
-                        continue
                     var base = offsets[unsafe_offset=g]
-                    add_column(self.embed, base + old, arrays, embedded, -1.0, embedded_mask)
-                    add_column(self.embed, base + value, arrays, embedded, 1.0, embedded_mask)
+                    add_column(self.embed, base + old, arrays, embedded, -1.0, embedded_mask, x)
+                    add_column(self.embed, base + value, arrays, embedded, 1.0, embedded_mask, x)
                     embedded_token[unsafe_offset=g] = value
-                f = end
-        unsafe_memcpy(dest=float_ptr(self.x), src=embedded, count=self.width)
+            # x equals the embedding except where the layers wrote at the last position.
+            for w in range(len(self.written_mask)):
+                var bits = written[unsafe_offset=w]
+                written[unsafe_offset=w] = 0
+                while bits != 0:
+                    var i = w * MASK_BITS + Int(count_trailing_zeros(bits))
+                    bits &= bits - 1
+                    x[unsafe_offset=i] = embedded[unsafe_offset=i]
         unsafe_memcpy(dest=masks[1], src=embedded_mask, count=len(self.x_mask))
+
+    def _mark_changed(mut self, token: IntPtr):
+        """Set the bit of every field where `token` differs from `embedded_token`,
+        comparing eight fields at a time."""
+        var embedded_token = int_ptr(self.embedded_token)
+        var changed = MaskPtr(unsafe_from_address=Int(self.changed_fields.unsafe_ptr()))
+        for w in range(self.field_words):
+            changed[unsafe_offset=w] = 0
+        var f = 0
+        while f < self.field_count:
+            if f + FIELD_LANES <= self.field_count:
+                var new_values = token.unsafe_load[width=FIELD_LANES](f)
+                var old_values = embedded_token.unsafe_load[width=FIELD_LANES](f)
+                if new_values.eq(old_values).reduce_and():
+                    f += FIELD_LANES
+                    continue
+            var end = min(f + FIELD_LANES, self.field_count)
+            for g in range(f, end):
+                if token[unsafe_offset=g] != embedded_token[unsafe_offset=g]:
+                    changed[unsafe_offset=g // MASK_BITS] |= UInt64(1) << UInt64(g % MASK_BITS)
+            f = end
+
+    @always_inline
+    def _unchanged(self, fields: Int) -> Bool:
+        """Return True when the field mask at offset `fields` exists and none of its
+        fields changed at this position."""
+        if fields < 0:
+            return False
+        for w in range(self.field_words):
+            if self.field_masks[fields + w] & self.changed_fields[w] != 0:
+                return False
+        return True
 
     def _attention[dtype: DType](mut self, layer: LayerWeights, need_output: Bool):
         """Append this position's keys and values; when the layer's output is needed,
@@ -337,19 +415,44 @@ struct Engine(Movable):
         var value = float_ptr(self.value)
         var query = float_ptr(self.query)
         var x_mask = self._masks()[1]
+        var written = self._masks()[2]
         for h in range(layer.first_head, layer.first_head + layer.head_count):
             var head = self.heads[h]
-            affine_masked(head.wk, head.bk, arrays, x, x_mask, key)
-            affine_masked(head.wv, head.bv, arrays, x, x_mask, value)
-            _ = self.caches[h].append(key, value, self.position)
-            if need_output:
-                affine_masked(head.wq, head.bq, arrays, x, x_mask, query)
-                self.winners[h] = self.caches[h].attend(query)
+            var slot = self.last_slots[h]
+            if slot >= 0 and self._unchanged(head.key_fields):
+                # The key equals the previous position's, so it owns the same slot.
+                if self._unchanged(head.value_fields):
+                    self.caches[h].restamp(slot, self.position)
+                else:
+                    affine_masked(head.wv, head.bv, arrays, x, x_mask, value)
+                    self.caches[h].rewrite(slot, value, self.position)
+            else:
+                affine_masked(head.wk, head.bk, arrays, x, x_mask, key)
+                affine_masked(head.wv, head.bv, arrays, x, x_mask, value)
+                self.last_slots[h] = self.caches[h].append(key, value, self.position)
+            if not need_output:
+                self.winner_reusable[h] = False
+                continue
+            var count = self.caches[h].count()
+            if (
+                self.winner_reusable[h]
+                and self.winner_counts[h] == count
+                and self._unchanged(head.query_fields)
+            ):
+                continue
+            affine_masked(head.wq, head.bq, arrays, x, x_mask, query)
+            self.winners[h] = self.caches[h].attend(query)
+            self.winner_reusable[h] = self.caches[h].last_indexed
+            self.winner_counts[h] = count
         if not need_output:
             return
+        var value_mask = MaskPtr(unsafe_from_address=Int(self.value_mask.unsafe_ptr()))
         for h in range(layer.first_head, layer.first_head + layer.head_count):
             var winner = self.caches[h].value_ptr(self.winners[h])
-            accumulate_marking(self.heads[h].wo, arrays, winner, x, x_mask)
+            nonzero_mask(winner, self.heads[h].wv.rows, value_mask)
+            accumulate_masked[mark_output=True](
+                self.heads[h].wo, arrays, winner, value_mask, x, x_mask, written
+            )
 
     def _feed_forward[dtype: DType](mut self, layer: LayerWeights):
         """Add the shared block and the routed expert, both computed from the same y."""
@@ -359,6 +462,7 @@ struct Engine(Movable):
         var expert_hidden = float_ptr(self.expert_hidden)
         var one = float_ptr(self.one)
         var x_mask = self._masks()[1]
+        var written = self._masks()[2]
         var shared_mask = MaskPtr(unsafe_from_address=Int(self.shared_mask.unsafe_ptr()))
         var expert_mask = MaskPtr(unsafe_from_address=Int(self.expert_mask.unsafe_ptr()))
         if layer.shared >= 0:
@@ -376,15 +480,15 @@ struct Engine(Movable):
         if layer.shared >= 0:
             var block = self.blocks[layer.shared]
             accumulate_masked[mark_output=True](
-                block.w2, arrays, shared_hidden, shared_mask, x, x_mask
+                block.w2, arrays, shared_hidden, shared_mask, x, x_mask, written
             )
-            accumulate_marking(block.b2, arrays, one, x, x_mask)
+            accumulate_marking(block.b2, arrays, one, x, x_mask, written)
         if expert >= 0:
             var block = self.blocks[expert]
             accumulate_masked[mark_output=True](
-                block.w2, arrays, expert_hidden, expert_mask, x, x_mask
+                block.w2, arrays, expert_hidden, expert_mask, x, x_mask, written
             )
-            accumulate_marking(block.b2, arrays, one, x, x_mask)
+            accumulate_marking(block.b2, arrays, one, x, x_mask, written)
 
     def _unembed[dtype: DType](mut self):
         """Set `pending` to the argmax token: all logits in one product, then the
@@ -494,7 +598,11 @@ struct Engine(Movable):
 
 
 def _read_layer(
-    mut reader: HeaderReader, mut heads: List[HeadWeights], mut blocks: List[BlockWeights]
+    mut reader: HeaderReader,
+    mut heads: List[HeadWeights],
+    mut blocks: List[BlockWeights],
+    mut field_masks: List[UInt64],
+    field_count: Int,
 ) raises -> LayerWeights:
     var first_head = len(heads)
     var head_count = reader.next()
@@ -507,7 +615,14 @@ def _read_layer(
         var wv = reader.matrix()
         var bv = reader.next()
         var wo = reader.matrix()
-        heads.append(HeadWeights(exact, wq, bq, wk, bk, wv, bv, wo))
+        var key_fields = _read_field_mask(reader, field_masks, field_count)
+        var value_fields = _read_field_mask(reader, field_masks, field_count)
+        var query_fields = _read_field_mask(reader, field_masks, field_count)
+        heads.append(
+            HeadWeights(
+                exact, wq, bq, wk, bk, wv, bv, wo, key_fields, value_fields, query_fields
+            )
+        )
     var shared = -1
     if reader.next() != 0:
         shared = len(blocks)
@@ -524,6 +639,25 @@ def _read_layer(
     return LayerWeights(
         first_head, head_count, shared, router, router_bias, first_expert, expert_count
     )
+
+
+def _read_field_mask(
+    mut reader: HeaderReader, mut field_masks: List[UInt64], field_count: Int
+) raises -> Int:
+    """Read a count and that many fields (or -1) and return the offset of their mask
+    in `field_masks` (or -1)."""
+    var count = reader.next()
+    if count < 0:
+        return -1
+    var offset = len(field_masks)
+    for _ in range(field_count // MASK_BITS + 1):
+        field_masks.append(0)
+    for _ in range(count):
+        var field = reader.next()
+        if field < 0 or field >= field_count:
+            raise Error("packed model names a token field out of range")
+        field_masks[offset + field // MASK_BITS] |= UInt64(1) << UInt64(field % MASK_BITS)
+    return offset
 
 
 def _max_rows(heads: List[HeadWeights], which: Int) -> Int:

@@ -76,10 +76,11 @@ def accumulate_masked[
     input_mask: MaskPtr,
     output: FloatPtr,
     output_mask: MaskPtr,
+    written_mask: MaskPtr,
 ):
     """Add matrix @ input to output, visiting only the stored columns whose bit is set
     in `input_mask`, a superset of input's nonzero components. With `mark_output`, set
-    the bit of every output component written in `output_mask`."""
+    the bit of every output component written in `output_mask` and in `written_mask`."""
     var pointers = arrays.pointers.unsafe_offset(matrix.entry_pointers)
     var row_ids = arrays.indices.unsafe_offset(matrix.row_ids)
     var values = arrays.values.unsafe_offset(matrix.entries)
@@ -104,6 +105,7 @@ def accumulate_masked[
                 comptime if mark_output:
                     var bit = UInt64(1) << UInt64(row % MASK_BITS)
                     output_mask[unsafe_offset=row // MASK_BITS] |= bit
+                    written_mask[unsafe_offset=row // MASK_BITS] |= bit
 
 
 @always_inline
@@ -115,10 +117,11 @@ def accumulate_marking[
     input: FloatPtr,
     output: FloatPtr,
     output_mask: MaskPtr,
+    written_mask: MaskPtr,
 ):
     """Add matrix @ input to output, skipping the columns where input is 0, and set the
-    bit of every output component written, so that output_mask stays a superset of
-    output's nonzero components.
+    bit of every output component written in `output_mask`, so that it stays a superset
+    of output's nonzero components, and in `written_mask`.
 
     The additions run column by column rather than row by row. That order changes
     nothing for the certified models of docs/model.md, where every partial sum is an
@@ -136,7 +139,9 @@ def accumulate_marking[
             var row = Int(row_ids[unsafe_offset=entry])
             var weight = values[unsafe_offset=entry].cast[DType.float64]()
             output[unsafe_offset=row] += weight * coefficient
-            output_mask[unsafe_offset=row // MASK_BITS] |= UInt64(1) << UInt64(row % MASK_BITS)
+            var bit = UInt64(1) << UInt64(row % MASK_BITS)
+            output_mask[unsafe_offset=row // MASK_BITS] |= bit
+            written_mask[unsafe_offset=row // MASK_BITS] |= bit
 
 
 @always_inline
@@ -153,7 +158,7 @@ def affine_masked[
     """Set output = matrix @ input + floats[bias : bias + rows], visiting only the
     columns set in input_mask."""
     unsafe_memcpy(dest=output, src=arrays.floats.unsafe_offset(bias), count=matrix.rows)
-    accumulate_masked(matrix, arrays, input, input_mask, output, input_mask)
+    accumulate_masked(matrix, arrays, input, input_mask, output, input_mask, input_mask)
 
 
 @always_inline
@@ -166,10 +171,11 @@ def add_column[
     output: FloatPtr,
     scale: Float64,
     output_mask: MaskPtr,
+    mirror: FloatPtr,
 ):
     """Add scale times stored column `column` to output (an embedding lookup, for a
-    matrix that stores all of its columns) and set or clear the mask bit of every
-    written component by whether it is nonzero now."""
+    matrix that stores all of its columns), copy every written component to `mirror`
+    and set or clear its mask bit by whether it is nonzero now."""
     var pointers = arrays.pointers.unsafe_offset(matrix.entry_pointers)
     var row_ids = arrays.indices.unsafe_offset(matrix.row_ids)
     var values = arrays.values.unsafe_offset(matrix.entries)
@@ -179,11 +185,35 @@ def add_column[
             DType.float64
         ]() * scale
         output[unsafe_offset=row] = updated
+        mirror[unsafe_offset=row] = updated
         var bit = UInt64(1) << UInt64(row % MASK_BITS)
         var word = output_mask[unsafe_offset=row // MASK_BITS]
         output_mask[unsafe_offset=row // MASK_BITS] = (word | bit) if updated != 0.0 else (
             word & ~bit
         )
+
+
+@always_inline
+def nonzero_mask(values: FloatPtr, length: Int, mask: MaskPtr):
+    """Set `mask` to the nonzero components of values[0 : length], eight at a time."""
+    comptime LANES = 8
+    var lane_bits = SIMD[DType.uint64, LANES](1, 2, 4, 8, 16, 32, 64, 128)
+    var word = 0
+    var start = 0
+    while start < length:
+        var end = min(start + MASK_BITS, length)
+        var bits: UInt64 = 0
+        var i = start
+        while i + LANES <= end:
+            var nonzero = values.unsafe_load[width=LANES](i).ne(0.0)
+            bits |= nonzero.select(lane_bits, 0).reduce_or() << UInt64(i - start)
+            i += LANES
+        while i < end:
+            bits |= UInt64(Int(values[unsafe_offset=i] != 0.0)) << UInt64(i - start)
+            i += 1
+        mask[unsafe_offset=word] = bits
+        word += 1
+        start = end
 
 
 @always_inline

@@ -240,12 +240,53 @@ def pack_model(weights: ModelWeights) -> PackedModel:
     packer.matrix(_stack_rows(weights.unembed), total_vocab, width, "unembed")
     packer.vector(np.concatenate([np.zeros(0), *weights.unembed_bias]), total_vocab,
                   "unembed bias")  # fmt: skip
+    dependencies = head_dependencies(weights)
     for index, layer in enumerate(weights.layers):
-        _pack_layer(packer, layer, width, f"layers.{index}")
+        _pack_layer(packer, layer, width, f"layers.{index}", dependencies[index])
     return packer.finish()
 
 
-def _pack_layer(packer: _Packer, layer, width: int, name: str) -> None:
+TokenFields = list[int] | None
+
+
+def head_dependencies(weights: ModelWeights) -> list[list[tuple[TokenFields, ...]]]:
+    """Return, per layer and head, the token fields that its keys, values and queries
+    depend on, each None when the projection reads a residual dimension that an earlier
+    layer writes.
+
+    A projection that reads only dimensions no earlier layer writes sees the embedding
+    there, sum over f of E_f[t_f], so it is a function of the fields whose embedding
+    rows have an entry in one of the dimensions it reads. The engine reuses the last
+    key, value or winning slot of a head while none of those fields changes. The written
+    dimensions are the rows of every earlier output projection and second-layer matrix
+    and the nonzero components of every earlier b2, whatever their values.
+    """
+    stacked = _stack_rows(weights.embed)
+    field_of_row = np.repeat(np.arange(len(weights.fields)),
+                             [entry.vocab for entry in weights.fields])  # fmt: skip
+    written = np.zeros(weights.width, dtype=bool)
+
+    def fields_of(matrix: SparseMatrix) -> TokenFields:
+        read = np.zeros(weights.width, dtype=bool)
+        read[matrix.cols] = True
+        if (read & written).any():
+            return None
+        return [int(f) for f in np.unique(field_of_row[stacked.rows[read[stacked.cols]]])]
+
+    dependencies = []
+    for layer in weights.layers:
+        dependencies.append([(fields_of(head.wk), fields_of(head.wv), fields_of(head.wq))
+                             for head in layer.heads])  # fmt: skip
+        for head in layer.heads:
+            written[head.wo.rows] = True
+        for block in ([layer.shared] if layer.shared is not None else []) + layer.experts:
+            written[block.w2.rows] = True
+            written[np.flatnonzero(block.b2)] = True
+    return dependencies
+
+
+def _pack_layer(packer: _Packer, layer, width: int, name: str,
+                dependencies: list[tuple[TokenFields, ...]]) -> None:  # fmt: skip
     packer.header.append(len(layer.heads))
     for h, head in enumerate(layer.heads):
         prefix = f"{name}.heads.{h}"
@@ -258,6 +299,8 @@ def _pack_layer(packer: _Packer, layer, width: int, name: str) -> None:
             packer.matrix(getattr(head, f"w{part}"), length, width, f"{prefix}.w{part}")
             packer.vector(getattr(head, f"b{part}"), length, f"{prefix}.b{part}")
         packer.matrix(head.wo, width, value_width, f"{prefix}.wo")
+        for fields in dependencies[h]:
+            packer.header += [-1] if fields is None else [len(fields), *fields]
     packer.header.append(0 if layer.shared is None else 1)
     if layer.shared is not None:
         packer.block(layer.shared, width, f"{name}.shared")
