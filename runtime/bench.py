@@ -47,13 +47,34 @@ def _input_of(program_path: Path) -> bytes:
     return stdin_path.read_bytes() if stdin_path.exists() else b""
 
 
-def _run_backend(program_path: Path, backend: str, max_steps: int | None) -> dict:
-    """Run one program on one backend in this process and return the measurement as JSON."""
+def _run_backend(program_path: Path, backend: str, max_steps: int | None,
+                 batch: int | None = None) -> dict:  # fmt: skip
+    """Run one program on one backend in this process and return the measurement as JSON.
+
+    With `batch`, the torch backend runs that many copies of the program in lockstep
+    (`tlc.runtime.torch_runner.run_batch`) and the steps are those of all copies.
+    """
     from tlc.cli import load_program, select_backend
 
     program = load_program(str(program_path))
-    _, runner = select_backend(backend)
     stdin = _input_of(program_path)
+    if batch is not None:
+        from tlc.runtime import torch_runner
+
+        torch_runner.load_model()  # build or load the weights outside the timed part
+        started = time.perf_counter()
+        results = torch_runner.run_batch([program] * batch, [stdin] * batch,
+                                         max_steps=max_steps)  # fmt: skip
+        seconds = time.perf_counter() - started
+        statuses = {r.status.value for r in results}
+        return {
+            "steps": sum(r.steps for r in results),
+            "tokens": sum(r.tokens for r in results),
+            "seconds": seconds,
+            "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
+            "status": statuses.pop() if len(statuses) == 1 else "mixed",
+        }
+    _, runner = select_backend(backend)
 
     started = time.perf_counter()
     result = runner(program, stdin=stdin, max_steps=max_steps)
@@ -69,10 +90,14 @@ def _run_backend(program_path: Path, backend: str, max_steps: int | None) -> dic
     }
 
 
-def _measure_in_subprocess(program_path: Path, backend: str, max_steps: int | None) -> Measurement:
+def _measure_in_subprocess(program_path: Path, backend: str, max_steps: int | None,
+                           batch: int | None = None) -> Measurement:  # fmt: skip
     command = [sys.executable, "-m", "tlc.runtime.bench", "--one", str(program_path), backend]
     if max_steps is not None:
         command += ["--max-steps", str(max_steps)]
+    if batch is not None:
+        command += ["--batch", str(batch)]
+        backend = f"{backend} x{batch}"
     completed = subprocess.run(command, capture_output=True, text=True)
     if completed.returncode != 0:
         reason = (completed.stderr.strip().splitlines() or ["failed"])[-1]
@@ -144,6 +169,8 @@ def bench_command(args: argparse.Namespace) -> int:
             return 2
         for backend in backends:
             rows.append(_measure_in_subprocess(program_path, backend, args.max_steps))
+        if args.batch is not None:
+            rows.append(_measure_in_subprocess(program_path, "torch", args.max_steps, args.batch))
         if program_path.suffix == ".tl":
             rows.append(_measure_native(program_path))
     print(format_table(rows))
@@ -154,9 +181,10 @@ def _main() -> int:
     parser = argparse.ArgumentParser(description="Measure one program on one backend (internal).")
     parser.add_argument("--one", nargs=2, metavar=("PROGRAM", "BACKEND"), required=True)
     parser.add_argument("--max-steps", type=int, default=None)
+    parser.add_argument("--batch", type=int, default=None)
     args = parser.parse_args()
     program, backend = args.one
-    print(json.dumps(_run_backend(Path(program), backend, args.max_steps)))
+    print(json.dumps(_run_backend(Path(program), backend, args.max_steps, args.batch)))
     return 0
 
 

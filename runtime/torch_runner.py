@@ -5,23 +5,36 @@ argmaxes, appends to the KV caches, copies output bytes and stops on a token who
 is not RUN. It contains no opcode semantics: `tlc.model.tokens.TokenDecoder` turns the
 tokens into the trace and the result.
 
+Activations are laid out (D, n): one column per row, where a row is a prompt position
+during the prompt pass and a program during decoding. `run_batch` decodes many programs
+(or one program on many inputs) in lockstep, one column each, so every layer runs one
+product for the whole batch.
+
 Attention is hard-max: each head scores every cached key, and among the best scores the
 latest position wins. A cache keeps one entry per distinct key (exact eviction,
-docs/model.md section 1): a new entry whose key equals a cached one replaces it.
+docs/model.md section 1): a new entry whose key equals a cached one replaces it. The
+exact-match index answers the queries of exact heads without scoring (section 1 gives
+the proof); any other query is scored against every key.
+
+One program runs through torch.mv and torch.addmv on the sparse matrices, one vector
+per product; a batch or a prompt chunk runs through torch.sparse.mm. The routers of
+the trailing layers that hold only experts are evaluated together (see `FusedRouters`).
 """
 
 from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import scipy.sparse as sp
 import torch
 
 from tlc.model import tokens as tk
-from tlc.model.weights import load_weights, uncovered_opcodes, universal_weights
+from tlc.model.weights import load_weights, sparse_from, uncovered_opcodes, universal_weights
 from tlc.runtime.machine import Program, RunResult, Status
 
 logger = logging.getLogger("tlc.runtime")
@@ -29,28 +42,18 @@ logger = logging.getLogger("tlc.runtime")
 DTYPE = torch.float64
 INITIAL_CACHE_SLOTS = 64
 PROGRESS_EVERY = 1024  # steps between calls of the progress callback
-PREFILL_CHUNK = 2048  # prompt positions per batched pass: (chunk, D) float64 at a time
+PREFILL_CHUNK = 2048  # prompt rows per pass: a (D, chunk) float64 activation at a time
 
 
 def is_available() -> bool:
     return True
 
 
-def sparse_matrix(tensors: dict, shapes: dict, names: list[str], axis: int = 0):
-    """Return the stored matrices `names` stacked along `axis` as one torch CSR matrix."""
-    import scipy.sparse as sp
-
-    parts = []
-    for name in names:
-        rows, cols = shapes[name]
-        parts.append(sp.csr_matrix(
-            (tensors[f"{name}.values"], (tensors[f"{name}.rows"], tensors[f"{name}.cols"])),
-            shape=(rows, cols),
-        ))  # fmt: skip
-    matrix = sp.vstack(parts, format="csr") if axis == 0 else sp.hstack(parts, format="csr")
+def _torch_csr(matrix: sp.spmatrix) -> torch.Tensor:
+    matrix = sp.csr_matrix(matrix)
     matrix.sum_duplicates()
     with warnings.catch_warnings():
-        # torch warns that sparse CSR support is in beta; only torch.mv uses it here.
+        # torch warns that sparse CSR support is in beta; only sparse.mm uses it here.
         warnings.simplefilter("ignore", UserWarning)
         return torch.sparse_csr_tensor(
             torch.from_numpy(matrix.indptr.astype(np.int64)),
@@ -61,185 +64,428 @@ def sparse_matrix(tensors: dict, shapes: dict, names: list[str], axis: int = 0):
         )
 
 
-def _to_csr(dense: torch.Tensor) -> torch.Tensor:
-    with warnings.catch_warnings():
-        # torch warns that sparse CSR support is in beta; only torch.mv uses it here.
-        warnings.simplefilter("ignore", UserWarning)
-        return dense.to_sparse_csr()
+def _index(values) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(values, dtype=np.int64))
 
 
-def _vector(tensors: dict, name: str) -> torch.Tensor:
-    return torch.from_numpy(np.array(tensors[name], dtype=np.float64))
+# --- feed-forward --------------------------------------------------------------------
 
 
-class HeadCache:
-    """The KV cache of one hard-max head, one entry per distinct key.
+class Block:
+    """A ReLU block: the layer adds W2 ReLU(W1 y + b1) + b2 to x.
 
-    For an exact-match head (docs/model.md section 1) a query of the form (t, 1) with
-    every t_i in {-1, +1} is looked up in the dict: the latest entry with key (t, n),
-    else the sentinel (0 .. 0, 2n - 1). Any other query, and every query of other heads,
-    scores every cached key; among the best scores the latest position wins.
+    `writes` lists the residual components W2 or b2 can change. One column (a single
+    program) runs through torch.addmv on the sparse matrices; several columns through
+    torch.sparse.mm.
     """
 
-    def __init__(self, key_width: int, value_width: int, exact_bits: int | None):
-        self.keys = np.zeros((INITIAL_CACHE_SLOTS, key_width))
-        self.values = np.zeros((INITIAL_CACHE_SLOTS, value_width))
-        self.positions = np.zeros(INITIAL_CACHE_SLOTS, dtype=np.int64)
-        self.size = 0
-        self.slot_of_key: dict[bytes, int] = {}
-        self.exact_bits = exact_bits
-        if exact_bits is not None:
-            sentinel = np.zeros(key_width)
-            sentinel[-1] = 2 * exact_bits - 1
-            self.sentinel_key = sentinel.tobytes()
+    def __init__(self, tensors: dict, shapes: dict, prefix: str):
+        w1 = sparse_from(tensors, shapes, f"{prefix}.w1")
+        w2 = sparse_from(tensors, shapes, f"{prefix}.w2").tocsr()
+        b2 = np.asarray(tensors[f"{prefix}.b2"], dtype=np.float64)
+        self.hidden = w1.shape[0]
+        self.writes = np.union1d(np.flatnonzero(np.diff(w2.indptr)), np.flatnonzero(b2))
+        self.empty = len(self.writes) == 0
+        self.w1 = _torch_csr(w1)
+        self.b1 = torch.from_numpy(np.asarray(tensors[f"{prefix}.b1"], dtype=np.float64))
+        self.w2 = _torch_csr(w2)
+        self.b2 = torch.from_numpy(b2) if b2.any() else None
 
-    def append(self, key: np.ndarray, value: np.ndarray, position: int) -> None:
-        """Store (key, value); a cached entry with an equal key is replaced (evicted)."""
-        identity = (key + 0.0).tobytes()  # + 0.0 turns -0.0 into 0.0
-        slot = self.slot_of_key.get(identity)
-        if slot is None:
-            if self.size == len(self.keys):
-                self.keys = np.concatenate([self.keys, np.zeros_like(self.keys)])
-                self.values = np.concatenate([self.values, np.zeros_like(self.values)])
-                self.positions = np.concatenate([self.positions, np.zeros_like(self.positions)])
-            slot = self.size
-            self.size += 1
-            self.slot_of_key[identity] = slot
-            self.keys[slot] = key
-        self.values[slot] = value
-        self.positions[slot] = position
+    def hidden_one(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Return ReLU(W1 x + b1) for one residual vector x (D,)."""
+        if self.hidden == 0:
+            return None
+        return torch.addmv(self.b1, self.w1, x).relu_()
 
-    def lookup(self, query: np.ndarray) -> np.ndarray:
-        """Return the value of the winning entry for `query`."""
-        if self.exact_bits is not None and _is_exact_query(query):
-            key = query.copy()
-            key[-1] = self.exact_bits
-            slot = self.slot_of_key.get((key + 0.0).tobytes())
+    def add_one(self, x: torch.Tensor, hidden: torch.Tensor | None) -> None:
+        """Add W2 hidden + b2 to x in place."""
+        if hidden is not None:
+            x.addmv_(self.w2, hidden)
+        if self.b2 is not None:
+            x.add_(self.b2)
+
+    def delta_many(self, y: torch.Tensor) -> torch.Tensor:
+        """Return W2 ReLU(W1 y + b1) + b2 for the columns of y (D, n)."""
+        out = torch.zeros_like(y)
+        if self.hidden:
+            hidden = torch.sparse.mm(self.w1, y).add_(self.b1.unsqueeze(1)).relu_()
+            out = torch.sparse.mm(self.w2, hidden)
+        if self.b2 is not None:
+            out = out + self.b2.unsqueeze(1)
+        return out
+
+
+class Router:
+    """Logits W y + b of one or more routers.
+
+    Several routers of up to `width` experts each are stacked with padding rows whose
+    bias is -inf, so one product and one argmax choose every layer's expert. Both
+    torch.argmax and numpy.argmax return the first maximal index: ties go to the lowest
+    expert.
+    """
+
+    def __init__(self, matrices: Sequence[sp.spmatrix], biases: Sequence[np.ndarray]):
+        self.count = len(matrices)
+        self.width = max(m.shape[0] for m in matrices)
+        size = matrices[0].shape[1]
+        stacked = sp.vstack([
+            sp.vstack([m, sp.csr_matrix((self.width - m.shape[0], size))])
+            for m in matrices
+        ]).tocsc()  # fmt: skip
+        bias = np.full(self.count * self.width, -np.inf)
+        for r, b in enumerate(biases):
+            bias[r * self.width : r * self.width + len(b)] = b
+        self.reads = np.flatnonzero(np.diff(stacked.indptr))
+        self.weights = _torch_csr(stacked)
+        self.bias = torch.from_numpy(bias)
+
+    def choose_one(self, x: torch.Tensor) -> list[int]:
+        """Return each router's expert for one residual vector x (D,)."""
+        logits = torch.addmv(self.bias, self.weights, x).numpy()
+        return logits.reshape(self.count, self.width).argmax(axis=1).tolist()
+
+    def choose_many(self, y: torch.Tensor) -> torch.Tensor:
+        """Return each router's expert for each column of y: (count, n)."""
+        logits = torch.sparse.mm(self.weights, y).add_(self.bias.unsqueeze(1))
+        logits = logits.T.contiguous().view(-1, self.count, self.width)
+        return logits.argmax(dim=2).T
+
+
+# --- attention -----------------------------------------------------------------------
+
+
+@dataclass
+class HeadLayout:
+    query: slice
+    key: slice
+    value: slice
+    output: slice  # where the winning value goes in the layer's concatenated values
+    key_width: int
+    value_width: int
+    exact_bits: int | None
+
+
+class HeadCaches:
+    """The KV caches of one hard-max head for a group of programs (one per batch row),
+    one entry per distinct key in each.
+
+    Program p's entries are keys[p, :sizes[p]], values[p, ...] and positions[p, ...]: the
+    position that last wrote each. A new entry whose key equals a cached one replaces it
+    (exact eviction, docs/model.md section 1). A dict per program finds equal keys by
+    their bytes. Callers therefore pass keys with -0.0 already turned into 0.0.
+
+    An exact-match head answers a query (t, 1) with every t_i in {-1, +1} from the dict:
+    the entry with key (t, n), else the sentinel (0 .. 0, 2n - 1). The dict serves a
+    program only while every key it cached has one of the forms the proof allows; any
+    other query, and every query of other heads, scores every cached key and the latest
+    position wins among the best.
+    """
+
+    def __init__(self, layout: HeadLayout, programs: int):
+        self.keys = np.zeros((programs, INITIAL_CACHE_SLOTS, layout.key_width))
+        self.values = np.zeros((programs, INITIAL_CACHE_SLOTS, layout.value_width))
+        self.positions = np.zeros((programs, INITIAL_CACHE_SLOTS), dtype=np.int64)
+        self.sizes = [0] * programs
+        self.slot_of_key: list[dict[bytes, int]] = [{} for _ in range(programs)]
+        self.exact_bits = layout.exact_bits
+        self.usable = [layout.exact_bits is not None] * programs
+        self.sentinel: list[int | None] = [None] * programs
+        if layout.exact_bits is not None:
+            self.last_bytes = np.array([float(layout.exact_bits)]).tobytes()
+            self.ones = np.ones(layout.exact_bits).tobytes()
+
+    # --- appending ---
+
+    def _slot(self, program: int, identity: bytes, key: np.ndarray) -> int:
+        slot = self.slot_of_key[program].get(identity)
+        if slot is not None:
+            return slot
+        slot = self.sizes[program]
+        if slot == self.keys.shape[1]:
+            self.keys = np.concatenate([self.keys, np.zeros_like(self.keys)], axis=1)
+            self.values = np.concatenate([self.values, np.zeros_like(self.values)], axis=1)
+            self.positions = np.concatenate([self.positions, np.zeros_like(self.positions)],
+                                            axis=1)  # fmt: skip
+        self.sizes[program] = slot + 1
+        self.slot_of_key[program][identity] = slot
+        self.keys[program, slot] = key
+        if self.usable[program]:
+            self._check_key_form(program, key, slot)
+        return slot
+
+    def _check_key_form(self, program: int, key: np.ndarray, slot: int) -> None:
+        """Keep the index only while keys are (s, n) with s in {-1, +1}^n, (s, c) with s in
+        {-1, 0, +1}^n and c <= n - 2, or the sentinel (0 .. 0, 2n - 1)."""
+        n = self.exact_bits
+        signs, last = key[:-1], key[-1]
+        if last == n and np.abs(signs).tobytes() == self.ones:
+            return
+        if last <= n - 2 and bool(np.all(np.isin(signs, (-1.0, 0.0, 1.0)))):
+            return
+        if last == 2 * n - 1 and not signs.any():
+            self.sentinel[program] = slot
+            return
+        self.usable[program] = False
+
+    # --- attending ---
+
+    def attend_one(self, program: int, key: np.ndarray, value: np.ndarray,
+                   query: np.ndarray, position: int) -> np.ndarray:  # fmt: skip
+        """Append (key, value) at `position`, then return the winning value for `query`."""
+        slot = self._slot(program, key.tobytes(), key)
+        self.values[program, slot] = value
+        self.positions[program, slot] = position
+        winner = None
+        if self.usable[program] and query[-1] == 1.0:
+            winner = self.slot_of_key[program].get(query[:-1].tobytes() + self.last_bytes)
+            sentinel = self.sentinel[program]
+            # A hit is a key (t, n) with t in {-1, +1}^n, so the query has the exact form.
+            if winner == sentinel:
+                winner = None
+            if winner is None and sentinel is not None:
+                if np.abs(query[:-1]).tobytes() == self.ones:
+                    winner = sentinel
+        if winner is None:
+            winner = self._brute_force([program], query[None, :])[0]
+        return self.values[program, winner]
+
+    def attend_rows(self, programs: list[int], keys: np.ndarray, values: np.ndarray,
+                    queries: np.ndarray, positions: list[int]) -> np.ndarray:  # fmt: skip
+        """`attend_one` for rows of distinct programs at once; returns (n, value width)."""
+        width = keys.shape[1] * 8
+        identities = keys.tobytes()
+        tables = self.slot_of_key
+        slots = [tables[p].get(identities[i * width : (i + 1) * width])
+                 for i, p in enumerate(programs)]  # fmt: skip
+        for i, slot in enumerate(slots):
             if slot is None:
-                slot = self.slot_of_key.get(self.sentinel_key)
-            if slot is not None:
-                return self.values[slot]
-        scores = self.keys[: self.size] @ query
-        best = scores == scores.max()
-        return self.values[np.argmax(np.where(best, self.positions[: self.size], -1))]
+                identity = identities[i * width : (i + 1) * width]
+                slots[i] = self._slot(programs[i], identity, keys[i])
+        self.values[programs, slots] = values
+        self.positions[programs, slots] = positions
+        winners, brute = self._exact_winners(programs, queries)
+        if brute:
+            found = self._brute_force([programs[i] for i in brute], queries[brute])
+            for i, slot in zip(brute, found):
+                winners[i] = slot
+        return self.values[programs, winners]
+
+    def _exact_winners(self, programs: list[int], queries: np.ndarray):
+        """Return (winners, rows left for scoring) of the exact-match index."""
+        if self.exact_bits is None:
+            return [0] * len(programs), list(range(len(programs)))
+        signs = np.ascontiguousarray(queries[:, :-1])
+        width = signs.shape[1] * 8
+        probes = signs.tobytes()
+        last = self.last_bytes
+        tables = self.slot_of_key
+        winners = [tables[p].get(probes[i * width : (i + 1) * width] + last)
+                   for i, p in enumerate(programs)]  # fmt: skip
+        brute, check = [], []
+        ones = queries[:, -1] == 1.0
+        for i, p in enumerate(programs):
+            slot = winners[i]
+            sentinel = self.sentinel[p]
+            if slot is not None and slot != sentinel and self.usable[p] and ones[i]:
+                continue  # a hit: a key (t, n), so the query has the exact form
+            if sentinel is not None and self.usable[p] and ones[i]:
+                winners[i] = sentinel
+                check.append(i)
+            else:
+                brute.append(i)
+        if check:
+            exact_form = (np.abs(signs[check]) == 1.0).all(axis=1).tolist()
+            brute += [i for i, ok in zip(check, exact_form) if not ok]
+        return winners, brute
+
+    def _brute_force(self, programs: list[int], queries: np.ndarray) -> list[int]:
+        """Return, per row, the slot with the best score q . k, the latest position
+        winning ties."""
+        sizes = np.array([self.sizes[p] for p in programs])
+        count = int(sizes.max())
+        keys = self.keys[programs, :count]
+        scores = np.matmul(keys, queries[:, :, None])[:, :, 0]
+        scores = np.where(np.arange(count) < sizes[:, None], scores, -np.inf)
+        best = scores == scores.max(axis=1, keepdims=True)
+        stamps = np.where(best, self.positions[programs, :count], -1)
+        return stamps.argmax(axis=1).tolist()
 
 
-def _is_exact_query(query: np.ndarray) -> bool:
-    return query[-1] == 1.0 and bool(np.all(np.abs(query[:-1]) == 1.0))
+class Attention:
+    """All heads of one layer: q, k and v from one sparse product, one output product."""
+
+    def __init__(self, tensors: dict, shapes: dict, prefix: str, heads: list[dict]):
+        matrices, biases, self.heads = [], [], []
+        start = output = 0
+        for h, info in enumerate(heads):
+            name = f"{prefix}.heads.{h}"
+            widths = [len(tensors[f"{name}.{b}"]) for b in ("bq", "bk", "bv")]
+            for part in ("q", "k", "v"):
+                matrices.append(sparse_from(tensors, shapes, f"{name}.w{part}"))
+                biases.append(tensors[f"{name}.b{part}"])
+            q, k, v = widths
+            exact = info.get("key_bits") if info.get("lookup") == "exact" else None
+            self.heads.append(HeadLayout(
+                slice(start, start + q), slice(start + q, start + q + k),
+                slice(start + q + k, start + q + k + v), slice(output, output + v),
+                k, v, exact,
+            ))  # fmt: skip
+            start += q + k + v
+            output += v
+        self.value_width = output
+        self.qkv = _torch_csr(sp.vstack(matrices))
+        self.qkv_bias = torch.from_numpy(np.concatenate(biases).astype(np.float64))
+        self.wo = _torch_csr(sp.hstack([
+            sparse_from(tensors, shapes, f"{prefix}.heads.{h}.wo") for h in range(len(heads))
+        ]))  # fmt: skip
+
+    def new_caches(self, programs: int) -> list[HeadCaches]:
+        return [HeadCaches(head, programs) for head in self.heads]
+
+    def forward_one(self, x: torch.Tensor, caches: list[HeadCaches], program: int,
+                    position: int) -> None:  # fmt: skip
+        """Add the heads' output for one residual vector x (D,) to x in place."""
+        qkv = torch.addmv(self.qkv_bias, self.qkv, x).numpy() + 0.0  # -0.0 becomes 0.0
+        values = np.empty(self.value_width)
+        for cache, head in zip(caches, self.heads):
+            values[head.output] = cache.attend_one(
+                program, qkv[head.key], qkv[head.value], qkv[head.query], position
+            )
+        x.addmv_(self.wo, torch.from_numpy(values))
+
+    def forward_many(self, x: torch.Tensor, caches: list[HeadCaches],
+                     rows: Sequence[tuple[int, int]], distinct: bool) -> torch.Tensor:  # fmt: skip
+        """Return x (D, n) plus the heads' output. `rows[r]` is (program, position) of
+        column r. Each column appends its keys and values and attends over its own
+        program's entries up to itself; with `distinct` (no program has two columns)
+        every head handles all columns at once."""
+        qkv = torch.sparse.mm(self.qkv, x).add_(self.qkv_bias.unsqueeze(1))
+        qkv = np.ascontiguousarray(qkv.numpy().T) + 0.0  # + 0.0 turns -0.0 into 0.0
+        values = np.empty((len(rows), self.value_width))
+        if distinct:
+            programs = [program for program, _ in rows]
+            positions = [position for _, position in rows]
+            for cache, head in zip(caches, self.heads):
+                values[:, head.output] = cache.attend_rows(
+                    programs, np.ascontiguousarray(qkv[:, head.key]), qkv[:, head.value],
+                    qkv[:, head.query], positions,
+                )  # fmt: skip
+        else:
+            for r, (program, position) in enumerate(rows):
+                row = qkv[r]
+                for cache, head in zip(caches, self.heads):
+                    values[r, head.output] = cache.attend_one(
+                        program, row[head.key], row[head.value], row[head.query], position
+                    )
+        return x + torch.sparse.mm(self.wo, torch.from_numpy(values.T.copy()))
 
 
-class Layer(torch.nn.Module):
-    """Attention (all heads' q, k, v from one sparse product) and the feed-forward part."""
+# --- layers and model ----------------------------------------------------------------
+
+
+class Layer:
+    """Attention, then a shared block and one routed expert, both reading the same y."""
 
     def __init__(self, tensors, shapes, index: int, description: dict):
-        super().__init__()
         prefix = f"layers.{index}"
-        heads = [f"{prefix}.heads.{h}" for h in range(len(description["heads"]))]
-        self.head_slices = []
-        self.caches: list[HeadCache] = []
-        self.head_specs = []
-        names, biases, start = [], [], 0
-        for head, info in zip(heads, description["heads"]):
-            widths = [len(tensors[f"{head}.{b}"]) for b in ("bq", "bk", "bv")]
-            names += [f"{head}.wq", f"{head}.wk", f"{head}.wv"]
-            biases += [tensors[f"{head}.{b}"] for b in ("bq", "bk", "bv")]
-            q, k, v = widths
-            self.head_slices.append((start, start + q, start + q + k, start + q + k + v))
-            start += q + k + v
-            exact = info.get("key_bits") if info.get("lookup") == "exact" else None
-            self.head_specs.append((k, v, exact))
-        self.has_heads = bool(heads)
-        if heads:
-            self.qkv = sparse_matrix(tensors, shapes, names)
-            self.register_buffer("qkv_bias", torch.from_numpy(np.concatenate(biases)))
-            self.wo = sparse_matrix(tensors, shapes, [f"{h}.wo" for h in heads], axis=1)
+        heads = description["heads"]
+        self.attention = Attention(tensors, shapes, prefix, heads) if heads else None
         self.shared = None
         if f"{prefix}.shared.b1" in tensors:
-            self.shared = self._block(tensors, shapes, f"{prefix}.shared")
+            self.shared = Block(tensors, shapes, f"{prefix}.shared")
         self.router = None
-        self.experts = []
+        self.experts: list[Block] = []
         if f"{prefix}.router.b" in tensors:
-            self.router = sparse_matrix(tensors, shapes, [f"{prefix}.router.w"])
-            self.router_bias = _vector(tensors, f"{prefix}.router.b")
+            self.router_matrix = sparse_from(tensors, shapes, f"{prefix}.router.w")
+            self.router_bias = np.asarray(tensors[f"{prefix}.router.b"], dtype=np.float64)
+            self.router = Router([self.router_matrix], [self.router_bias])
             self.experts = [
-                self._block(tensors, shapes, f"{prefix}.experts.{e}")
+                Block(tensors, shapes, f"{prefix}.experts.{e}")
                 for e in range(len(description["experts"]))
             ]
-        self.reset()
 
-    @staticmethod
-    def _block(tensors, shapes, prefix: str):
-        return (
-            sparse_matrix(tensors, shapes, [f"{prefix}.w1"]),
-            _vector(tensors, f"{prefix}.b1"),
-            sparse_matrix(tensors, shapes, [f"{prefix}.w2"]),
-            _vector(tensors, f"{prefix}.b2"),
-        )
+    def feed_forward_one(self, x: torch.Tensor, expert: int | None) -> None:
+        """Add the shared block and expert `expert` to one residual vector x in place."""
+        shared = self.shared
+        shared_hidden = shared.hidden_one(x) if shared is not None else None
+        block = self.experts[expert] if expert is not None else None
+        expert_hidden = block.hidden_one(x) if block is not None else None
+        if shared is not None:
+            shared.add_one(x, shared_hidden)
+        if block is not None:
+            block.add_one(x, expert_hidden)
 
-    def reset(self) -> None:
-        self.caches = [HeadCache(k, v, exact) for k, v, exact in self.head_specs]
-
-    @staticmethod
-    def _feed_forward(block, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Return x + W2 ReLU(W1 y + b1) + b2 (x itself for an empty block)."""
-        w1, b1, w2, b2 = block
-        if w1.shape[0] == 0:
-            return x + b2 if bool(b2.any()) else x
-        return x + torch.mv(w2, torch.relu(torch.mv(w1, y) + b1)) + b2
-
-    def forward_many(self, x: torch.Tensor, first_position: int) -> torch.Tensor:
-        """Run the layer on the rows of x (P, D), positions first_position + row, in order.
-
-        Equal to calling `forward` row by row: the rows' keys enter the caches in order
-        and each row attends over the caches up to itself; the products run batched.
-        """
-        if self.has_heads:
-            qkv = (torch.sparse.mm(self.qkv, x.T).T + self.qkv_bias).numpy()
-            values = np.zeros((len(x), self.wo.shape[1]))
-            for row in range(len(x)):
-                start = 0
-                for cache, (q, k, v, end) in zip(self.caches, self.head_slices):
-                    cache.append(qkv[row, k:v], qkv[row, v:end], first_position + row)
-                    values[row, start : start + end - v] = cache.lookup(qkv[row, q:k])
-                    start += end - v
-            x = x + torch.sparse.mm(self.wo, torch.from_numpy(values).T).T
-        y = x
-        if self.shared is not None:
-            x = x + self._feed_forward_many(self.shared, y)
-        if self.router is not None:
-            logits = torch.sparse.mm(self.router, y.T).T + self.router_bias
-            # torch.argmax returns the first maximal index: ties go to the lowest expert.
-            chosen = torch.argmax(logits, dim=1)
-            for expert in torch.unique(chosen).tolist():
-                rows = torch.nonzero(chosen == expert).flatten()
-                x[rows] = x[rows] + self._feed_forward_many(self.experts[expert], y[rows])
+    def feed_forward_many(self, x: torch.Tensor, chosen: torch.Tensor | None) -> torch.Tensor:
+        """Return x plus the shared block and each column's expert (`chosen`, (n,))."""
+        updates = []
+        if self.shared is not None and not self.shared.empty:
+            updates.append((None, self.shared.delta_many(x)))
+        if chosen is not None:
+            for e in torch.unique(chosen).tolist():
+                block = self.experts[e]
+                if block.empty:
+                    continue
+                columns = torch.nonzero(chosen == e).flatten()
+                if len(columns) == x.shape[1]:
+                    updates.append((None, block.delta_many(x)))
+                else:
+                    updates.append((columns, block.delta_many(x.index_select(1, columns))))
+        for columns, delta in updates:
+            if columns is None:
+                x = x + delta
+            else:
+                x = x.index_add(1, columns, delta)
         return x
 
-    @staticmethod
-    def _feed_forward_many(block, y: torch.Tensor) -> torch.Tensor:
-        """Return W2 ReLU(W1 y + b1) + b2 for every row of y."""
-        w1, b1, w2, b2 = block
-        if w1.shape[0] == 0:
-            return b2.expand(len(y), -1)
-        hidden = torch.relu(torch.sparse.mm(w1, y.T).T + b1)
-        return torch.sparse.mm(w2, hidden.T).T + b2
 
-    def forward(self, x: torch.Tensor, position: int) -> torch.Tensor:
-        if self.has_heads:
-            qkv = (torch.mv(self.qkv, x) + self.qkv_bias).numpy()
-            values = []
-            for cache, (q, k, v, end) in zip(self.caches, self.head_slices):
-                cache.append(qkv[k:v], qkv[v:end], position)
-                values.append(cache.lookup(qkv[q:k]))
-            x = x + torch.mv(self.wo, torch.from_numpy(np.concatenate(values)))
-        y = x
-        if self.shared is not None:
-            x = self._feed_forward(self.shared, x, y)
-        if self.router is not None:
-            # torch.argmax returns the first maximal index: ties go to the lowest expert.
-            expert = int(torch.argmax(torch.mv(self.router, y) + self.router_bias))
-            x = self._feed_forward(self.experts[expert], x, y)
-        return x
+class FusedRouters:
+    """The routers of the trailing layers that hold only experts, evaluated at once.
+
+    A router's logits depend only on the components it reads. In these layers only the
+    routed experts write to x, so logits computed before one of them stay exact until an
+    expert writes a component that a later router reads; `stale_after[l][e]` says
+    whether expert e of layer l does, and the layer loop then computes the remaining
+    routers again. Which components each matrix reads and writes comes from the stored
+    matrices, nothing else.
+    """
+
+    def __init__(self, layers: list[Layer]):
+        first = len(layers)
+        while first > 0 and layers[first - 1].attention is None and (
+            layers[first - 1].shared is None
+        ):
+            first -= 1
+        routed = [l for l in range(first, len(layers)) if layers[l].router is not None]
+        self.row_of_layer = {l: r for r, l in enumerate(routed)}
+        self.routers = None
+        self.stale_after: dict[int, list[bool]] = {}
+        if len(routed) >= 2:
+            self.routers = Router([layers[l].router_matrix for l in routed],
+                                  [layers[l].router_bias for l in routed])  # fmt: skip
+        for l in routed:
+            later = [layers[m].router.reads for m in routed if m > l]
+            read_later = np.unique(np.concatenate(later)) if later else np.zeros(0, np.int64)
+            self.stale_after[l] = [
+                bool(np.intersect1d(block.writes, read_later).size) for block in layers[l].experts
+            ]
+
+    def covers(self, layer: int) -> bool:
+        return self.routers is not None and layer in self.row_of_layer
+
+
+class Batch:
+    """The KV caches and positions of a group of programs decoded together."""
+
+    def __init__(self, layers: list[Layer], programs: int):
+        self.caches = [
+            layer.attention.new_caches(programs) if layer.attention is not None else []
+            for layer in layers
+        ]
+        self.positions = [0] * programs
+
+    def cache_sizes(self, program: int = 0) -> list[int]:
+        """Return the entries each head holds for `program`, layer by layer."""
+        return [cache.sizes[program] for layer in self.caches for cache in layer]
 
 
 class TorchModel(torch.nn.Module):
@@ -251,79 +497,171 @@ class TorchModel(torch.nn.Module):
         self.metadata = metadata
         self.width = int(metadata["D"])
         vocabs = [int(entry["vocab"]) for entry in metadata["fields"]]
+        self.field_count = len(vocabs)
         offsets = np.concatenate([[0], np.cumsum(vocabs)[:-1]]).astype(np.int64)
-        self.register_buffer("offsets", torch.from_numpy(offsets))
-        # x = E^T onehot(token): one sparse product in place of a gather of F rows.
-        self.embedding_t = _to_csr(self._stack(tensors, shapes, "embed", vocabs).T)
+        self.offsets_np = offsets
+        self.offsets = _index(offsets)
         self.total_vocab = int(sum(vocabs))
-        self.unembedding = _to_csr(self._stack(tensors, shapes, "unembed", vocabs))
+        # x = E^T onehot(token): one sparse product in place of a gather of F rows.
+        self.embedding_t = _torch_csr(self._stack(tensors, shapes, "embed", vocabs).T)
+        self.unembedding = _torch_csr(self._stack(tensors, shapes, "unembed", vocabs))
         bias = np.concatenate([tensors[f"unembed.{f}.bias"] for f in range(len(vocabs))])
-        self.register_buffer("unembedding_bias", torch.from_numpy(bias.astype(np.float64)))
+        self.unembedding_bias = torch.from_numpy(bias.astype(np.float64))
         self.groups = self._vocab_groups(vocabs, offsets)
-        self.layers = torch.nn.ModuleList(
+        self.groups_np = [(fields.numpy(), rows.numpy()) for fields, rows in self.groups]
+        self.layers = [
             Layer(tensors, shapes, index, description)
             for index, description in enumerate(metadata["layers"])
-        )
-        self.position = 0
-
-    def _stack(self, tensors, shapes, prefix: str, vocabs: list[int]) -> torch.Tensor:
-        """Concatenate the per-field (V_f, D) matrices into one dense table."""
-        rows = []
-        for f, vocab in enumerate(vocabs):
-            table = np.zeros((vocab, self.width))
-            name = f"{prefix}.{f}"
-            np.add.at(table, (tensors[f"{name}.rows"], tensors[f"{name}.cols"]),
-                      tensors[f"{name}.values"])  # fmt: skip
-            rows.append(table)
-        return torch.from_numpy(np.concatenate(rows))
+        ]
+        self.fused = FusedRouters(self.layers)
+        self.state = Batch(self.layers, 1)
 
     @staticmethod
-    def _vocab_groups(vocabs, offsets):
-        """For each vocabulary size: (field indices, logit index matrix (n, vocab))."""
+    def _stack(tensors, shapes, prefix: str, vocabs: list[int]) -> sp.csr_matrix:
+        """Concatenate the per-field (V_f, D) matrices into one sparse table."""
+        return sp.vstack([sparse_from(tensors, shapes, f"{prefix}.{f}")
+                          for f in range(len(vocabs))]).tocsr()  # fmt: skip
+
+    def _vocab_groups(self, vocabs, offsets):
+        """Fields grouped by vocabulary size: (field indices, logit rows (n, vocab))."""
         groups = []
         for vocab in sorted(set(vocabs)):
             fields = [f for f, v in enumerate(vocabs) if v == vocab]
-            index = torch.tensor([[offsets[f] + j for j in range(vocab)] for f in fields])
-            groups.append((torch.tensor(fields), index))
+            rows = [[offsets[f] + j for j in range(vocab)] for f in fields]
+            groups.append((_index(fields), _index(rows)))
         return groups
 
-    def reset(self) -> None:
-        self.position = 0
-        for layer in self.layers:
-            layer.reset()
+    # --- the forward pass over the columns of x ---
+
+    def _embed_one(self, token: np.ndarray) -> torch.Tensor:
+        """Return x (D,) for one token (F,)."""
+        indicator = np.zeros(self.total_vocab)
+        indicator[self.offsets_np + token] = 1.0
+        return torch.mv(self.embedding_t, torch.from_numpy(indicator))
+
+    def _layers_one(self, x: torch.Tensor, batch: Batch, program: int) -> torch.Tensor:
+        """Run every layer on one residual vector x (D,) in place."""
+        position = batch.positions[program]
+        fused = self.fused
+        choices = None
+        for l, layer in enumerate(self.layers):
+            if layer.attention is not None:
+                layer.attention.forward_one(x, batch.caches[l], program, position)
+            expert = None
+            if layer.router is not None:
+                if fused.covers(l):
+                    if choices is None:
+                        choices = fused.routers.choose_one(x)
+                    expert = choices[fused.row_of_layer[l]]
+                else:
+                    expert = layer.router.choose_one(x)[0]
+            layer.feed_forward_one(x, expert)
+            if choices is not None and expert is not None and fused.stale_after[l][expert]:
+                choices = None
+        return x
+
+    def _next_token_one(self, x: torch.Tensor) -> np.ndarray:
+        """Return the argmax token (F,) of one residual vector x (D,)."""
+        logits = torch.addmv(self.unembedding_bias, self.unembedding, x).numpy()
+        token = np.empty(self.field_count, dtype=np.int64)
+        for fields, rows in self.groups_np:
+            # numpy.argmax returns the first maximal index: ties go to the lowest value.
+            token[fields] = logits[rows].argmax(axis=1)
+        return token
+
+    def _embed_many(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Return x (D, n) for the tokens (F, n)."""
+        indicator = torch.zeros((self.total_vocab, tokens.shape[1]), dtype=DTYPE)
+        indicator.scatter_(0, self.offsets.unsqueeze(1) + tokens, 1.0)
+        return torch.sparse.mm(self.embedding_t, indicator)
+
+    def _layers_many(self, x: torch.Tensor, batch: Batch, rows: Sequence[tuple[int, int]],
+                     distinct: bool) -> torch.Tensor:  # fmt: skip
+        """Run every layer on the columns of x (D, n); see Attention.forward_many."""
+        fused = self.fused
+        choices = None
+        for l, layer in enumerate(self.layers):
+            if layer.attention is not None:
+                x = layer.attention.forward_many(x, batch.caches[l], rows, distinct)
+            chosen = None
+            if layer.router is not None:
+                if fused.covers(l):
+                    if choices is None:
+                        choices = fused.routers.choose_many(x)
+                    chosen = choices[fused.row_of_layer[l]]
+                else:
+                    chosen = layer.router.choose_many(x)[0]
+            x = layer.feed_forward_many(x, chosen)
+            if choices is not None and chosen is not None and any(
+                fused.stale_after[l][e] for e in torch.unique(chosen).tolist()
+            ):
+                choices = None
+        return x
+
+    def _next_tokens_many(self, x: torch.Tensor) -> np.ndarray:
+        """Return the argmax token of each column of x as an (n, F) int64 array."""
+        logits = torch.sparse.mm(self.unembedding, x).add_(self.unembedding_bias.unsqueeze(1))
+        logits = logits.T.contiguous()  # (n, V): each field's logits contiguous
+        tokens = torch.empty((x.shape[1], self.field_count), dtype=torch.int64)
+        for fields, rows in self.groups:
+            # torch.argmax returns the first maximal index: ties go to the lowest value.
+            tokens[:, fields] = logits[:, rows].argmax(dim=2)
+        return tokens.numpy()
+
+    # --- prompt and decoding ---
 
     @torch.no_grad()
-    def step(self, token: torch.Tensor) -> torch.Tensor:
-        """Run one token through the model and return the next token (F,) int64."""
-        indicator = torch.zeros(self.total_vocab, dtype=DTYPE)
-        indicator[self.offsets + token] = 1.0
-        x = torch.mv(self.embedding_t, indicator)
-        for layer in self.layers:
-            x = layer.forward(x, self.position)
-        self.position += 1
-        return self._next_token(x)
-
-    def _next_token(self, x: torch.Tensor) -> torch.Tensor:
-        logits = torch.mv(self.unembedding, x) + self.unembedding_bias
-        token_out = torch.empty(len(self.offsets), dtype=torch.int64)
-        for fields, index in self.groups:
-            token_out[fields] = logits[index].argmax(dim=1)
-        return token_out
-
-    @torch.no_grad()
-    def prefill(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Run the prompt tokens (P, F) in chunks, layer by layer over each chunk, and
-        return the token that follows the last one. Equal to `step` on each token."""
+    def prefill_many(self, batch: Batch, prompts: Sequence[np.ndarray]) -> np.ndarray:
+        """Run prompt i (P_i, F) as program i of `batch` and return the token that follows
+        each prompt, (len(prompts), F). Equal to stepping token by token."""
+        rows = [(i, batch.positions[i] + p)
+                for i, prompt in enumerate(prompts) for p in range(len(prompt))]  # fmt: skip
+        tokens = np.concatenate(list(prompts))
+        ends = np.cumsum([len(p) for p in prompts]) - 1
+        last = np.empty((len(prompts), self.field_count), dtype=np.int64)
         for start in range(0, len(tokens), PREFILL_CHUNK):
-            chunk = tokens[start : start + PREFILL_CHUNK]
-            indicator = torch.zeros((self.total_vocab, len(chunk)), dtype=DTYPE)
-            columns = torch.arange(len(chunk)).unsqueeze(1).expand(-1, chunk.shape[1])
-            indicator[self.offsets + chunk, columns] = 1.0
-            x = torch.sparse.mm(self.embedding_t, indicator).T.contiguous()
-            for layer in self.layers:
-                x = layer.forward_many(x, self.position)
-            self.position += len(chunk)
-        return self._next_token(x[-1])
+            stop = min(start + PREFILL_CHUNK, len(tokens))
+            x = self._embed_many(torch.from_numpy(np.ascontiguousarray(tokens[start:stop].T)))
+            x = self._layers_many(x, batch, rows[start:stop], distinct=False)
+            inside = [(i, end - start) for i, end in enumerate(ends) if start <= end < stop]
+            if inside:
+                columns = _index([column for _, column in inside])
+                predicted = self._next_tokens_many(x.index_select(1, columns))
+                for (i, _), token in zip(inside, predicted):
+                    last[i] = token
+        for i, prompt in enumerate(prompts):
+            batch.positions[i] += len(prompt)
+        return last
+
+    @torch.no_grad()
+    def step_many(self, batch: Batch, programs: list[int], tokens: np.ndarray) -> np.ndarray:
+        """Run one token per program (`tokens` (n, F)) and return the next tokens (n, F)."""
+        if len(programs) == 1:
+            return self.step_one(batch, programs[0], tokens[0]).reshape(1, -1)
+        x = self._embed_many(torch.from_numpy(np.ascontiguousarray(tokens.T)))
+        rows = [(p, batch.positions[p]) for p in programs]
+        x = self._layers_many(x, batch, rows, distinct=True)
+        for p in programs:
+            batch.positions[p] += 1
+        return self._next_tokens_many(x)
+
+    @torch.no_grad()
+    def step_one(self, batch: Batch, program: int, token: np.ndarray) -> np.ndarray:
+        """Run one token (F,) of one program and return the next token (F,)."""
+        x = self._layers_one(self._embed_one(token), batch, program)
+        batch.positions[program] += 1
+        return self._next_token_one(x)
+
+    def reset(self) -> None:
+        self.state = Batch(self.layers, 1)
+
+    def prefill(self, prompt) -> np.ndarray:
+        """Run a prompt into `self.state` and return the token that follows it (F,)."""
+        return self.prefill_many(self.state, [np.asarray(prompt)])[0]
+
+    def step(self, token) -> np.ndarray:
+        """Run one token through `self.state` and return the next token (F,)."""
+        return self.step_one(self.state, 0, np.asarray(token))
 
 
 _MODELS: dict[str, TorchModel] = {}
@@ -339,6 +677,25 @@ def load_model(weights: str | Path | None = None) -> TorchModel:
             tensors, metadata = load_weights(weights)
         _MODELS[key] = TorchModel(tensors, metadata)
     return _MODELS[key]
+
+
+def _check_coverage(metadata: dict, program: Program) -> None:
+    missing = uncovered_opcodes(metadata, program)
+    if missing:
+        raise ValueError(f"the model does not compute {', '.join(missing)} yet; "
+                         "run this program with --backend ref")  # fmt: skip
+
+
+class _OneThread:
+    """Run torch on one thread: the per-step products are small, and threads only add
+    overhead."""
+
+    def __enter__(self):
+        self.threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+
+    def __exit__(self, *exc):
+        torch.set_num_threads(self.threads)
 
 
 def run_program(
@@ -359,23 +716,61 @@ def run_program(
     metadata = model.metadata
     if max_steps is not None and max_steps <= 0:
         return RunResult(Status.STEP_LIMIT, 0, tokens=0)
-    missing = uncovered_opcodes(metadata, program)
-    if missing:
-        raise ValueError(f"the model does not compute {', '.join(missing)} yet; "
-                         "run this program with --backend ref")  # fmt: skip
-    prompt = torch.from_numpy(tk.encode_prompt(metadata, program, stdin))
+    _check_coverage(metadata, program)
+    prompt = tk.encode_prompt(metadata, program, stdin)
     decoder = tk.TokenDecoder(metadata, program, max_steps=max_steps, trace=trace,
                               write_output=write_output)  # fmt: skip
-    # One thread: the per-step products are small, and threads only add overhead.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with _OneThread():
         model.reset()
         token = model.prefill(prompt)
-        while decoder.feed(token.numpy()):
+        while decoder.feed(token):
             if progress is not None and decoder.steps % PROGRESS_EVERY == 0:
                 progress(decoder.steps)
-            token = model.step(token)
-    finally:
-        torch.set_num_threads(threads)
+            token = model.step_one(model.state, 0, token)
     return decoder.result
+
+
+def run_batch(
+    programs: Sequence[Program],
+    stdins: Sequence[bytes] | None = None,
+    *,
+    max_steps: int | None = None,
+    weights: str | Path | None = None,
+    traces: Sequence[Callable[[str], None] | None] | None = None,
+) -> list[RunResult]:
+    """Run several programs (or one program on several inputs) in lockstep.
+
+    Every step runs one forward pass whose activation has one column per program still
+    running; a program leaves the batch after its last token. Each result, and the
+    trace lines sent to traces[i], equal those of `run_program(programs[i],
+    stdin=stdins[i], max_steps=max_steps)`.
+    """
+    if not programs:
+        return []
+    model = load_model(weights)
+    metadata = model.metadata
+    stdins = list(stdins) if stdins is not None else [b""] * len(programs)
+    traces = list(traces) if traces is not None else [None] * len(programs)
+    if len(stdins) != len(programs) or len(traces) != len(programs):
+        raise ValueError(f"{len(programs)} programs but {len(stdins)} inputs and "
+                         f"{len(traces)} traces")  # fmt: skip
+    if max_steps is not None and max_steps <= 0:
+        return [RunResult(Status.STEP_LIMIT, 0, tokens=0) for _ in programs]
+    for program in programs:
+        _check_coverage(metadata, program)
+    prompts = [tk.encode_prompt(metadata, p, s) for p, s in zip(programs, stdins)]
+    decoders = [tk.TokenDecoder(metadata, p, max_steps=max_steps, trace=t)
+                for p, t in zip(programs, traces)]  # fmt: skip
+    batch = Batch(model.layers, len(programs))
+    with _OneThread():
+        tokens = model.prefill_many(batch, prompts)
+        active = list(range(len(programs)))
+        while True:
+            keep = [r for r, i in enumerate(active) if decoders[i].feed(tokens[r])]
+            if not keep:
+                break
+            if len(keep) < len(active):
+                active = [active[r] for r in keep]
+                tokens = tokens[keep]
+            tokens = model.step_many(batch, active, tokens)
+    return [decoder.result for decoder in decoders]

@@ -79,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="comma-separated backends (default: all)")  # fmt: skip
     bench.add_argument("--max-steps", type=_positive_int, metavar="N",
                        help="stop each run after N executed instructions")  # fmt: skip
+    bench.add_argument("--batch", type=_positive_int, metavar="N",
+                       help="also run N copies of each program in one torch batch")  # fmt: skip
     return parser
 
 

@@ -1,0 +1,89 @@
+"""The torch runtime's KV caches (`HeadCaches`) against a brute-force argmax over every
+entry ever appended: exact-match lookups, the sentinel for misses, eviction of repeated
+keys, latest-position ties, and keys that switch the index off."""
+
+from __future__ import annotations
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tlc.runtime.torch_runner import HeadCaches, HeadLayout
+
+BITS = 3  # key width BITS + 1
+VALUE_WIDTH = 2
+
+signs = st.lists(st.sampled_from([-1.0, 1.0]), min_size=BITS, max_size=BITS)
+ternary = st.lists(st.sampled_from([-1.0, 0.0, 1.0]), min_size=BITS, max_size=BITS)
+exact_keys = st.one_of(
+    signs.map(lambda s: [*s, float(BITS)]),
+    st.tuples(ternary, st.integers(-3, BITS - 2)).map(lambda t: [*t[0], float(t[1])]),
+    st.just([0.0] * BITS + [2.0 * BITS - 1]),
+)
+any_keys = st.one_of(
+    st.lists(st.integers(-2, 2).map(float), min_size=BITS + 1, max_size=BITS + 1),
+    ternary.map(lambda s: [*s, 2.0 * BITS - 1]),  # the sentinel's last component
+)
+exact_queries = signs.map(lambda s: [*s, 1.0])
+any_queries = st.lists(st.integers(-2, 2).map(float), min_size=BITS + 1, max_size=BITS + 1)
+values = st.lists(st.integers(-9, 9).map(float), min_size=VALUE_WIDTH, max_size=VALUE_WIDTH)
+
+
+def _layout(exact: bool) -> HeadLayout:
+    return HeadLayout(slice(0), slice(0), slice(0), slice(0), BITS + 1, VALUE_WIDTH,
+                      BITS if exact else None)  # fmt: skip
+
+
+def _brute_force(entries, query) -> list[float]:
+    """The value of the best-scoring entry; the latest one wins ties."""
+    best = max(range(len(entries)),
+               key=lambda i: (float(np.dot(entries[i][0], query)), i))  # fmt: skip
+    return entries[best][1]
+
+
+def _steps(key_strategy, query_strategy, programs: int):
+    step = st.tuples(key_strategy, values, query_strategy)
+    return st.lists(st.lists(step, min_size=programs, max_size=programs),
+                    min_size=1, max_size=40)  # fmt: skip
+
+
+def _run(exact: bool, steps, programs: int) -> None:
+    rows = HeadCaches(_layout(exact), programs)
+    single = [HeadCaches(_layout(exact), 1) for _ in range(programs)]
+    entries: list[list] = [[] for _ in range(programs)]
+    for position, step in enumerate(steps):
+        keys = np.array([key for key, _, _ in step]) + 0.0
+        vals = np.array([value for _, value, _ in step])
+        queries = np.array([query for _, _, query in step]) + 0.0
+        got = rows.attend_rows(list(range(programs)), keys, vals, queries,
+                               [position] * programs)  # fmt: skip
+        for p in range(programs):
+            entries[p].append((keys[p], list(vals[p])))
+            expected = _brute_force(entries[p], queries[p])
+            alone = single[p].attend_one(0, keys[p], vals[p], queries[p], position)
+            assert list(got[p]) == expected
+            assert list(alone) == expected
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.data())
+def test_exact_head_matches_brute_force(data):
+    programs = data.draw(st.integers(1, 4))
+    keys = data.draw(st.sampled_from([exact_keys, st.one_of(exact_keys, any_keys)]))
+    queries = data.draw(st.sampled_from([exact_queries, st.one_of(exact_queries, any_queries)]))
+    _run(True, data.draw(_steps(keys, queries, programs)), programs)
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.data())
+def test_scored_head_matches_brute_force(data):
+    programs = data.draw(st.integers(1, 4))
+    _run(False, data.draw(_steps(any_keys, any_queries, programs)), programs)
+
+
+def test_repeated_key_keeps_one_entry():
+    caches = HeadCaches(_layout(True), 1)
+    key = np.array([1.0, -1.0, 1.0, float(BITS)])
+    for position in range(5):
+        caches.attend_one(0, key, np.array([position, 0.0]), key, position)
+    assert caches.sizes[0] == 1
