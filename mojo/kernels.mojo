@@ -218,17 +218,28 @@ def nonzero_mask(values: FloatPtr, length: Int, mask: MaskPtr):
 
 @always_inline
 def relu(values: FloatPtr, length: Int, mask: MaskPtr):
-    """Replace values[0 : length] by their ReLU and set `mask` to the positive ones."""
+    """Replace values[0 : length] by their ReLU and set `mask` to the positive ones,
+    eight components at a time."""
+    comptime LANES = 8
+    var lane_bits = SIMD[DType.uint64, LANES](1, 2, 4, 8, 16, 32, 64, 128)
     var word = 0
     var start = 0
     while start < length:
         var end = min(start + MASK_BITS, length)
         var bits: UInt64 = 0
-        for i in range(start, end):
+        var i = start
+        while i + LANES <= end:
+            var chunk = values.unsafe_load[width=LANES](i)
+            var positive = chunk.gt(0.0)
+            values.unsafe_store(i, positive.select(chunk, 0.0))
+            bits |= positive.select(lane_bits, 0).reduce_or() << UInt64(i - start)
+            i += LANES
+        while i < end:
             var value = values[unsafe_offset=i]
             var positive = value > 0.0
             values[unsafe_offset=i] = value if positive else 0.0
             bits |= UInt64(Int(positive)) << UInt64(i - start)
+            i += 1
         mask[unsafe_offset=word] = bits
         word += 1
         start = end
