@@ -18,7 +18,8 @@ the proof); any other query is scored against every key.
 
 One program runs through torch.mv and torch.addmv on the sparse matrices, one vector
 per product; a batch or a prompt chunk runs through torch.sparse.mm. The routers of
-the trailing layers that hold only experts are evaluated together (see `FusedRouters`).
+all layers are evaluated together (see `FusedRouters`), and for one program a layer's
+shared block and routed expert run as one block (see `FusedBlock`).
 """
 
 from __future__ import annotations
@@ -83,26 +84,15 @@ class Block:
         w1 = sparse_from(tensors, shapes, f"{prefix}.w1")
         w2 = sparse_from(tensors, shapes, f"{prefix}.w2").tocsr()
         b2 = np.asarray(tensors[f"{prefix}.b2"], dtype=np.float64)
+        b1 = np.asarray(tensors[f"{prefix}.b1"], dtype=np.float64)
         self.hidden = w1.shape[0]
         self.writes = np.union1d(np.flatnonzero(np.diff(w2.indptr)), np.flatnonzero(b2))
         self.empty = len(self.writes) == 0
+        self.parts = (sp.csr_matrix(w1), b1, w2, b2)  # scipy and numpy, for FusedBlock
         self.w1 = _torch_csr(w1)
-        self.b1 = torch.from_numpy(np.asarray(tensors[f"{prefix}.b1"], dtype=np.float64))
+        self.b1 = torch.from_numpy(b1)
         self.w2 = _torch_csr(w2)
         self.b2 = torch.from_numpy(b2) if b2.any() else None
-
-    def hidden_one(self, x: torch.Tensor) -> torch.Tensor | None:
-        """Return ReLU(W1 x + b1) for one residual vector x (D,)."""
-        if self.hidden == 0:
-            return None
-        return torch.addmv(self.b1, self.w1, x).relu_()
-
-    def add_one(self, x: torch.Tensor, hidden: torch.Tensor | None) -> None:
-        """Add W2 hidden + b2 to x in place."""
-        if hidden is not None:
-            x.addmv_(self.w2, hidden)
-        if self.b2 is not None:
-            x.add_(self.b2)
 
     def delta_many(self, y: torch.Tensor) -> torch.Tensor:
         """Return W2 ReLU(W1 y + b1) + b2 for the columns of y (D, n)."""
@@ -113,6 +103,47 @@ class Block:
         if self.b2 is not None:
             out = out + self.b2.unsqueeze(1)
         return out
+
+
+class FusedBlock:
+    """A layer's shared block and one of its experts as one ReLU block, for one program.
+
+    Both read the same y, so their first layers stack into one matrix and their second
+    layers into another; one more hidden unit, with a zero row and bias 1, carries the
+    sum of both b2 vectors as a column of W2. One step of the layer's feed-forward part
+    is then three torch calls. The sums run in another order than with the two blocks
+    apart, which changes nothing: every value is an integer below 2^53 (the builder's
+    certificate bounds each block, in any order of summation).
+    """
+
+    def __init__(self, blocks: Sequence[Block]):
+        w1s, b1s, w2s = [], [], []
+        b2 = None
+        for block in blocks:
+            w1, b1, w2, block_b2 = block.parts
+            w1s.append(w1)
+            b1s.append(b1)
+            w2s.append(w2)
+            b2 = block_b2.copy() if b2 is None else b2 + block_b2
+        writes = [block.writes for block in blocks]
+        self.writes = np.unique(np.concatenate(writes)) if writes else np.zeros(0, np.int64)
+        self.empty = len(self.writes) == 0
+        if b2 is not None and b2.any():
+            w1s.append(sp.csr_matrix((1, w1s[0].shape[1])))
+            b1s.append(np.ones(1))
+            w2s.append(sp.csr_matrix(b2.reshape(-1, 1)))
+        self.hidden = sum(w1.shape[0] for w1 in w1s)
+        if self.empty or self.hidden == 0:
+            self.empty = True
+            return
+        self.w1 = _torch_csr(sp.vstack(w1s))
+        self.b1 = torch.from_numpy(np.concatenate(b1s))
+        self.w2 = _torch_csr(sp.hstack(w2s))
+
+    def add_one(self, x: torch.Tensor) -> None:
+        """Add W2 ReLU(W1 x + b1) to one residual vector x (D,) in place."""
+        if not self.empty:
+            x.addmv_(self.w2, torch.addmv(self.b1, self.w1, x).relu_())
 
 
 class Router:
@@ -190,6 +221,8 @@ class HeadCaches:
         self.exact_bits = layout.exact_bits
         self.usable = [layout.exact_bits is not None] * programs
         self.sentinel: list[int | None] = [None] * programs
+        # Per program, the last scored query's bytes and its winner; see `_rescore`.
+        self.scored: list[tuple[bytes, int] | None] = [None] * programs
         if layout.exact_bits is not None:
             self.last_bytes = np.array([float(layout.exact_bits)]).tobytes()
             self.ones = np.ones(layout.exact_bits).tobytes()
@@ -246,8 +279,32 @@ class HeadCaches:
                 if np.abs(query[:-1]).tobytes() == self.ones:
                     winner = sentinel
         if winner is None:
-            winner = self._brute_force([program], query[None, :])[0]
+            winner = self._rescore(program, query, slot)
+        else:
+            self.scored[program] = None  # `_rescore` assumes one write since the last
         return self.values[program, winner]
+
+    def _rescore(self, program: int, query: np.ndarray, written: int) -> int:
+        """Return the brute-force winner for `query` after a write to slot `written`.
+
+        When the query equals the one scored at the last step, only the written slot
+        changed since (a new key, or a new position and value for a cached key), so the
+        winner is the written slot if it scores at least as high as the last winner,
+        which it beats on position, and the last winner otherwise.
+        """
+        identity = query.tobytes()
+        scored = self.scored[program]
+        if scored is not None and scored[0] == identity:
+            previous = scored[1]
+            keys = self.keys[program]
+            if previous == written or keys[written] @ query >= keys[previous] @ query:
+                winner = written
+            else:
+                winner = previous
+        else:
+            winner = self._brute_force([program], query[None, :])[0]
+        self.scored[program] = (identity, winner)
+        return winner
 
     def attend_rows(self, programs: list[int], keys: np.ndarray, values: np.ndarray,
                     queries: np.ndarray, positions: list[int]) -> np.ndarray:  # fmt: skip
@@ -263,6 +320,8 @@ class HeadCaches:
                 slots[i] = self._slot(programs[i], identity, keys[i])
         self.values[programs, slots] = values
         self.positions[programs, slots] = positions
+        for program in programs:
+            self.scored[program] = None  # `_rescore` assumes one write since the last
         winners, brute = self._exact_winners(programs, queries)
         if brute:
             found = self._brute_force([programs[i] for i in brute], queries[brute])
@@ -335,9 +394,11 @@ class Attention:
         self.value_width = output
         self.qkv = _torch_csr(sp.vstack(matrices))
         self.qkv_bias = torch.from_numpy(np.concatenate(biases).astype(np.float64))
-        self.wo = _torch_csr(sp.hstack([
+        wo = sp.hstack([
             sparse_from(tensors, shapes, f"{prefix}.heads.{h}.wo") for h in range(len(heads))
-        ]))  # fmt: skip
+        ]).tocsr()  # fmt: skip
+        self.writes = np.flatnonzero(np.diff(wo.indptr))
+        self.wo = _torch_csr(wo)
 
     def new_caches(self, programs: int) -> list[HeadCaches]:
         return [HeadCaches(head, programs) for head in self.heads]
@@ -404,16 +465,22 @@ class Layer:
                 for e in range(len(description["experts"]))
             ]
 
+        self._fused: dict[int | None, FusedBlock] = {}
+
+    def fused_block(self, expert: int | None) -> FusedBlock:
+        """Return the shared block and expert `expert` (None: no expert) as one block."""
+        fused = self._fused.get(expert)
+        if fused is None:
+            blocks = [self.shared] if self.shared is not None else []
+            if expert is not None:
+                blocks.append(self.experts[expert])
+            fused = FusedBlock(blocks)
+            self._fused[expert] = fused
+        return fused
+
     def feed_forward_one(self, x: torch.Tensor, expert: int | None) -> None:
         """Add the shared block and expert `expert` to one residual vector x in place."""
-        shared = self.shared
-        shared_hidden = shared.hidden_one(x) if shared is not None else None
-        block = self.experts[expert] if expert is not None else None
-        expert_hidden = block.hidden_one(x) if block is not None else None
-        if shared is not None:
-            shared.add_one(x, shared_hidden)
-        if block is not None:
-            block.add_one(x, expert_hidden)
+        self.fused_block(expert).add_one(x)
 
     def feed_forward_many(self, x: torch.Tensor, chosen: torch.Tensor | None) -> torch.Tensor:
         """Return x plus the shared block and each column's expert (`chosen`, (n,))."""
@@ -439,35 +506,44 @@ class Layer:
 
 
 class FusedRouters:
-    """The routers of the trailing layers that hold only experts, evaluated at once.
+    """Every layer's router, evaluated in one product and again only when needed.
 
-    A router's logits depend only on the components it reads. In these layers only the
-    routed experts write to x, so logits computed before one of them stay exact until an
-    expert writes a component that a later router reads; `stale_after[l][e]` says
-    whether expert e of layer l does, and the layer loop then computes the remaining
-    routers again. Which components each matrix reads and writes comes from the stored
-    matrices, nothing else.
+    A router's logits depend only on the components of x it reads. The product runs
+    where the first router runs, and its logits for a later layer stay exact until
+    something writes a component that layer's router reads: a later layer's attention,
+    a shared block or a routed expert. `stale_after_attention[l]` and
+    `stale_after_block[l][e]` (e None: no expert) say whether that happens, and the
+    layer loop then runs the product again at the next router. Which components each
+    matrix reads and writes comes from the stored matrices, nothing else.
     """
 
     def __init__(self, layers: list[Layer]):
-        first = len(layers)
-        while first > 0 and layers[first - 1].attention is None and (
-            layers[first - 1].shared is None
-        ):
-            first -= 1
-        routed = [l for l in range(first, len(layers)) if layers[l].router is not None]
+        routed = [l for l, layer in enumerate(layers) if layer.router is not None]
         self.row_of_layer = {l: r for r, l in enumerate(routed)}
         self.routers = None
-        self.stale_after: dict[int, list[bool]] = {}
         if len(routed) >= 2:
             self.routers = Router([layers[l].router_matrix for l in routed],
                                   [layers[l].router_bias for l in routed])  # fmt: skip
-        for l in routed:
-            later = [layers[m].router.reads for m in routed if m > l]
-            read_later = np.unique(np.concatenate(later)) if later else np.zeros(0, np.int64)
-            self.stale_after[l] = [
-                bool(np.intersect1d(block.writes, read_later).size) for block in layers[l].experts
-            ]
+
+        def read_from(first: int) -> np.ndarray:
+            reads = [layers[m].router.reads for m in routed if m >= first]
+            return np.unique(np.concatenate(reads)) if reads else np.zeros(0, np.int64)
+
+        def overlaps(writes: np.ndarray, reads: np.ndarray) -> bool:
+            return bool(np.intersect1d(writes, reads).size)
+
+        self.stale_after_attention = [
+            layer.attention is not None and overlaps(layer.attention.writes, read_from(l))
+            for l, layer in enumerate(layers)
+        ]
+        self.stale_after_block: list[dict[int | None, bool]] = []
+        for l, layer in enumerate(layers):
+            later = read_from(l + 1)
+            shared = layer.shared.writes if layer.shared is not None else np.zeros(0, np.int64)
+            stale = {None: overlaps(shared, later)}
+            for e, block in enumerate(layer.experts):
+                stale[e] = stale[None] or overlaps(block.writes, later)
+            self.stale_after_block.append(stale)
 
     def covers(self, layer: int) -> bool:
         return self.routers is not None and layer in self.row_of_layer
@@ -547,6 +623,8 @@ class TorchModel(torch.nn.Module):
         for l, layer in enumerate(self.layers):
             if layer.attention is not None:
                 layer.attention.forward_one(x, batch.caches[l], program, position)
+                if fused.stale_after_attention[l]:
+                    choices = None
             expert = None
             if layer.router is not None:
                 if fused.covers(l):
@@ -556,7 +634,7 @@ class TorchModel(torch.nn.Module):
                 else:
                     expert = layer.router.choose_one(x)[0]
             layer.feed_forward_one(x, expert)
-            if choices is not None and expert is not None and fused.stale_after[l][expert]:
+            if fused.stale_after_block[l][expert]:
                 choices = None
         return x
 
@@ -583,6 +661,8 @@ class TorchModel(torch.nn.Module):
         for l, layer in enumerate(self.layers):
             if layer.attention is not None:
                 x = layer.attention.forward_many(x, batch.caches[l], rows, distinct)
+                if fused.stale_after_attention[l]:
+                    choices = None
             chosen = None
             if layer.router is not None:
                 if fused.covers(l):
@@ -592,9 +672,8 @@ class TorchModel(torch.nn.Module):
                 else:
                     chosen = layer.router.choose_many(x)[0]
             x = layer.feed_forward_many(x, chosen)
-            if choices is not None and chosen is not None and any(
-                fused.stale_after[l][e] for e in torch.unique(chosen).tolist()
-            ):
+            experts = [None] if chosen is None else torch.unique(chosen).tolist()
+            if any(fused.stale_after_block[l][e] for e in experts):
                 choices = None
         return x
 

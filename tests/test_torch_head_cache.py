@@ -87,3 +87,19 @@ def test_repeated_key_keeps_one_entry():
     for position in range(5):
         caches.attend_one(0, key, np.array([position, 0.0]), key, position)
     assert caches.sizes[0] == 1
+
+
+few_keys = st.sampled_from([[1.0, 0.0, -1.0, 2.0], [0.0, 1.0, 1.0, 1.0], [0.0, 0.0, 0.0, 0.0]])
+few_queries = st.sampled_from([[1.0, 1.0, -1.0, 1.0], [0.0, 0.0, 0.0, 1.0]])
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.data())
+def test_repeated_query_matches_brute_force(data):
+    # The same query step after step is answered from the last winner and the one
+    # written slot, not by scoring every key again.
+    exact = data.draw(st.booleans())
+    keys = st.one_of(few_keys, any_keys, exact_keys) if exact else st.one_of(few_keys, any_keys)
+    queries = st.one_of(few_queries, exact_queries) if exact else few_queries
+    programs = data.draw(st.integers(1, 2))
+    _run(exact, data.draw(_steps(keys, queries, programs)), programs)
