@@ -302,18 +302,18 @@ struct HeadCache(Movable):
                 self._check_key_form(key, slot)
             return slot
         unsafe_memcpy(dest=self.value_ptr(slot), src=value, count=self.value_width)
-        self.stamps[slot] = stamp
+        self.stamps.unsafe_get(slot) = stamp
         return slot
 
     def rewrite(mut self, slot: Int, value: FloatPtr, stamp: Int):
         """Append a key equal to the key of `slot`, with this value, at position
         `stamp`: what `append` does for a cached key, without looking the key up."""
         unsafe_memcpy(dest=self.value_ptr(slot), src=value, count=self.value_width)
-        self.stamps[slot] = stamp
+        self.stamps.unsafe_get(slot) = stamp
 
     def restamp(mut self, slot: Int, stamp: Int):
         """Append the key and value that `slot` holds again, at position `stamp`."""
-        self.stamps[slot] = stamp
+        self.stamps.unsafe_get(slot) = stamp
 
     def _check_key_form(mut self, key: FloatPtr, slot: Int):
         """Record whether a new key keeps the exact-match index exact.

@@ -179,6 +179,10 @@ struct Engine(Movable):
     var changed_fields: List[UInt64]
     var field_words: Int
     var field_masks: List[UInt64]
+    # Fields of two values, as runs (first field, count) of consecutive ones, whose
+    # argmax is taken eight fields at a time, and the other fields.
+    var binary_runs: List[Int]
+    var other_fields: List[Int]
     var layers: List[LayerWeights]
     var heads: List[HeadWeights]
     var blocks: List[BlockWeights]
@@ -253,6 +257,16 @@ struct Engine(Movable):
         self.embed = reader.matrix()
         self.unembed = reader.matrix()
         self.unembed_bias = reader.next()
+        self.binary_runs = List[Int]()
+        self.other_fields = List[Int]()
+        for f in range(self.field_count):
+            if self.vocab[f] != 2:
+                self.other_fields.append(f)
+            elif f > 0 and self.vocab[f - 1] == 2:
+                self.binary_runs[len(self.binary_runs) - 1] += 1
+            else:
+                self.binary_runs.append(f)
+                self.binary_runs.append(1)
         self.field_words = self.field_count // MASK_BITS + 1
         self.changed_fields = List[UInt64](length=self.field_words, fill=0)
         self.field_masks = List[UInt64]()
@@ -381,19 +395,19 @@ struct Engine(Movable):
         var changed = MaskPtr(unsafe_from_address=Int(self.changed_fields.unsafe_ptr()))
         for w in range(self.field_words):
             changed[unsafe_offset=w] = 0
+        var lane_bits = SIMD[DType.uint64, FIELD_LANES](1, 2, 4, 8, 16, 32, 64, 128)
         var f = 0
+        # FIELD_LANES divides MASK_BITS, so a group of lanes never spans two mask words.
+        while f + FIELD_LANES <= self.field_count:
+            var new_values = token.unsafe_load[width=FIELD_LANES](f)
+            var old_values = embedded_token.unsafe_load[width=FIELD_LANES](f)
+            var differ = new_values.ne(old_values).select(lane_bits, 0).reduce_or()
+            changed[unsafe_offset=f // MASK_BITS] |= differ << UInt64(f % MASK_BITS)
+            f += FIELD_LANES
         while f < self.field_count:
-            if f + FIELD_LANES <= self.field_count:
-                var new_values = token.unsafe_load[width=FIELD_LANES](f)
-                var old_values = embedded_token.unsafe_load[width=FIELD_LANES](f)
-                if new_values.eq(old_values).reduce_and():
-                    f += FIELD_LANES
-                    continue
-            var end = min(f + FIELD_LANES, self.field_count)
-            for g in range(f, end):
-                if token[unsafe_offset=g] != embedded_token[unsafe_offset=g]:
-                    changed[unsafe_offset=g // MASK_BITS] |= UInt64(1) << UInt64(g % MASK_BITS)
-            f = end
+            if token[unsafe_offset=f] != embedded_token[unsafe_offset=f]:
+                changed[unsafe_offset=f // MASK_BITS] |= UInt64(1) << UInt64(f % MASK_BITS)
+            f += 1
 
     @always_inline
     def _unchanged(self, fields: Int) -> Bool:
@@ -402,7 +416,7 @@ struct Engine(Movable):
         if fields < 0:
             return False
         for w in range(self.field_words):
-            if self.field_masks[fields + w] & self.changed_fields[w] != 0:
+            if self.field_masks.unsafe_get(fields + w) & self.changed_fields.unsafe_get(w) != 0:
                 return False
         return True
 
@@ -417,41 +431,43 @@ struct Engine(Movable):
         var x_mask = self._masks()[1]
         var written = self._masks()[2]
         for h in range(layer.first_head, layer.first_head + layer.head_count):
-            var head = self.heads[h]
-            var slot = self.last_slots[h]
+            ref head = self.heads.unsafe_get(h)
+            ref cache = self.caches.unsafe_get(h)
+            var slot = self.last_slots.unsafe_get(h)
             if slot >= 0 and self._unchanged(head.key_fields):
                 # The key equals the previous position's, so it owns the same slot.
                 if self._unchanged(head.value_fields):
-                    self.caches[h].restamp(slot, self.position)
+                    cache.restamp(slot, self.position)
                 else:
                     affine_masked(head.wv, head.bv, arrays, x, x_mask, value)
-                    self.caches[h].rewrite(slot, value, self.position)
+                    cache.rewrite(slot, value, self.position)
             else:
                 affine_masked(head.wk, head.bk, arrays, x, x_mask, key)
                 affine_masked(head.wv, head.bv, arrays, x, x_mask, value)
-                self.last_slots[h] = self.caches[h].append(key, value, self.position)
+                self.last_slots.unsafe_get(h) = cache.append(key, value, self.position)
             if not need_output:
-                self.winner_reusable[h] = False
+                self.winner_reusable.unsafe_get(h) = False
                 continue
-            var count = self.caches[h].count()
+            var count = cache.count()
             if (
-                self.winner_reusable[h]
-                and self.winner_counts[h] == count
+                self.winner_reusable.unsafe_get(h)
+                and self.winner_counts.unsafe_get(h) == count
                 and self._unchanged(head.query_fields)
             ):
                 continue
             affine_masked(head.wq, head.bq, arrays, x, x_mask, query)
-            self.winners[h] = self.caches[h].attend(query)
-            self.winner_reusable[h] = self.caches[h].last_indexed
-            self.winner_counts[h] = count
+            self.winners.unsafe_get(h) = cache.attend(query)
+            self.winner_reusable.unsafe_get(h) = cache.last_indexed
+            self.winner_counts.unsafe_get(h) = count
         if not need_output:
             return
         var value_mask = MaskPtr(unsafe_from_address=Int(self.value_mask.unsafe_ptr()))
         for h in range(layer.first_head, layer.first_head + layer.head_count):
-            var winner = self.caches[h].value_ptr(self.winners[h])
-            nonzero_mask(winner, self.heads[h].wv.rows, value_mask)
+            ref head = self.heads.unsafe_get(h)
+            var winner = self.caches.unsafe_get(h).value_ptr(self.winners.unsafe_get(h))
+            nonzero_mask(winner, head.wv.rows, value_mask)
             accumulate_masked[mark_output=True](
-                self.heads[h].wo, arrays, winner, value_mask, x, x_mask, written
+                head.wo, arrays, winner, value_mask, x, x_mask, written
             )
 
     def _feed_forward[dtype: DType](mut self, layer: LayerWeights):
@@ -466,7 +482,7 @@ struct Engine(Movable):
         var shared_mask = MaskPtr(unsafe_from_address=Int(self.shared_mask.unsafe_ptr()))
         var expert_mask = MaskPtr(unsafe_from_address=Int(self.expert_mask.unsafe_ptr()))
         if layer.shared >= 0:
-            var block = self.blocks[layer.shared]
+            ref block = self.blocks.unsafe_get(layer.shared)
             affine_masked(block.w1, block.b1, arrays, x, x_mask, shared_hidden)
             relu(shared_hidden, block.w1.rows, shared_mask)
         var expert = -1
@@ -474,17 +490,17 @@ struct Engine(Movable):
             var logits = float_ptr(self.logits)
             affine_masked(layer.router, layer.router_bias, arrays, x, x_mask, logits)
             expert = layer.first_expert + first_argmax(logits, layer.expert_count)
-            var block = self.blocks[expert]
+            ref block = self.blocks.unsafe_get(expert)
             affine_masked(block.w1, block.b1, arrays, x, x_mask, expert_hidden)
             relu(expert_hidden, block.w1.rows, expert_mask)
         if layer.shared >= 0:
-            var block = self.blocks[layer.shared]
+            ref block = self.blocks.unsafe_get(layer.shared)
             accumulate_masked[mark_output=True](
                 block.w2, arrays, shared_hidden, shared_mask, x, x_mask, written
             )
             accumulate_marking(block.b2, arrays, one, x, x_mask, written)
         if expert >= 0:
-            var block = self.blocks[expert]
+            ref block = self.blocks.unsafe_get(expert)
             accumulate_masked[mark_output=True](
                 block.w2, arrays, expert_hidden, expert_mask, x, x_mask, written
             )
@@ -500,7 +516,24 @@ struct Engine(Movable):
         var offsets = int_ptr(self.field_offsets)
         var vocab = int_ptr(self.vocab)
         var pending = self._pending()
-        for f in range(self.field_count):
+        comptime LANES = FIELD_LANES
+        var ones = SIMD[DType.int, LANES](1)
+        var zeros = SIMD[DType.int, LANES](0)
+        for run in range(0, len(self.binary_runs), 2):
+            var first = self.binary_runs[run]
+            var count = self.binary_runs[run + 1]
+            # The fields' logits are consecutive pairs (value 0, value 1).
+            var pairs = logits.unsafe_offset(offsets[unsafe_offset=first])
+            var output = pending.unsafe_offset(first)
+            var i = 0
+            while i + LANES <= count:
+                var halves = pairs.unsafe_load[width=2 * LANES](2 * i).deinterleave()
+                output.unsafe_store(i, halves[1].gt(halves[0]).select(ones, zeros))
+                i += LANES
+            while i < count:
+                output[unsafe_offset=i] = first_argmax(pairs.unsafe_offset(2 * i), 2)
+                i += 1
+        for f in self.other_fields:
             var segment = logits.unsafe_offset(offsets[unsafe_offset=f])
             pending[unsafe_offset=f] = first_argmax(segment, vocab[unsafe_offset=f])
 
@@ -508,7 +541,7 @@ struct Engine(Movable):
         self._embed[dtype](token)
         var last = len(self.layers) - 1
         for l in range(len(self.layers)):
-            var layer = self.layers[l]
+            var layer = self.layers.unsafe_get(l)
             var need_output = predict or l < last
             self._attention[dtype](layer, need_output)
             if need_output:

@@ -257,6 +257,29 @@ def first_argmax(values: FloatPtr, length: Int) -> Int:
         if third > first and third > second:
             return 2
         return 1 if second > first else 0
+    comptime LANES = 8
+    if length >= LANES:
+        # Without NaNs the answer is the first entry equal to the maximum (-0.0 equals
+        # 0.0 there as in the comparisons below), found eight entries at a time.
+        var top = values.unsafe_load[width=LANES](0)
+        var has_nan = top.ne(top)
+        var i = LANES
+        while i + LANES <= length:
+            var chunk = values.unsafe_load[width=LANES](i)
+            top = max(top, chunk)
+            has_nan |= chunk.ne(chunk)
+            i += LANES
+        var maximum = top.reduce_max()
+        var tail_nan = False
+        while i < length:
+            var value = values[unsafe_offset=i]
+            maximum = max(maximum, value)
+            tail_nan = tail_nan or value != value
+            i += 1
+        if not (tail_nan or has_nan.reduce_or()):
+            for j in range(length):
+                if values[unsafe_offset=j] == maximum:
+                    return j
     var best = 0
     for i in range(1, length):
         if values[unsafe_offset=i] > values[unsafe_offset=best]:
