@@ -109,7 +109,7 @@ class FusedBlock:
     """A layer's shared block and one of its experts as one ReLU block, for one program.
 
     Both read the same y, so their first layers stack into one matrix and their second
-    layers into another; one more hidden unit, with a zero row and bias 1, carries the
+    layers into another. One more hidden unit, with a zero row and bias 1, carries the
     sum of both b2 vectors as a column of W2. One step of the layer's feed-forward part
     is then three torch calls. The sums run in another order than with the two blocks
     apart, which changes nothing: every value is an integer below 2^53 (the builder's
@@ -141,9 +141,9 @@ class FusedBlock:
         self.w2 = _torch_csr(sp.hstack(w2s))
 
     def add_one(self, x: torch.Tensor) -> None:
-        """Add W2 ReLU(W1 x + b1) to one residual vector x (D,) in place."""
-        if not self.empty:
-            x.addmv_(self.w2, torch.addmv(self.b1, self.w1, x).relu_())
+        """Add W2 ReLU(W1 x + b1) to one residual vector x (D,) in place. The block must
+        not be empty."""
+        x.addmv_(self.w2, torch.addmv(self.b1, self.w1, x).relu_())
 
 
 class Router:
@@ -223,6 +223,9 @@ class HeadCaches:
         self.sentinel: list[int | None] = [None] * programs
         # Per program, the last scored query's bytes and its winner; see `_rescore`.
         self.scored: list[tuple[bytes, int] | None] = [None] * programs
+        # Per program, the last step's (key, value, query) bytes, the slot it wrote and
+        # the value it returned; see `attend_one`.
+        self.last_step: list[tuple[bytes, int, np.ndarray] | None] = [None] * programs
         if layout.exact_bits is not None:
             self.last_bytes = np.array([float(layout.exact_bits)]).tobytes()
             self.ones = np.ones(layout.exact_bits).tobytes()
@@ -263,8 +266,11 @@ class HeadCaches:
     # --- attending ---
 
     def attend_one(self, program: int, key: np.ndarray, value: np.ndarray,
-                   query: np.ndarray, position: int) -> np.ndarray:  # fmt: skip
-        """Append (key, value) at `position`, then return the winning value for `query`."""
+                   query: np.ndarray, position: int, step: bytes | None = None) -> np.ndarray:  # fmt: skip
+        """Append (key, value) at `position`, then return the winning value for `query`.
+
+        `step`, when given, is the bytes of query, key and value, kept for `repeat_one`.
+        """
         slot = self._slot(program, key.tobytes(), key)
         self.values[program, slot] = value
         self.positions[program, slot] = position
@@ -282,15 +288,33 @@ class HeadCaches:
             winner = self._rescore(program, query, slot)
         else:
             self.scored[program] = None  # `_rescore` assumes one write since the last
-        return self.values[program, winner]
+        result = self.values[program, winner].copy()
+        self.last_step[program] = None if step is None else (step, slot, result)
+        return result
+
+    def repeat_one(self, program: int, step: bytes, position: int) -> np.ndarray | None:
+        """Return the winning value for a step whose query, key and value bytes `step`
+        equal those of this program's previous `attend_one` call, or None (changing
+        nothing) when they differ.
+
+        Only the position of the previous call's slot changes: the key owns the same
+        slot and gets the same value, and the winner stays the same. It was that slot,
+        which is still the latest of its score, or an entry that scored higher than it,
+        because that slot won ties at the previous position.
+        """
+        last = self.last_step[program]
+        if last is None or last[0] != step:
+            return None
+        self.positions[program, last[1]] = position
+        return last[2]
 
     def _rescore(self, program: int, query: np.ndarray, written: int) -> int:
         """Return the brute-force winner for `query` after a write to slot `written`.
 
         When the query equals the one scored at the last step, only the written slot
-        changed since (a new key, or a new position and value for a cached key), so the
-        winner is the written slot if it scores at least as high as the last winner,
-        which it beats on position, and the last winner otherwise.
+        changed since then (a new key, or a new position and value for a cached key).
+        The winner is then the written slot if it scores at least as high as the last
+        winner, because it is the latest entry, and the last winner otherwise.
         """
         identity = query.tobytes()
         scored = self.scored[program]
@@ -322,6 +346,7 @@ class HeadCaches:
         self.positions[programs, slots] = positions
         for program in programs:
             self.scored[program] = None  # `_rescore` assumes one write since the last
+            self.last_step[program] = None
         winners, brute = self._exact_winners(programs, queries)
         if brute:
             found = self._brute_force([programs[i] for i in brute], queries[brute])
@@ -392,7 +417,8 @@ class Attention:
             start += q + k + v
             output += v
         self.value_width = output
-        self.qkv = _torch_csr(sp.vstack(matrices))
+        self.qkv_scipy = sp.vstack(matrices).tocsr()
+        self.qkv = _torch_csr(self.qkv_scipy)
         self.qkv_bias = torch.from_numpy(np.concatenate(biases).astype(np.float64))
         wo = sp.hstack([
             sparse_from(tensors, shapes, f"{prefix}.heads.{h}.wo") for h in range(len(heads))
@@ -404,14 +430,20 @@ class Attention:
         return [HeadCaches(head, programs) for head in self.heads]
 
     def forward_one(self, x: torch.Tensor, caches: list[HeadCaches], program: int,
-                    position: int) -> None:  # fmt: skip
-        """Add the heads' output for one residual vector x (D,) to x in place."""
-        qkv = torch.addmv(self.qkv_bias, self.qkv, x).numpy() + 0.0  # -0.0 becomes 0.0
+                    position: int, qkv: np.ndarray | None = None) -> None:  # fmt: skip
+        """Add the heads' output for one residual vector x (D,) to x in place. A given
+        `qkv` contains the heads' q, k and v of x, which then need no product."""
+        if qkv is None:
+            qkv = torch.addmv(self.qkv_bias, self.qkv, x).numpy() + 0.0  # -0.0 becomes 0.0
         values = np.empty(self.value_width)
+        raw = qkv.tobytes()
         for cache, head in zip(caches, self.heads):
-            values[head.output] = cache.attend_one(
-                program, qkv[head.key], qkv[head.value], qkv[head.query], position
-            )
+            step = raw[head.query.start * 8 : head.value.stop * 8]  # q, k, v are adjacent
+            value = cache.repeat_one(program, step, position)
+            if value is None:
+                value = cache.attend_one(program, qkv[head.key], qkv[head.value],
+                                         qkv[head.query], position, step)  # fmt: skip
+            values[head.output] = value
         x.addmv_(self.wo, torch.from_numpy(values))
 
     def forward_many(self, x: torch.Tensor, caches: list[HeadCaches],
@@ -468,7 +500,8 @@ class Layer:
         self._fused: dict[int | None, FusedBlock] = {}
 
     def fused_block(self, expert: int | None) -> FusedBlock:
-        """Return the shared block and expert `expert` (None: no expert) as one block."""
+        """Return the shared block and expert `expert` (None: no expert) as one block,
+        which adds both to one residual vector x with `add_one`."""
         fused = self._fused.get(expert)
         if fused is None:
             blocks = [self.shared] if self.shared is not None else []
@@ -478,9 +511,6 @@ class Layer:
             self._fused[expert] = fused
         return fused
 
-    def feed_forward_one(self, x: torch.Tensor, expert: int | None) -> None:
-        """Add the shared block and expert `expert` to one residual vector x in place."""
-        self.fused_block(expert).add_one(x)
 
     def feed_forward_many(self, x: torch.Tensor, chosen: torch.Tensor | None) -> torch.Tensor:
         """Return x plus the shared block and each column's expert (`chosen`, (n,))."""
@@ -512,7 +542,7 @@ class FusedRouters:
     where the first router runs, and its logits for a later layer stay exact until
     something writes a component that layer's router reads: a later layer's attention,
     a shared block or a routed expert. `stale_after_attention[l]` and
-    `stale_after_block[l][e]` (e None: no expert) say whether that happens, and the
+    `stale_after_block[l][e]` (e None: no expert) record whether that happens, and the
     layer loop then runs the product again at the next router. Which components each
     matrix reads and writes comes from the stored matrices, nothing else.
     """
@@ -579,7 +609,8 @@ class TorchModel(torch.nn.Module):
         self.offsets = _index(offsets)
         self.total_vocab = int(sum(vocabs))
         # x = E^T onehot(token): one sparse product in place of a gather of F rows.
-        self.embedding_t = _torch_csr(self._stack(tensors, shapes, "embed", vocabs).T)
+        embedding_t = self._stack(tensors, shapes, "embed", vocabs).T.tocsr()
+        self.embedding_t = _torch_csr(embedding_t)
         self.unembedding = _torch_csr(self._stack(tensors, shapes, "unembed", vocabs))
         bias = np.concatenate([tensors[f"unembed.{f}.bias"] for f in range(len(vocabs))])
         self.unembedding_bias = torch.from_numpy(bias.astype(np.float64))
@@ -590,6 +621,7 @@ class TorchModel(torch.nn.Module):
             for index, description in enumerate(metadata["layers"])
         ]
         self.fused = FusedRouters(self.layers)
+        self._embed_first_qkv(embedding_t)
         self.state = Batch(self.layers, 1)
 
     @staticmethod
@@ -609,20 +641,50 @@ class TorchModel(torch.nn.Module):
 
     # --- the forward pass over the columns of x ---
 
-    def _embed_one(self, token: np.ndarray) -> torch.Tensor:
-        """Return x (D,) for one token (F,)."""
+    def _embed_first_qkv(self, embedding_t: sp.csr_matrix) -> None:
+        """Stack the first layer's q, k and v maps of the embedding under it, so that one
+        product of the one-hot indicator of a token gives x and that layer's q, k, v.
+
+        The stacked entries and every partial sum of their product with a 0/1 indicator
+        stay below the row sums of |Wqkv| |E^T|. When that is an integer-valued
+        matrix below 2^53, float64 computes both exactly (checked here), and the first
+        layer computes its q, k and v from x as before.
+        """
+        self.first_qkv = None
+        attention = self.layers[0].attention
+        if attention is None:
+            return
+        qkv = attention.qkv_scipy @ embedding_t
+        bound = float((abs(attention.qkv_scipy) @ abs(embedding_t)).sum(axis=1).max())
+        integral = np.array_equal(qkv.data, np.round(qkv.data))
+        if not integral or bound + np.abs(attention.qkv_bias.numpy()).max() >= 2.0**53:
+            return
+        self.first_qkv = _torch_csr(sp.vstack([embedding_t, qkv]))
+        self.first_qkv_bias = torch.cat([torch.zeros(self.width, dtype=DTYPE),
+                                         attention.qkv_bias])  # fmt: skip
+
+    def _embed_one(self, token: np.ndarray) -> tuple[torch.Tensor, np.ndarray | None]:
+        """Return x (D,) for one token (F,), and the first layer's q, k and v when
+        `first_qkv` computes them in the same product."""
         indicator = np.zeros(self.total_vocab)
         indicator[self.offsets_np + token] = 1.0
-        return torch.mv(self.embedding_t, torch.from_numpy(indicator))
+        indicator = torch.from_numpy(indicator)
+        if self.first_qkv is None:
+            return torch.mv(self.embedding_t, indicator), None
+        both = torch.addmv(self.first_qkv_bias, self.first_qkv, indicator)
+        return both[: self.width], both[self.width :].numpy() + 0.0  # -0.0 becomes 0.0
 
-    def _layers_one(self, x: torch.Tensor, batch: Batch, program: int) -> torch.Tensor:
-        """Run every layer on one residual vector x (D,) in place."""
+    def _layers_one(self, x: torch.Tensor, batch: Batch, program: int,
+                    first_qkv: np.ndarray | None) -> torch.Tensor:  # fmt: skip
+        """Run every layer on one residual vector x (D,) in place. `first_qkv` contains
+        the first layer's q, k and v of x, or is None."""
         position = batch.positions[program]
         fused = self.fused
         choices = None
         for l, layer in enumerate(self.layers):
             if layer.attention is not None:
-                layer.attention.forward_one(x, batch.caches[l], program, position)
+                qkv = first_qkv if l == 0 else None
+                layer.attention.forward_one(x, batch.caches[l], program, position, qkv)
                 if fused.stale_after_attention[l]:
                     choices = None
             expert = None
@@ -633,9 +695,11 @@ class TorchModel(torch.nn.Module):
                     expert = choices[fused.row_of_layer[l]]
                 else:
                     expert = layer.router.choose_one(x)[0]
-            layer.feed_forward_one(x, expert)
-            if fused.stale_after_block[l][expert]:
-                choices = None
+            block = layer.fused_block(expert)
+            if not block.empty:
+                block.add_one(x)
+                if fused.stale_after_block[l][expert]:
+                    choices = None
         return x
 
     def _next_token_one(self, x: torch.Tensor) -> np.ndarray:
@@ -727,7 +791,8 @@ class TorchModel(torch.nn.Module):
     @torch.no_grad()
     def step_one(self, batch: Batch, program: int, token: np.ndarray) -> np.ndarray:
         """Run one token (F,) of one program and return the next token (F,)."""
-        x = self._layers_one(self._embed_one(token), batch, program)
+        x, first_qkv = self._embed_one(token)
+        x = self._layers_one(x, batch, program, first_qkv)
         batch.positions[program] += 1
         return self._next_token_one(x)
 
