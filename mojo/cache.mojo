@@ -311,6 +311,24 @@ struct HeadCache(Movable):
         unsafe_memcpy(dest=self.value_ptr(slot), src=value, count=self.value_width)
         self.stamps.unsafe_get(slot) = stamp
 
+    def store_value(mut self, slot: Int, value: FloatPtr, stamp: Int):
+        """Write the value and stamp of `slot`, appending it when slot == count(), for a
+        cache whose keys another head's cache holds and finds."""
+        if slot == self.count():
+            for i in range(self.value_width):
+                self.values.append(value[unsafe_offset=i])
+            self.stamps.append(stamp)
+        else:
+            self.rewrite(slot, value, stamp)
+
+    def store_stamp(mut self, slot: Int, stamp: Int):
+        """Write the stamp of `slot`, appending it when slot == count(), for a cache
+        whose keys and values other heads' caches hold."""
+        if slot == self.count():
+            self.stamps.append(stamp)
+        else:
+            self.stamps.unsafe_get(slot) = stamp
+
     def restamp(mut self, slot: Int, stamp: Int):
         """Append the key and value that `slot` holds again, at position `stamp`."""
         self.stamps.unsafe_get(slot) = stamp

@@ -44,6 +44,8 @@ from kernels import (
     float_ptr,
     int_ptr,
     nonzero_mask,
+    reads_input,
+    same_affine,
     relu,
 )
 
@@ -88,6 +90,9 @@ struct LayerWeights(ImplicitlyCopyable, Movable):
     var router_bias: Int
     var first_expert: Int  # index into the block list
     var expert_count: Int
+    # The router's argmax at a position where x is zero in every column it reads, so
+    # that its logits are its bias.
+    var bias_expert: Int
 
 
 struct HeaderReader:
@@ -191,6 +196,12 @@ struct Engine(Movable):
     # and whether `winners` holds an answer of the exact-match index that is still
     # right while the query and the cache's slot count (in `winner_counts`) stay the same.
     var last_slots: List[Int]
+    # Per head: the first head of its layer with the same key projection and lookup
+    # kind (itself when none), whose cache then finds the slots and answers the
+    # queries for both, and the head whose cached values it reads (itself unless its
+    # value projection is also the same as its key leader's).
+    var key_leaders: List[Int]
+    var value_leaders: List[Int]
     var winner_reusable: List[Bool]
     var winner_counts: List[Int]
     # Work buffers, sized for the largest matrix that writes into each.
@@ -277,12 +288,18 @@ struct Engine(Movable):
             self.layers.append(
                 _read_layer(reader, self.heads, self.blocks, self.field_masks, self.field_count)
             )
+        for ref layer in self.layers:
+            if layer.expert_count > 0:
+                var bias = float_ptr(self.floats).unsafe_offset(layer.router_bias)
+                layer.bias_expert = first_argmax(bias, layer.expert_count)
         if reader.next() != END_MARK:
             raise Error("packed model header does not end where expected")
         self.caches = List[HeadCache]()
         for head in self.heads:
             self.caches.append(HeadCache(head.wk.rows, head.wv.rows, head.exact))
         self.last_slots = List[Int](length=len(self.heads), fill=-1)
+        self.key_leaders = List[Int](length=len(self.heads), fill=0)
+        self.value_leaders = List[Int](length=len(self.heads), fill=0)
         self.winner_reusable = List[Bool](length=len(self.heads), fill=False)
         self.winner_counts = List[Int](length=len(self.heads), fill=0)
         self.x = List[Float64](length=self.width, fill=0.0)
@@ -314,6 +331,30 @@ struct Engine(Movable):
         self.pending_offset = 0
         self.need_step = False
         self.stopped = False
+        if self.narrow:
+            self._find_shared_projections[DType.float32]()
+        else:
+            self._find_shared_projections[DType.float64]()
+
+    def _find_shared_projections[dtype: DType](mut self):
+        """Fill `key_leaders` and `value_leaders` by comparing the heads' weights."""
+        var arrays = self._arrays[dtype]()
+        for layer in self.layers:
+            for h in range(layer.first_head, layer.first_head + layer.head_count):
+                self.key_leaders[h] = h
+                self.value_leaders[h] = h
+                ref head = self.heads[h]
+                for g in range(layer.first_head, h):
+                    ref other = self.heads[g]
+                    if (
+                        self.key_leaders[g] == g
+                        and other.exact == head.exact
+                        and same_affine(other.wk, other.bk, head.wk, head.bk, arrays)
+                    ):
+                        self.key_leaders[h] = g
+                        if same_affine(other.wv, other.bv, head.wv, head.bv, arrays):
+                            self.value_leaders[h] = self.value_leaders[g]
+                        break
 
     # ---- one position ------------------------------------------------------------
 
@@ -430,11 +471,25 @@ struct Engine(Movable):
         var query = float_ptr(self.query)
         var x_mask = self._masks()[1]
         var written = self._masks()[2]
+        var caches = self.caches.unsafe_ptr()
         for h in range(layer.first_head, layer.first_head + layer.head_count):
             ref head = self.heads.unsafe_get(h)
-            ref cache = self.caches.unsafe_get(h)
+            ref cache = caches[h]
             var slot = self.last_slots.unsafe_get(h)
-            if slot >= 0 and self._unchanged(head.key_fields):
+            var leader = self.key_leaders.unsafe_get(h)
+            if leader != h:
+                # The key equals the leader's, which has already found its slot.
+                var leader_slot = self.last_slots.unsafe_get(leader)
+                var same_slot = slot >= 0 and self._unchanged(head.key_fields)
+                if self.value_leaders.unsafe_get(h) != h:
+                    cache.store_stamp(leader_slot, self.position)
+                elif same_slot and self._unchanged(head.value_fields):
+                    cache.restamp(leader_slot, self.position)
+                else:
+                    affine_masked(head.wv, head.bv, arrays, x, x_mask, value)
+                    cache.store_value(leader_slot, value, self.position)
+                self.last_slots.unsafe_get(h) = leader_slot
+            elif slot >= 0 and self._unchanged(head.key_fields):
                 # The key equals the previous position's, so it owns the same slot.
                 if self._unchanged(head.value_fields):
                     cache.restamp(slot, self.position)
@@ -456,15 +511,17 @@ struct Engine(Movable):
             ):
                 continue
             affine_masked(head.wq, head.bq, arrays, x, x_mask, query)
-            self.winners.unsafe_get(h) = cache.attend(query)
-            self.winner_reusable.unsafe_get(h) = cache.last_indexed
+            ref index = caches[leader]
+            self.winners.unsafe_get(h) = index.attend(query)
+            self.winner_reusable.unsafe_get(h) = index.last_indexed
             self.winner_counts.unsafe_get(h) = count
         if not need_output:
             return
         var value_mask = MaskPtr(unsafe_from_address=Int(self.value_mask.unsafe_ptr()))
         for h in range(layer.first_head, layer.first_head + layer.head_count):
             ref head = self.heads.unsafe_get(h)
-            var winner = self.caches.unsafe_get(h).value_ptr(self.winners.unsafe_get(h))
+            var values = self.value_leaders.unsafe_get(h)
+            var winner = caches[values].value_ptr(self.winners.unsafe_get(h))
             nonzero_mask(winner, head.wv.rows, value_mask)
             accumulate_masked[mark_output=True](
                 head.wo, arrays, winner, value_mask, x, x_mask, written
@@ -487,9 +544,12 @@ struct Engine(Movable):
             relu(shared_hidden, block.w1.rows, shared_mask)
         var expert = -1
         if layer.expert_count > 0:
-            var logits = float_ptr(self.logits)
-            affine_masked(layer.router, layer.router_bias, arrays, x, x_mask, logits)
-            expert = layer.first_expert + first_argmax(logits, layer.expert_count)
+            var chosen = layer.bias_expert
+            if reads_input(layer.router, arrays, x_mask):
+                var logits = float_ptr(self.logits)
+                affine_masked(layer.router, layer.router_bias, arrays, x, x_mask, logits)
+                chosen = first_argmax(logits, layer.expert_count)
+            expert = layer.first_expert + chosen
             ref block = self.blocks.unsafe_get(expert)
             affine_masked(block.w1, block.b1, arrays, x, x_mask, expert_hidden)
             relu(expert_hidden, block.w1.rows, expert_mask)
@@ -670,7 +730,7 @@ def _read_layer(
         for _ in range(expert_count):
             blocks.append(reader.block())
     return LayerWeights(
-        first_head, head_count, shared, router, router_bias, first_expert, expert_count
+        first_head, head_count, shared, router, router_bias, first_expert, expert_count, 0
     )
 
 

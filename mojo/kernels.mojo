@@ -11,7 +11,7 @@
 # exactly, which halves the bytes read per entry; all arithmetic is in Float64.
 
 from std.bit import count_trailing_zeros, pop_count
-from std.memory import unsafe_memcpy
+from std.memory import bitcast, unsafe_memcpy
 
 comptime FloatPtr = Pointer[Float64, MutUntrackedOrigin]
 comptime IntPtr = Pointer[Int, MutUntrackedOrigin]
@@ -106,6 +106,61 @@ def accumulate_masked[
                     var bit = UInt64(1) << UInt64(row % MASK_BITS)
                     output_mask[unsafe_offset=row // MASK_BITS] |= bit
                     written_mask[unsafe_offset=row // MASK_BITS] |= bit
+
+
+def same_affine[
+    dtype: DType
+](first: Matrix, first_bias: Int, second: Matrix, second_bias: Int, arrays: Arrays[dtype]) -> Bool:
+    """Return True when the two affine maps have equal shapes, stored columns, entries
+    and biases, so that they give equal outputs for every input."""
+    if first.rows != second.rows or first.stored != second.stored:
+        return False
+    for i in range(first.rows):
+        var a = arrays.floats[unsafe_offset=first_bias + i]
+        var b = arrays.floats[unsafe_offset=second_bias + i]
+        if a != b or (a == 0.0 and bitcast[DType.uint64](a) != bitcast[DType.uint64](b)):
+            return False
+    var first_pointers = arrays.pointers.unsafe_offset(first.entry_pointers)
+    var second_pointers = arrays.pointers.unsafe_offset(second.entry_pointers)
+    for k in range(first.stored):
+        if (
+            arrays.indices[unsafe_offset=first.column_ids + k]
+            != arrays.indices[unsafe_offset=second.column_ids + k]
+        ):
+            return False
+        var length = first_pointers[unsafe_offset=k + 1] - first_pointers[unsafe_offset=k]
+        if length != second_pointers[unsafe_offset=k + 1] - second_pointers[unsafe_offset=k]:
+            return False
+        for i in range(length):
+            var a = first_pointers[unsafe_offset=k] + i
+            var b = second_pointers[unsafe_offset=k] + i
+            if (
+                arrays.indices[unsafe_offset=first.row_ids + a]
+                != arrays.indices[unsafe_offset=second.row_ids + b]
+            ):
+                return False
+            var wa = arrays.values[unsafe_offset=first.entries + a]
+            var wb = arrays.values[unsafe_offset=second.entries + b]
+            if wa != wb or (wa == 0.0 and bitcast[DType.uint64](
+                wa.cast[DType.float64]()
+            ) != bitcast[DType.uint64](wb.cast[DType.float64]())):
+                return False
+    return True
+
+
+@always_inline
+def reads_input[
+    dtype: DType
+](matrix: Matrix, arrays: Arrays[dtype], input_mask: MaskPtr) -> Bool:
+    """Return True when `input_mask` has a bit set in a column that the matrix stores.
+    When it returns False, matrix @ input adds nothing, because `input_mask` is a
+    superset of input's nonzero components."""
+    var column_mask = arrays.pointers.unsafe_offset(matrix.column_mask)
+    for index in range(matrix.mask_words):
+        var word = matrix.first_word + index
+        if UInt64(column_mask[unsafe_offset=index]) & input_mask[unsafe_offset=word] != 0:
+            return True
+    return False
 
 
 @always_inline
