@@ -184,9 +184,10 @@ struct Engine(Movable):
     var changed_fields: List[UInt64]
     var field_words: Int
     var field_masks: List[UInt64]
-    # Fields of two values, as runs (first field, count) of consecutive ones, whose
-    # argmax is taken eight fields at a time, and the other fields.
+    # Fields of two and of three values, as runs (first field, count) of consecutive
+    # ones, whose argmax is taken eight fields at a time, and the other fields.
     var binary_runs: List[Int]
+    var ternary_runs: List[Int]
     var other_fields: List[Int]
     var layers: List[LayerWeights]
     var heads: List[HeadWeights]
@@ -268,16 +269,12 @@ struct Engine(Movable):
         self.embed = reader.matrix()
         self.unembed = reader.matrix()
         self.unembed_bias = reader.next()
-        self.binary_runs = List[Int]()
+        self.binary_runs = _field_runs(self.vocab, 2)
+        self.ternary_runs = _field_runs(self.vocab, 3)
         self.other_fields = List[Int]()
         for f in range(self.field_count):
-            if self.vocab[f] != 2:
+            if self.vocab[f] != 2 and self.vocab[f] != 3:
                 self.other_fields.append(f)
-            elif f > 0 and self.vocab[f - 1] == 2:
-                self.binary_runs[len(self.binary_runs) - 1] += 1
-            else:
-                self.binary_runs.append(f)
-                self.binary_runs.append(1)
         self.field_words = self.field_count // MASK_BITS + 1
         self.changed_fields = List[UInt64](length=self.field_words, fill=0)
         self.field_masks = List[UInt64]()
@@ -593,6 +590,36 @@ struct Engine(Movable):
             while i < count:
                 output[unsafe_offset=i] = first_argmax(pairs.unsafe_offset(2 * i), 2)
                 i += 1
+        var twos = SIMD[DType.int, LANES](2)
+        for run in range(0, len(self.ternary_runs), 2):
+            var first = self.ternary_runs[run]
+            var count = self.ternary_runs[run + 1]
+            # The fields' logits are consecutive triples; eight of them span three
+            # vectors, from which the shuffles gather the logits of each value.
+            var triples = logits.unsafe_offset(offsets[unsafe_offset=first])
+            var output = pending.unsafe_offset(first)
+            var i = 0
+            while i + LANES <= count:
+                var v0 = triples.unsafe_load[width=LANES](3 * i)
+                var v1 = triples.unsafe_load[width=LANES](3 * i + LANES)
+                var v2 = triples.unsafe_load[width=LANES](3 * i + 2 * LANES)
+                var zero = v0.shuffle[0, 3, 6, 9, 12, 15, 0, 0](v1).shuffle[
+                    0, 1, 2, 3, 4, 5, 10, 13
+                ](v2)
+                var one = v0.shuffle[1, 4, 7, 10, 13, 0, 0, 0](v1).shuffle[
+                    0, 1, 2, 3, 4, 8, 11, 14
+                ](v2)
+                var two = v0.shuffle[2, 5, 8, 11, 14, 0, 0, 0](v1).shuffle[
+                    0, 1, 2, 3, 4, 9, 12, 15
+                ](v2)
+                # As in first_argmax: 2 when it beats both, else 1 when it beats 0.
+                var pick_two = two.gt(zero) & two.gt(one)
+                var pick_one = one.gt(zero)
+                output.unsafe_store(i, pick_two.select(twos, pick_one.select(ones, zeros)))
+                i += LANES
+            while i < count:
+                output[unsafe_offset=i] = first_argmax(triples.unsafe_offset(3 * i), 3)
+                i += 1
         for f in self.other_fields:
             var segment = logits.unsafe_offset(offsets[unsafe_offset=f])
             pending[unsafe_offset=f] = first_argmax(segment, vocab[unsafe_offset=f])
@@ -688,6 +715,21 @@ struct Engine(Movable):
             if pending[unsafe_offset=self.kind_field] != self.run_value:
                 self.stopped = True
         return (emitted, written)
+
+
+def _field_runs(vocab: List[Int], size: Int) -> List[Int]:
+    """Return the maximal runs of consecutive fields with `size` values, as pairs
+    (first field, count)."""
+    var runs = List[Int]()
+    for f in range(len(vocab)):
+        if vocab[f] != size:
+            continue
+        if f > 0 and vocab[f - 1] == size:
+            runs[len(runs) - 1] += 1
+        else:
+            runs.append(f)
+            runs.append(1)
+    return runs^
 
 
 def _read_layer(
