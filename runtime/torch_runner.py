@@ -263,6 +263,27 @@ class HeadCaches:
             return
         self.usable[program] = False
 
+    def extend(self, program: int, keys: np.ndarray, values: np.ndarray,
+               first_position: int) -> None:  # fmt: skip
+        """Append rows (keys[i], values[i]) at positions first_position + i, in order,
+        without attending: what appending them one by one would leave in the cache."""
+        width = keys.shape[1] * 8
+        identities = keys.tobytes()
+        table = self.slot_of_key[program]
+        latest: dict[int, int] = {}  # slot -> the last row that writes it
+        for i in range(len(keys)):
+            identity = identities[i * width : (i + 1) * width]
+            slot = table.get(identity)
+            if slot is None:
+                slot = self._slot(program, identity, keys[i])
+            latest[slot] = i
+        slots = list(latest)
+        rows = list(latest.values())
+        self.values[program, slots] = values[rows]
+        self.positions[program, slots] = first_position + np.array(rows, dtype=np.int64)
+        self.scored[program] = None
+        self.last_step[program] = None
+
     # --- attending ---
 
     def attend_one(self, program: int, key: np.ndarray, value: np.ndarray,
@@ -425,6 +446,10 @@ class Attention:
         ]).tocsr()  # fmt: skip
         self.writes = np.flatnonzero(np.diff(wo.indptr))
         self.wo = _torch_csr(wo)
+        key_value_rows = np.concatenate([
+            np.arange(head.key.start, head.value.stop) for head in self.heads
+        ])  # fmt: skip
+        self.key_value_reads = np.unique(self.qkv_scipy[key_value_rows].indices)
 
     def new_caches(self, programs: int) -> list[HeadCaches]:
         return [HeadCaches(head, programs) for head in self.heads]
@@ -445,6 +470,16 @@ class Attention:
                                          qkv[head.query], position, step)  # fmt: skip
             values[head.output] = value
         x.addmv_(self.wo, torch.from_numpy(values))
+
+    def append_many(self, x: torch.Tensor, caches: list[HeadCaches], program: int,
+                    first_position: int) -> None:  # fmt: skip
+        """Append the keys and values of the columns of x (D, n) to program `program`'s
+        caches at positions first_position, first_position + 1, ..., without attending."""
+        qkv = torch.sparse.mm(self.qkv, x).add_(self.qkv_bias.unsqueeze(1))
+        qkv = np.ascontiguousarray(qkv.numpy().T) + 0.0  # + 0.0 turns -0.0 into 0.0
+        for cache, head in zip(caches, self.heads):
+            cache.extend(program, np.ascontiguousarray(qkv[:, head.key]), qkv[:, head.value],
+                         first_position)  # fmt: skip
 
     def forward_many(self, x: torch.Tensor, caches: list[HeadCaches],
                      rows: Sequence[tuple[int, int]], distinct: bool) -> torch.Tensor:  # fmt: skip
@@ -622,6 +657,7 @@ class TorchModel(torch.nn.Module):
         ]
         self.fused = FusedRouters(self.layers)
         self._embed_first_qkv(embedding_t)
+        self.token_keys = self._keys_depend_on_token_only()
         self.state = Batch(self.layers, 1)
 
     @staticmethod
@@ -640,6 +676,21 @@ class TorchModel(torch.nn.Module):
         return groups
 
     # --- the forward pass over the columns of x ---
+
+    def _keys_depend_on_token_only(self) -> bool:
+        """Return whether every head's keys and values read only residual components
+        that no layer writes, so that they are a function of the embedded token alone.
+        The stored matrices decide: the rows of every output projection, second layer
+        and b2 against the columns of every key and value projection."""
+        written = [np.zeros(0, np.int64)]
+        reads = [np.zeros(0, np.int64)]
+        for layer in self.layers:
+            if layer.attention is not None:
+                written.append(layer.attention.writes)
+                reads.append(layer.attention.key_value_reads)
+            blocks = ([layer.shared] if layer.shared is not None else []) + layer.experts
+            written += [block.writes for block in blocks]
+        return not np.intersect1d(np.concatenate(written), np.concatenate(reads)).size
 
     def _embed_first_qkv(self, embedding_t: sp.csr_matrix) -> None:
         """Stack the first layer's q, k and v maps of the embedding under it, so that one
@@ -756,7 +807,30 @@ class TorchModel(torch.nn.Module):
     @torch.no_grad()
     def prefill_many(self, batch: Batch, prompts: Sequence[np.ndarray]) -> np.ndarray:
         """Run prompt i (P_i, F) as program i of `batch` and return the token that follows
-        each prompt, (len(prompts), F). Equal to stepping token by token."""
+        each prompt, (len(prompts), F). Equal to stepping token by token.
+
+        When every key and value depends on its token alone (`token_keys`), the tokens
+        before each prompt's last only append their keys and values: the layers'
+        outputs at those positions change nothing that a later position reads. The
+        last tokens then run as one decoding step.
+        """
+        if not self.token_keys:
+            return self._prefill_layers(batch, prompts)
+        for i, prompt in enumerate(prompts):
+            body = np.asarray(prompt)[:-1]
+            for start in range(0, len(body), PREFILL_CHUNK):
+                chunk = np.ascontiguousarray(body[start : start + PREFILL_CHUNK].T)
+                x = self._embed_many(torch.from_numpy(chunk))
+                for l, layer in enumerate(self.layers):
+                    if layer.attention is not None:
+                        layer.attention.append_many(x, batch.caches[l], i,
+                                                    batch.positions[i] + start)  # fmt: skip
+            batch.positions[i] += len(body)
+        lasts = np.stack([np.asarray(prompt)[-1] for prompt in prompts])
+        return self.step_many(batch, list(range(len(prompts))), lasts)
+
+    def _prefill_layers(self, batch: Batch, prompts: Sequence[np.ndarray]) -> np.ndarray:
+        """Run `prefill_many` through every layer at every prompt position."""
         rows = [(i, batch.positions[i] + p)
                 for i, prompt in enumerate(prompts) for p in range(len(prompt))]  # fmt: skip
         tokens = np.concatenate(list(prompts))

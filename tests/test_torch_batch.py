@@ -98,3 +98,38 @@ def test_bench_batch_row(tmp_path):
     batch_row = next(line for line in lines if "| torch x3 |" in line)
     assert int(batch_row.split("|")[3]) == 3 * ref_steps
     assert "halted" in batch_row
+
+
+def _cache_contents(batch, program: int) -> list:
+    """Every head's (key, value, position) entries of one program, in slot order."""
+    contents = []
+    for layer in batch.caches:
+        for cache in layer:
+            size = cache.sizes[program]
+            contents.append((cache.keys[program, :size].tolist(),
+                             cache.values[program, :size].tolist(),
+                             cache.positions[program, :size].tolist()))  # fmt: skip
+    return contents
+
+
+def test_prefill_appending_matches_full_layers():
+    from tlc.model import tokens as tk
+
+    model = torch_runner.load_model()
+    assert model.token_keys
+    sources = [PROGRAMS["data-segments"], PROGRAMS["locals-per-frame"], PROGRAMS["stdin-and-eof"]]
+    programs = [assemble(source, "t.tasm") for source in sources]
+    prompts = [tk.encode_prompt(model.metadata, p, b"xyz") for p in programs]
+    appended = torch_runner.Batch(model.layers, len(prompts))
+    layered = torch_runner.Batch(model.layers, len(prompts))
+    with torch_runner._OneThread():
+        fast = model.prefill_many(appended, prompts)
+        full = model._prefill_layers(layered, prompts)
+        assert (fast == full).all()
+        assert appended.positions == layered.positions
+        for program in range(len(prompts)):
+            assert _cache_contents(appended, program) == _cache_contents(layered, program)
+        for _ in range(5):
+            fast = model.step_many(appended, list(range(len(prompts))), fast)
+            full = model.step_many(layered, list(range(len(prompts))), full)
+            assert (fast == full).all()

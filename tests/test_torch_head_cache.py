@@ -116,3 +116,24 @@ def test_repeated_steps_match_brute_force(data):
     programs = data.draw(st.integers(1, 2))
     steps = _steps(keys, queries, programs, st.one_of(few_values, values))
     _run(exact, data.draw(steps), programs)
+
+
+@settings(max_examples=100, deadline=None)
+@given(rows=st.lists(st.tuples(st.one_of(few_keys, any_keys), values), min_size=1, max_size=30),
+       exact=st.booleans())  # fmt: skip
+def test_extend_matches_appending_one_by_one(rows, exact):
+    keys = np.array([key for key, _ in rows]) + 0.0
+    vals = np.array([value for _, value in rows])
+    extended = HeadCaches(_layout(exact), 1)
+    extended.extend(0, keys, vals, 3)
+    appended = HeadCaches(_layout(exact), 1)
+    query = np.zeros(BITS + 1)
+    for i in range(len(rows)):
+        appended.attend_one(0, keys[i], vals[i], query, 3 + i)
+    size = appended.sizes[0]
+    assert extended.sizes[0] == size
+    assert extended.keys[0, :size].tolist() == appended.keys[0, :size].tolist()
+    assert extended.values[0, :size].tolist() == appended.values[0, :size].tolist()
+    assert extended.positions[0, :size].tolist() == appended.positions[0, :size].tolist()
+    assert extended.usable == appended.usable
+    assert extended.sentinel == appended.sentinel
