@@ -172,6 +172,13 @@ struct Engine(Movable):
     var embedded: List[Float64]
     var embedded_token: List[Int]
     var embedded_valid: Bool
+    # For a field of two values, the nonzero entries of its embedding column of value 1
+    # minus that of value 0, at delta_pointers[f] .. delta_pointers[f + 1] - 1. Going
+    # from one value to the other adds or subtracts them, which is exact for the same
+    # reason as the incremental embedding.
+    var delta_pointers: List[Int]
+    var delta_rows: List[Int32]
+    var delta_values: List[Float64]
     # Bit masks, one bit per residual dimension: set where `embedded` is nonzero, and a
     # superset of the nonzero components of x.
     var embedded_mask: List[UInt64]
@@ -328,10 +335,15 @@ struct Engine(Movable):
         self.pending_offset = 0
         self.need_step = False
         self.stopped = False
+        self.delta_pointers = List[Int](length=self.field_count + 1, fill=0)
+        self.delta_rows = List[Int32]()
+        self.delta_values = List[Float64]()
         if self.narrow:
             self._find_shared_projections[DType.float32]()
+            self._index_embedding_deltas[DType.float32]()
         else:
             self._find_shared_projections[DType.float64]()
+            self._index_embedding_deltas[DType.float64]()
 
     def _find_shared_projections[dtype: DType](mut self):
         """Fill `key_leaders` and `value_leaders` by comparing the heads' weights."""
@@ -352,6 +364,33 @@ struct Engine(Movable):
                         if same_affine(other.wv, other.bv, head.wv, head.bv, arrays):
                             self.value_leaders[h] = self.value_leaders[g]
                         break
+
+    def _index_embedding_deltas[dtype: DType](mut self):
+        """Fill `delta_pointers`, `delta_rows` and `delta_values`."""
+        var arrays = self._arrays[dtype]()
+        var pointers = arrays.pointers.unsafe_offset(self.embed.entry_pointers)
+        var row_ids = arrays.indices.unsafe_offset(self.embed.row_ids)
+        var values = arrays.values.unsafe_offset(self.embed.entries)
+        var difference = List[Float64](length=self.width, fill=0.0)
+        var touched = List[Int]()
+        for f in range(self.field_count):
+            self.delta_pointers[f] = len(self.delta_rows)
+            if self.vocab[f] != 2:
+                continue
+            touched.clear()
+            for value in range(2):
+                var column = self.field_offsets[f] + value
+                var sign = Float64(2 * value - 1)
+                for entry in range(pointers[column], pointers[column + 1]):
+                    var row = Int(row_ids[unsafe_offset=entry])
+                    difference[row] += sign * values[unsafe_offset=entry].cast[DType.float64]()
+                    touched.append(row)
+            for row in touched:
+                if difference[row] != 0.0:
+                    self.delta_rows.append(Int32(row))
+                    self.delta_values.append(difference[row])
+                difference[row] = 0.0
+        self.delta_pointers[self.field_count] = len(self.delta_rows)
 
     # ---- one position ------------------------------------------------------------
 
@@ -405,6 +444,10 @@ struct Engine(Movable):
             for w in range(len(self.written_mask)):
                 written[unsafe_offset=w] = 0
         else:
+            var vocab = int_ptr(self.vocab)
+            var delta_pointers = int_ptr(self.delta_pointers)
+            var delta_rows = IndexPtr(unsafe_from_address=Int(self.delta_rows.unsafe_ptr()))
+            var delta_values = float_ptr(self.delta_values)
             for w in range(self.field_words):
                 var bits = changed[unsafe_offset=w]
                 while bits != 0:
@@ -412,10 +455,25 @@ struct Engine(Movable):
                     bits &= bits - 1
                     var value = token[unsafe_offset=g]
                     var old = embedded_token[unsafe_offset=g]
+                    embedded_token[unsafe_offset=g] = value
+                    if vocab[unsafe_offset=g] == 2:
+                        var sign = Float64(value - old)
+                        var end = delta_pointers[unsafe_offset=g + 1]
+                        for e in range(delta_pointers[unsafe_offset=g], end):
+                            var row = Int(delta_rows[unsafe_offset=e])
+                            var change = sign * delta_values[unsafe_offset=e]
+                            var updated = embedded[unsafe_offset=row] + change
+                            embedded[unsafe_offset=row] = updated
+                            x[unsafe_offset=row] = updated
+                            var bit = UInt64(1) << UInt64(row % MASK_BITS)
+                            var word = embedded_mask[unsafe_offset=row // MASK_BITS]
+                            embedded_mask[unsafe_offset=row // MASK_BITS] = (
+                                word | bit
+                            ) if updated != 0.0 else (word & ~bit)
+                        continue
                     var base = offsets[unsafe_offset=g]
                     add_column(self.embed, base + old, arrays, embedded, -1.0, embedded_mask, x)
                     add_column(self.embed, base + value, arrays, embedded, 1.0, embedded_mask, x)
-                    embedded_token[unsafe_offset=g] = value
             # x equals the embedding except where the layers wrote at the last position.
             for w in range(len(self.written_mask)):
                 var bits = written[unsafe_offset=w]

@@ -110,7 +110,13 @@ def accumulate_masked[
 
 def same_affine[
     dtype: DType
-](first: Matrix, first_bias: Int, second: Matrix, second_bias: Int, arrays: Arrays[dtype]) -> Bool:
+](
+    first: Matrix,
+    first_bias: Int,
+    second: Matrix,
+    second_bias: Int,
+    arrays: Arrays[dtype],
+) -> Bool:
     """Return True when the two affine maps have equal shapes, stored columns, entries
     and biases, so that they give equal outputs for every input."""
     if first.rows != second.rows or first.stored != second.stored:
