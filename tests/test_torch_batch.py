@@ -133,3 +133,28 @@ def test_prefill_appending_matches_full_layers():
             fast = model.step_many(appended, list(range(len(prompts))), fast)
             full = model.step_many(layered, list(range(len(prompts))), full)
             assert (fast == full).all()
+
+
+def test_torch_speed_benchmark_rows():
+    completed = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "torch_speed.py"),
+         str(ROOT / "examples" / "countdown.tasm"), "--batch", "1,3"],
+        capture_output=True, text=True, cwd=ROOT, timeout=300,
+    )  # fmt: skip
+    assert completed.returncode == 0, completed.stderr
+    rows = [line.split("|") for line in completed.stdout.splitlines()
+            if line.startswith("| countdown.tasm")]  # fmt: skip
+    steps = reference.run_program(assemble((ROOT / "examples" / "countdown.tasm").read_text(),
+                                           "countdown.tasm")).steps  # fmt: skip
+    assert [int(row[2]) for row in rows] == [1, 3]
+    assert [int(row[3].replace(",", "")) for row in rows] == [steps, 3 * steps]
+
+
+def test_torch_speed_rejects_bad_batch():
+    completed = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "torch_speed.py"),
+         str(ROOT / "examples" / "countdown.tasm"), "--batch", "0"],
+        capture_output=True, text=True, cwd=ROOT, timeout=300,
+    )  # fmt: skip
+    assert completed.returncode == 2
+    assert "at least 1" in completed.stderr
