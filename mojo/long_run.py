@@ -164,17 +164,44 @@ def _arguments(argv=None) -> argparse.Namespace:
                         help="stop both runs after this many executed instructions")
     parser.add_argument("--weights", type=Path, default=None,
                         help="weight file to run (default: the universal weights)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.max_steps is not None and args.max_steps < 1:
+        parser.error(f"--max-steps must be at least 1, got {args.max_steps}")
+    return args
+
+
+def _load(args: argparse.Namespace) -> tuple[Program, bytes]:
+    """Return the program and its input. Raises UsageError or CompileError."""
+    from tlc.cli import UsageError, load_program
+
+    program = load_program(str(args.program))
+    stdin_path = args.stdin or args.program.with_suffix(".in")
+    if args.stdin is None and not stdin_path.exists():
+        return program, b""
+    try:
+        return program, stdin_path.read_bytes()
+    except OSError as error:
+        raise UsageError(f"{stdin_path}: cannot read file: {error.strerror}") from None
 
 
 def main(argv=None) -> int:
-    from tlc.cli import load_program
+    from tlc.cli import UsageError
+    from tlc.compiler.errors import CompileError
     from tlc.runtime import reference
 
     args = _arguments(argv)
-    program = load_program(str(args.program))
-    stdin_path = args.stdin or args.program.with_suffix(".in")
-    stdin = stdin_path.read_bytes() if stdin_path.exists() else b""
+    try:
+        program, stdin = _load(args)
+    except CompileError as error:
+        print(str(error), file=sys.stderr)
+        return 1
+    except UsageError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if args.weights is not None and not args.weights.is_file():
+        print(f"error: {args.weights}: weight file not found; build one with "
+              "`tlc build PROGRAM -o W.safetensors`", file=sys.stderr)  # fmt: skip
+        return 2
 
     def log(line: str) -> None:
         print(line, file=sys.stderr, flush=True)

@@ -91,3 +91,23 @@ def test_main_reports_identical_runs(capsys):
     assert status == 0
     assert "identical=True" in printed
     assert "tokens=800" in printed
+
+
+def test_main_rejects_missing_program(capsys):
+    status = long_run.main([str(EXAMPLES / "missing.tl")])
+    assert status == 2
+    assert "missing.tl: file not found" in capsys.readouterr().err
+
+
+def test_main_rejects_zero_step_limit():
+    with pytest.raises(SystemExit) as exit_info:
+        long_run.main([str(EXAMPLES / "collatz.tl"), "--max-steps", "0"])
+    assert exit_info.value.code == 2
+
+
+def test_main_reports_compile_error(tmp_path, capsys):
+    source = tmp_path / "bad.tl"
+    source.write_text("int main(void) { return x; }\n")
+    status = long_run.main([str(source)])
+    assert status == 1
+    assert "'x' undeclared" in capsys.readouterr().err
