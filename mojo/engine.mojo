@@ -489,21 +489,25 @@ struct Engine(Movable):
         comparing eight fields at a time."""
         var embedded_token = int_ptr(self.embedded_token)
         var changed = MaskPtr(unsafe_from_address=Int(self.changed_fields.unsafe_ptr()))
-        for w in range(self.field_words):
-            changed[unsafe_offset=w] = 0
         var lane_bits = SIMD[DType.uint64, FIELD_LANES](1, 2, 4, 8, 16, 32, 64, 128)
-        var f = 0
-        # FIELD_LANES divides MASK_BITS, so a group of lanes never spans two mask words.
-        while f + FIELD_LANES <= self.field_count:
-            var new_values = token.unsafe_load[width=FIELD_LANES](f)
-            var old_values = embedded_token.unsafe_load[width=FIELD_LANES](f)
-            var differ = new_values.ne(old_values).select(lane_bits, 0).reduce_or()
-            changed[unsafe_offset=f // MASK_BITS] |= differ << UInt64(f % MASK_BITS)
-            f += FIELD_LANES
-        while f < self.field_count:
-            if token[unsafe_offset=f] != embedded_token[unsafe_offset=f]:
-                changed[unsafe_offset=f // MASK_BITS] |= UInt64(1) << UInt64(f % MASK_BITS)
-            f += 1
+        # Each mask word is built in a register, so consecutive groups do not wait on
+        # one another's stores.
+        for w in range(self.field_words):
+            var start = w * MASK_BITS
+            var end = min(start + MASK_BITS, self.field_count)
+            var bits: UInt64 = 0
+            var f = start
+            while f + FIELD_LANES <= end:
+                var new_values = token.unsafe_load[width=FIELD_LANES](f)
+                var old_values = embedded_token.unsafe_load[width=FIELD_LANES](f)
+                var differ = new_values.ne(old_values).select(lane_bits, 0).reduce_or()
+                bits |= differ << UInt64(f - start)
+                f += FIELD_LANES
+            while f < end:
+                if token[unsafe_offset=f] != embedded_token[unsafe_offset=f]:
+                    bits |= UInt64(1) << UInt64(f - start)
+                f += 1
+            changed[unsafe_offset=w] = bits
 
     @always_inline
     def _unchanged(self, fields: Int) -> Bool:
