@@ -162,6 +162,9 @@ struct HeadCache(Movable):
     var table_count: Int  # slots in `table`: those whose key is not ternary
     var codes: List[Code]  # the code of each slot (unused for a key that is not ternary)
     var code_table: List[Int]  # the slots of ternary keys, found by code
+    # The code of the slot at each place of `code_table`, so that a lookup reads the
+    # slot and its code at once instead of one after the other.
+    var code_table_codes: List[Code]
     var code_count: Int
     var index_usable: Bool  # every key so far has an exact-match form
     var sentinel: Int  # slot of the sentinel key, or EMPTY
@@ -181,6 +184,7 @@ struct HeadCache(Movable):
         self.table_count = 0
         self.codes = List[Code]()
         self.code_table = List[Int](length=INITIAL_TABLE_SIZE, fill=EMPTY)
+        self.code_table_codes = List[Code](length=INITIAL_TABLE_SIZE, fill=Code(0, 0, 0))
         self.code_count = 0
         self.index_usable = True
         self.sentinel = EMPTY
@@ -214,12 +218,12 @@ struct HeadCache(Movable):
         var mask = len(self.code_table) - 1
         var position = Int(code.hash()) & mask
         var table = int_ptr(self.code_table)
-        var codes = self.codes.unsafe_ptr()
+        var codes = self.code_table_codes.unsafe_ptr()
         while True:
             var slot = table[unsafe_offset=position]
             if slot == EMPTY:
                 return EMPTY
-            if codes[slot] == code:
+            if codes[unsafe_offset=position] == code:
                 return slot
             position = (position + 1) & mask
             self.probe_steps += 1
@@ -255,13 +259,16 @@ struct HeadCache(Movable):
         while self.code_table[position] != EMPTY:
             position = (position + 1) & mask
         self.code_table[position] = slot
+        self.code_table_codes[position] = self.codes[slot]
 
     def _insert(mut self, slot: Int, ternary: Bool):
         """Index a new slot, doubling its table when that becomes more than half full."""
         if ternary:
             self.code_count += 1
             if 2 * self.code_count > len(self.code_table):
-                self.code_table = List[Int](length=2 * len(self.code_table), fill=EMPTY)
+                var size = 2 * len(self.code_table)
+                self.code_table = List[Int](length=size, fill=EMPTY)
+                self.code_table_codes = List[Code](length=size, fill=Code(0, 0, 0))
                 var code = Code(0, 0, 0)
                 for other in range(self.count()):
                     var key = float_ptr(self.keys).unsafe_offset(other * self.key_width)
