@@ -533,7 +533,7 @@ struct Engine(Movable):
         var caches = self.caches.unsafe_ptr()
         for h in range(layer.first_head, layer.first_head + layer.head_count):
             ref head = self.heads.unsafe_get(h)
-            ref cache = caches[h]
+            ref cache = caches[unsafe_offset=h]
             var slot = self.last_slots.unsafe_get(h)
             var leader = self.key_leaders.unsafe_get(h)
             if leader != h:
@@ -570,7 +570,7 @@ struct Engine(Movable):
             ):
                 continue
             affine_masked(head.wq, head.bq, arrays, x, x_mask, query)
-            ref index = caches[leader]
+            ref index = caches[unsafe_offset=leader]
             self.winners.unsafe_get(h) = index.attend(query)
             self.winner_reusable.unsafe_get(h) = index.last_indexed
             self.winner_counts.unsafe_get(h) = count
@@ -580,7 +580,7 @@ struct Engine(Movable):
         for h in range(layer.first_head, layer.first_head + layer.head_count):
             ref head = self.heads.unsafe_get(h)
             var values = self.value_leaders.unsafe_get(h)
-            var winner = caches[values].value_ptr(self.winners.unsafe_get(h))
+            var winner = caches[unsafe_offset=values].value_ptr(self.winners.unsafe_get(h))
             nonzero_mask(winner, head.wv.rows, value_mask)
             accumulate_masked[mark_output=True](
                 head.wo, arrays, winner, value_mask, x, x_mask, written
