@@ -610,8 +610,12 @@ struct Engine(Movable):
                 chosen = first_argmax(logits, layer.expert_count)
             expert = layer.first_expert + chosen
             ref block = self.blocks.unsafe_get(expert)
-            affine_masked(block.w1, block.b1, arrays, x, x_mask, expert_hidden)
-            relu(expert_hidden, block.w1.rows, expert_mask)
+            if block.w1.rows == 0 and block.b2.stored == 0:
+                # An expert without hidden units or output bias adds nothing.
+                expert = -1
+            else:
+                affine_masked(block.w1, block.b1, arrays, x, x_mask, expert_hidden)
+                relu(expert_hidden, block.w1.rows, expert_mask)
         if layer.shared >= 0:
             ref block = self.blocks.unsafe_get(layer.shared)
             accumulate_masked[mark_output=True](
