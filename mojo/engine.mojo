@@ -196,6 +196,15 @@ struct Engine(Movable):
     var binary_runs: List[Int]
     var ternary_runs: List[Int]
     var other_fields: List[Int]
+    # Head projections with at most one entry per row and per column and finite
+    # weights, stored by rows: a column of x and a weight per row, with column `width`
+    # (a zero that pads x) and weight 0 for a row without an entry. Such a projection
+    # is a gather and a multiply-add per row, in place of the masked product. Per head,
+    # gather_offsets[3 h + p] is the offset of its query (p = 0), key (1) or value (2)
+    # projection in these lists, or -1.
+    var gather_columns: List[Int]
+    var gather_weights: List[Float64]
+    var gather_offsets: List[Int]
     var layers: List[LayerWeights]
     var heads: List[HeadWeights]
     var blocks: List[BlockWeights]
@@ -306,7 +315,7 @@ struct Engine(Movable):
         self.value_leaders = List[Int](length=len(self.heads), fill=0)
         self.winner_reusable = List[Bool](length=len(self.heads), fill=False)
         self.winner_counts = List[Int](length=len(self.heads), fill=0)
-        self.x = List[Float64](length=self.width, fill=0.0)
+        self.x = List[Float64](length=self.width + 1, fill=0.0)
         self.query = List[Float64](length=_max_rows(self.heads, 0) + 1, fill=0.0)
         self.key = List[Float64](length=_max_rows(self.heads, 1) + 1, fill=0.0)
         self.value = List[Float64](length=_max_rows(self.heads, 2) + 1, fill=0.0)
@@ -338,12 +347,17 @@ struct Engine(Movable):
         self.delta_pointers = List[Int](length=self.field_count + 1, fill=0)
         self.delta_rows = List[Int32]()
         self.delta_values = List[Float64]()
+        self.gather_columns = List[Int]()
+        self.gather_weights = List[Float64]()
+        self.gather_offsets = List[Int](length=3 * len(self.heads), fill=-1)
         if self.narrow:
             self._find_shared_projections[DType.float32]()
             self._index_embedding_deltas[DType.float32]()
+            self._index_gathers[DType.float32]()
         else:
             self._find_shared_projections[DType.float64]()
             self._index_embedding_deltas[DType.float64]()
+            self._index_gathers[DType.float64]()
 
     def _find_shared_projections[dtype: DType](mut self):
         """Fill `key_leaders` and `value_leaders` by comparing the heads' weights."""
@@ -364,6 +378,41 @@ struct Engine(Movable):
                         if same_affine(other.wv, other.bv, head.wv, head.bv, arrays):
                             self.value_leaders[h] = self.value_leaders[g]
                         break
+
+    def _index_gathers[dtype: DType](mut self):
+        """Fill the gather form of every head projection that has one."""
+        var arrays = self._arrays[dtype]()
+        for h in range(len(self.heads)):
+            var head = self.heads[h]
+            self.gather_offsets[3 * h] = self._add_gather(head.wq, arrays)
+            self.gather_offsets[3 * h + 1] = self._add_gather(head.wk, arrays)
+            self.gather_offsets[3 * h + 2] = self._add_gather(head.wv, arrays)
+
+    def _add_gather[dtype: DType](mut self, matrix: Matrix, arrays: Arrays[dtype]) -> Int:
+        """Append the gather form of `matrix` and return its offset, or return -1 when a
+        row or column has two entries or a weight is not finite."""
+        var pointers = arrays.pointers.unsafe_offset(matrix.entry_pointers)
+        var columns = List[Int](length=matrix.rows, fill=self.width)
+        var weights = List[Float64](length=matrix.rows, fill=0.0)
+        var filled = List[Bool](length=matrix.rows, fill=False)
+        for k in range(matrix.stored):
+            var start = pointers[unsafe_offset=k]
+            if pointers[unsafe_offset=k + 1] - start != 1:
+                return -1
+            var row = Int(arrays.indices[unsafe_offset=matrix.row_ids + start])
+            var weight = arrays.values[unsafe_offset=matrix.entries + start].cast[
+                DType.float64
+            ]()
+            if filled[row] or weight - weight != 0.0:
+                return -1
+            filled[row] = True
+            columns[row] = Int(arrays.indices[unsafe_offset=matrix.column_ids + k])
+            weights[row] = weight
+        var offset = len(self.gather_columns)
+        for row in range(matrix.rows):
+            self.gather_columns.append(columns[row])
+            self.gather_weights.append(weights[row])
+        return offset
 
     def _index_embedding_deltas[dtype: DType](mut self):
         """Fill `delta_pointers`, `delta_rows` and `delta_values`."""
@@ -531,6 +580,8 @@ struct Engine(Movable):
         var x_mask = self._masks()[1]
         var written = self._masks()[2]
         var caches = self.caches.unsafe_ptr()
+        var gather_columns = int_ptr(self.gather_columns)
+        var gather_weights = float_ptr(self.gather_weights)
         for h in range(layer.first_head, layer.first_head + layer.head_count):
             ref head = self.heads.unsafe_get(h)
             ref cache = caches[unsafe_offset=h]
@@ -545,7 +596,17 @@ struct Engine(Movable):
                 elif same_slot and self._unchanged(head.value_fields):
                     cache.restamp(leader_slot, self.position)
                 else:
-                    affine_masked(head.wv, head.bv, arrays, x, x_mask, value)
+                    project(
+                        head.wv,
+                        head.bv,
+                        self.gather_offsets.unsafe_get(3 * h + 2),
+                        arrays,
+                        x,
+                        x_mask,
+                        value,
+                        gather_columns,
+                        gather_weights,
+                    )
                     cache.store_value(leader_slot, value, self.position)
                 self.last_slots.unsafe_get(h) = leader_slot
             elif slot >= 0 and self._unchanged(head.key_fields):
@@ -553,11 +614,41 @@ struct Engine(Movable):
                 if self._unchanged(head.value_fields):
                     cache.restamp(slot, self.position)
                 else:
-                    affine_masked(head.wv, head.bv, arrays, x, x_mask, value)
+                    project(
+                        head.wv,
+                        head.bv,
+                        self.gather_offsets.unsafe_get(3 * h + 2),
+                        arrays,
+                        x,
+                        x_mask,
+                        value,
+                        gather_columns,
+                        gather_weights,
+                    )
                     cache.rewrite(slot, value, self.position)
             else:
-                affine_masked(head.wk, head.bk, arrays, x, x_mask, key)
-                affine_masked(head.wv, head.bv, arrays, x, x_mask, value)
+                project(
+                    head.wk,
+                    head.bk,
+                    self.gather_offsets.unsafe_get(3 * h + 1),
+                    arrays,
+                    x,
+                    x_mask,
+                    key,
+                    gather_columns,
+                    gather_weights,
+                )
+                project(
+                    head.wv,
+                    head.bv,
+                    self.gather_offsets.unsafe_get(3 * h + 2),
+                    arrays,
+                    x,
+                    x_mask,
+                    value,
+                    gather_columns,
+                    gather_weights,
+                )
                 self.last_slots.unsafe_get(h) = cache.append(key, value, self.position)
             if not need_output:
                 self.winner_reusable.unsafe_get(h) = False
@@ -569,7 +660,17 @@ struct Engine(Movable):
                 and self._unchanged(head.query_fields)
             ):
                 continue
-            affine_masked(head.wq, head.bq, arrays, x, x_mask, query)
+            project(
+                head.wq,
+                head.bq,
+                self.gather_offsets.unsafe_get(3 * h),
+                arrays,
+                x,
+                x_mask,
+                query,
+                gather_columns,
+                gather_weights,
+            )
             ref index = caches[unsafe_offset=leader]
             self.winners.unsafe_get(h) = index.attend(query)
             self.winner_reusable.unsafe_get(h) = index.last_indexed
@@ -796,6 +897,52 @@ def _field_runs(vocab: List[Int], size: Int) -> List[Int]:
             runs.append(f)
             runs.append(1)
     return runs^
+
+
+@always_inline
+def project[
+    dtype: DType
+](
+    matrix: Matrix,
+    bias: Int,
+    gather: Int,
+    arrays: Arrays[dtype],
+    x: FloatPtr,
+    x_mask: MaskPtr,
+    output: FloatPtr,
+    gather_columns: IntPtr,
+    gather_weights: FloatPtr,
+):
+    """Set output = matrix @ x + bias, by gathers from the engine's gather lists when
+    `gather` >= 0.
+
+    A gathered row computes bias + weight * x[column] with one fused multiply-add, as
+    the masked product does. It differs only where x[column] is 0, which the masked
+    product skips: the sum is then bias + (+-0.0), which can turn a bias of -0.0 into
+    +0.0. Keys, queries and values compare components with == and ignore zero
+    components, so no result changes.
+    """
+    if gather < 0:
+        affine_masked(matrix, bias, arrays, x, x_mask, output)
+        return
+    comptime LANES = 8
+    var columns = gather_columns.unsafe_offset(gather)
+    var weights = gather_weights.unsafe_offset(gather)
+    var biases = arrays.floats.unsafe_offset(bias)
+    var row = 0
+    while row + LANES <= matrix.rows:
+        var inputs = x.unsafe_gather(columns.unsafe_load[width=LANES](row))
+        var products = weights.unsafe_load[width=LANES](row).fma(
+            inputs, biases.unsafe_load[width=LANES](row)
+        )
+        output.unsafe_store(row, products)
+        row += LANES
+    while row < matrix.rows:
+        var input = x[unsafe_offset=columns[unsafe_offset=row]]
+        output[unsafe_offset=row] = weights[unsafe_offset=row].fma(
+            input, biases[unsafe_offset=row]
+        )
+        row += 1
 
 
 def _read_layer(
