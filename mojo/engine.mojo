@@ -45,8 +45,8 @@ from kernels import (
     int_ptr,
     nonzero_mask,
     reads_input,
-    same_affine,
     relu,
+    same_affine,
 )
 
 comptime MAGIC = 0x746C6301
@@ -430,7 +430,8 @@ struct Engine(Movable):
             for value in range(2):
                 var column = self.field_offsets[f] + value
                 var sign = Float64(2 * value - 1)
-                for entry in range(pointers[column], pointers[column + 1]):
+                var end = pointers[unsafe_offset=column + 1]
+                for entry in range(pointers[unsafe_offset=column], end):
                     var row = Int(row_ids[unsafe_offset=entry])
                     difference[row] += sign * values[unsafe_offset=entry].cast[DType.float64]()
                     touched.append(row)
@@ -737,6 +738,10 @@ struct Engine(Movable):
         var x = float_ptr(self.x)
         var logits = float_ptr(self.logits)
         affine_masked(self.unembed, self.unembed_bias, arrays, x, self._masks()[1], logits)
+        self._take_argmaxes(logits)
+
+    def _take_argmaxes(mut self, logits: FloatPtr):
+        """Set each field of `pending` to the lowest-index argmax of its logits."""
         var offsets = int_ptr(self.field_offsets)
         var vocab = int_ptr(self.vocab)
         var pending = self._pending()
