@@ -6,8 +6,12 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from collections import defaultdict
+from pathlib import Path
+
+from safetensors import SafetensorError
 
 from tlc.model.weights import load_weights, save_weights, universal_model
 
@@ -22,10 +26,25 @@ def build_command(args) -> int:
     except ValueError as error:
         raise UsageError(f"{args.file}: {error}") from None
     model = universal_model()
+    output = Path(args.output)
+    if not output.parent.is_dir():
+        raise UsageError(f"{output}: cannot write the weight file: the folder "
+                         f"{output.parent} does not exist")  # fmt: skip
+    if output.exists() and not output.is_file():
+        # safetensors 0.8 renames a new file onto the path, which would replace a
+        # device.
+        raise UsageError(f"{output}: cannot write the weight file: it exists and is not "
+                         "a regular file; choose another output path")  # fmt: skip
     try:
-        save_weights(model, args.output, program)
-    except OSError as error:
-        raise UsageError(f"{args.output}: cannot write the weight file: {error.strerror}")
+        save_weights(model, output, program)
+        # safetensors 0.8 creates the file with mode 0600. Give it the usual mode for new
+        # files, 0666 minus the umask.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(output, 0o666 & ~umask)
+    except (OSError, SafetensorError) as error:
+        reason = getattr(error, "strerror", None) or str(error)
+        raise UsageError(f"{output}: cannot write the weight file: {reason}") from None
     certificate = model.metadata["certificate"]
     print(f"wrote {args.output}: D={model.width}, {len(model.layers)} layers, "
           f"{len(program.instructions)} instructions, certificate "

@@ -45,10 +45,18 @@ __all__ = [
     "model_tensors",
     "save_weights",
     "universal_model",
+    "WeightFileError",
+    "write_weight_file",
     "universal_weights",
 ]
 
 logger = logging.getLogger("tlc.model")
+
+CHECKSUM_KEY = "checksum"  # metadata key of `weights_checksum`
+
+
+class WeightFileError(ValueError):
+    """A file that is not a valid tlc weight file: unreadable, damaged or edited."""
 
 
 @functools.lru_cache(maxsize=4)
@@ -78,8 +86,8 @@ def universal_weights() -> tuple[dict[str, np.ndarray], dict]:
     if path.is_file():
         try:
             return load_weights(path)
-        except ValueError as error:
-            logger.info("ignoring unreadable cached weights %s: %s", path, error)
+        except WeightFileError as error:
+            logger.warning("rebuilding the cached universal weights: %s", error)
 
     model = universal_model()
     try:
@@ -153,25 +161,73 @@ def save_weights(model: Model, path: str | Path, program: Program | None = None,
     if program is not None:
         tensors["prompt"] = tk.encode_prompt(metadata, program, stdin)
         metadata["program"] = program_metadata(program)
+    write_weight_file(path, tensors, metadata)
+
+
+def weights_checksum(tensors: dict[str, np.ndarray], metadata: dict) -> str:
+    """Return the SHA-256 of the metadata (without its checksum) and of every tensor's
+    name, dtype, shape and bytes, in name order."""
+    digest = hashlib.sha256()
+    body = {key: value for key, value in metadata.items() if key != CHECKSUM_KEY}
+    digest.update(json.dumps(body, sort_keys=True).encode())
+    for name in sorted(tensors):
+        array = np.ascontiguousarray(tensors[name])
+        digest.update(f"{name}:{array.dtype.str}:{array.shape}".encode())
+        digest.update(array.tobytes())
+    return f"sha256:{digest.hexdigest()}"
+
+
+def write_weight_file(path: str | Path, tensors: dict[str, np.ndarray], metadata: dict) -> None:
+    """Write `tensors` and `metadata` as a safetensors file, with their checksum in the
+    metadata."""
+    metadata = json.loads(json.dumps(metadata))  # the form `load_weights` will read back
+    metadata[CHECKSUM_KEY] = weights_checksum(tensors, metadata)
     save_file(tensors, str(path), metadata={tk.METADATA_KEY: json.dumps(metadata)})
 
 
 def load_weights(path: str | Path) -> tuple[dict[str, np.ndarray], dict]:
-    """Return (tensors, metadata) of a weight file; ValueError when it is not one."""
+    """Return (tensors, metadata) of a weight file.
+
+    Raises WeightFileError when the file cannot be read, is not a tlc weight file, does
+    not match its checksum or contains a value that is not finite.
+    """
+    if Path(path).is_dir():
+        raise WeightFileError(f"{path}: is a folder, not a weight file")
     try:
         with safe_open(str(path), framework="numpy") as handle:
             raw = (handle.metadata() or {}).get(tk.METADATA_KEY)
             tensors = {name: handle.get_tensor(name) for name in handle.keys()}
-    except SafetensorError as error:
-        raise ValueError(f"{path}: not a safetensors file ({error})") from None
+    except (SafetensorError, OSError) as error:
+        raise WeightFileError(f"{path}: not a readable safetensors file ({error})") from None
     if raw is None:
-        raise ValueError(f"{path}: not a tlc weight file (metadata {tk.METADATA_KEY!r} "
-                         "is missing)")  # fmt: skip
-    metadata = json.loads(raw)
-    if metadata.get("format") != tk.FORMAT_VERSION:
-        raise ValueError(f"{path}: weight format {metadata.get('format')!r}, expected "
-                         f"{tk.FORMAT_VERSION!r}")  # fmt: skip
+        raise WeightFileError(f"{path}: not a tlc weight file (metadata "
+                              f"{tk.METADATA_KEY!r} is missing)")  # fmt: skip
+    try:
+        metadata = json.loads(raw)
+    except json.JSONDecodeError as error:
+        raise WeightFileError(f"{path}: the metadata is not valid JSON ({error})") from None
+    if not isinstance(metadata, dict) or metadata.get("format") != tk.FORMAT_VERSION:
+        found = metadata.get("format") if isinstance(metadata, dict) else None
+        raise WeightFileError(f"{path}: weight format {found!r}, expected "
+                              f"{tk.FORMAT_VERSION!r}")  # fmt: skip
+    check_weights(tensors, metadata, path)
     return tensors, metadata
+
+
+def check_weights(tensors: dict[str, np.ndarray], metadata: dict, path: str | Path) -> None:
+    """Raise WeightFileError unless the file's checksum matches and every value is finite."""
+    rebuild = "rebuild it with `tlc build`"
+    stored = metadata.get(CHECKSUM_KEY)
+    if stored is None:
+        raise WeightFileError(f"{path}: the metadata has no checksum; {rebuild}")
+    if stored != weights_checksum(tensors, metadata):
+        raise WeightFileError(f"{path}: the tensors or the metadata do not match the "
+                              f"file's checksum, so the file is damaged or was edited; "
+                              f"{rebuild}")  # fmt: skip
+    for name, array in tensors.items():
+        if array.dtype.kind == "f" and not np.isfinite(array).all():
+            raise WeightFileError(f"{path}: tensor {name!r} contains a value that is not "
+                                  f"finite; {rebuild}")  # fmt: skip
 
 
 def sparse_from(tensors: dict[str, np.ndarray], shapes: dict, name: str) -> sp.csr_matrix:

@@ -25,6 +25,7 @@ shared block and routed expert run as one block (see `FusedBlock`).
 from __future__ import annotations
 
 import logging
+import threading
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -35,7 +36,13 @@ import scipy.sparse as sp
 import torch
 
 from tlc.model import tokens as tk
-from tlc.model.weights import load_weights, sparse_from, uncovered_opcodes, universal_weights
+from tlc.model.weights import (
+    WeightFileError,
+    load_weights,
+    sparse_from,
+    uncovered_opcodes,
+    universal_weights,
+)
 from tlc.runtime.machine import Program, RunResult, Status
 
 logger = logging.getLogger("tlc.runtime")
@@ -882,18 +889,38 @@ class TorchModel(torch.nn.Module):
         return self.step_one(self.state, 0, np.asarray(token))
 
 
-_MODELS: dict[str, TorchModel] = {}
+# Loaded models by (path, size, modification time) of their file, or "<universal>".
+_MODELS: dict[tuple | str, TorchModel] = {}
 
 
 def load_model(weights: str | Path | None = None) -> TorchModel:
-    """Return the TorchModel of a weight file, or of the universal weights (cached)."""
-    key = str(weights) if weights is not None else "<universal>"
+    """Return the TorchModel of a weight file, or of the universal weights.
+
+    A model stays loaded while its file keeps its size and modification time. Raises
+    WeightFileError when the file is not a valid weight file.
+    """
+    if weights is None:
+        if "<universal>" not in _MODELS:
+            _MODELS["<universal>"] = TorchModel(*universal_weights())
+        return _MODELS["<universal>"]
+    path = Path(weights)
+    try:
+        info = path.stat()
+    except OSError as error:
+        raise WeightFileError(f"{weights}: cannot read the weight file: "
+                              f"{error.strerror}") from None  # fmt: skip
+    key = (str(path.resolve()), info.st_size, info.st_mtime_ns)
     if key not in _MODELS:
-        if weights is None:
-            tensors, metadata = universal_weights()
-        else:
-            tensors, metadata = load_weights(weights)
-        _MODELS[key] = TorchModel(tensors, metadata)
+        tensors, metadata = load_weights(path)
+        try:
+            model = TorchModel(tensors, metadata)
+        except (KeyError, IndexError, TypeError, ValueError) as error:
+            raise WeightFileError(f"{weights}: the tensors do not form a valid model "
+                                  f"({type(error).__name__}: {error}); rebuild the "
+                                  "file with `tlc build`") from None  # fmt: skip
+        for stale in [k for k in _MODELS if k != "<universal>"]:
+            del _MODELS[stale]
+        _MODELS[key] = model
     return _MODELS[key]
 
 
@@ -906,14 +933,25 @@ def _check_coverage(metadata: dict, program: Program) -> None:
 
 class _OneThread:
     """Run torch on one thread: the per-step products are small, and threads only add
-    overhead."""
+    overhead. Runs in several Python threads at once share one setting, restored when
+    the last of them ends."""
+
+    _lock = threading.Lock()
+    _active = 0
+    _saved = 1
 
     def __enter__(self):
-        self.threads = torch.get_num_threads()
-        torch.set_num_threads(1)
+        with _OneThread._lock:
+            if _OneThread._active == 0:
+                _OneThread._saved = torch.get_num_threads()
+                torch.set_num_threads(1)
+            _OneThread._active += 1
 
     def __exit__(self, *exc):
-        torch.set_num_threads(self.threads)
+        with _OneThread._lock:
+            _OneThread._active -= 1
+            if _OneThread._active == 0:
+                torch.set_num_threads(_OneThread._saved)
 
 
 def run_program(
@@ -938,13 +976,14 @@ def run_program(
     prompt = tk.encode_prompt(metadata, program, stdin)
     decoder = tk.TokenDecoder(metadata, program, max_steps=max_steps, trace=trace,
                               write_output=write_output)  # fmt: skip
+    # A Batch of its own, not model.state, so that runs in several threads stay apart.
+    batch = Batch(model.layers, 1)
     with _OneThread():
-        model.reset()
-        token = model.prefill(prompt)
+        token = model.prefill_many(batch, [prompt])[0]
         while decoder.feed(token):
             if progress is not None and decoder.steps % PROGRESS_EVERY == 0:
                 progress(decoder.steps)
-            token = model.step_one(model.state, 0, token)
+            token = model.step_one(batch, 0, token)
     return decoder.result
 
 

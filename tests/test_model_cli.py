@@ -41,3 +41,58 @@ def test_inspect_rejects_other_files(tmp_path):
     assert inspected.returncode == 2
     assert "cannot read the weight file" in inspected.stderr
     assert "Traceback" not in inspected.stderr
+
+
+def _built(tmp_path) -> Path:
+    weights = tmp_path / "factorial.safetensors"
+    built = _tlc("build", str(EXAMPLES / "factorial.tasm"), "-o", str(weights))
+    assert built.returncode == 0, built.stderr
+    return weights
+
+
+def test_run_rejects_edited_weights(tmp_path):
+    weights = _built(tmp_path)
+    data = bytearray(weights.read_bytes())
+    data[-100] ^= 0x40  # a bit of the last tensor's data
+    weights.write_bytes(bytes(data))
+    ran = _tlc("run", "--backend", "torch", "--weights", str(weights),
+               str(EXAMPLES / "factorial.tasm"))  # fmt: skip
+    assert ran.returncode == 2
+    assert f"{weights}: the tensors or the metadata do not match" in ran.stderr
+    assert "tlc build" in ran.stderr
+    assert "Traceback" not in ran.stderr
+
+
+def test_run_rejects_missing_weights(tmp_path):
+    ran = _tlc("run", "--backend", "torch", "--weights", str(tmp_path / "none.safetensors"),
+               str(EXAMPLES / "factorial.tasm"))  # fmt: skip
+    assert ran.returncode == 2
+    assert "none.safetensors: cannot read the weight file" in ran.stderr
+
+
+def test_build_rejects_missing_folder(tmp_path):
+    output = tmp_path / "missing" / "w.safetensors"
+    built = _tlc("build", str(EXAMPLES / "factorial.tasm"), "-o", str(output))
+    assert built.returncode == 2
+    assert "does not exist" in built.stderr
+    assert not output.exists()
+
+
+def test_build_rejects_folder_output(tmp_path):
+    built = _tlc("build", str(EXAMPLES / "factorial.tasm"), "-o", str(tmp_path))
+    assert built.returncode == 2
+    assert "not a regular file" in built.stderr
+    assert tmp_path.is_dir()
+
+
+def test_build_output_mode_follows_umask(tmp_path):
+    weights = _built(tmp_path)
+    assert weights.stat().st_mode & 0o077 == 0o666 & ~_umask() & 0o077
+
+
+def _umask() -> int:
+    import os
+
+    current = os.umask(0)
+    os.umask(current)
+    return current

@@ -4,19 +4,23 @@ programs that need it, and the builder rejects a domain it cannot certify."""
 
 from __future__ import annotations
 
-import json
 import random
 
 import numpy as np
 import pytest
 from model_helpers import outcome
-from safetensors.numpy import save_file
 
 from tlc.compiler.assembler import assemble
 from tlc.model import tokens as tk
 from tlc.model.build import build_model
 from tlc.model.certificate import CertificateError
-from tlc.model.weights import load_weights, model_tensors, save_weights, universal_model
+from tlc.model.weights import (
+    load_weights,
+    model_tensors,
+    save_weights,
+    universal_model,
+    write_weight_file,
+)
 from tlc.runtime import reference, torch_runner
 
 SWAP_PROGRAM = "PUSH 1\nPUSH 2\nSWAP\nSUB\nHALT"
@@ -31,7 +35,7 @@ def _run(source: str, weights=None):
 
 
 def _write(path, tensors: dict, metadata: dict) -> str:
-    save_file(tensors, str(path), metadata={tk.METADATA_KEY: json.dumps(metadata)})
+    write_weight_file(path, tensors, metadata)
     return str(path)
 
 

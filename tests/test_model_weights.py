@@ -3,18 +3,25 @@ and the Mojo runtime's reader on a file written by the builder."""
 
 from __future__ import annotations
 
+import json
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
 import numpy as np
 import pytest
+from safetensors.numpy import save_file
 
 from tlc.compiler.assembler import assemble
 from tlc.model import tokens as tk
 from tlc.model.weights import (
+    WeightFileError,
     decode_token_stream,
     encode_prompt,
     load_weights,
     model_tensors,
     save_weights,
     universal_model,
+    write_weight_file,
 )
 from tlc.runtime import reference, torch_runner
 from tlc.runtime.machine import Status, Trap
@@ -144,3 +151,69 @@ def test_mojo_reader_and_oracle_agree_with_torch(weight_file):
     assert result.status is expected.status
     assert result.result == expected.result
     assert result.steps == expected.steps
+
+
+def test_load_rejects_file_without_checksum(tmp_path):
+    tensors, metadata = load_weights(_copy(tmp_path))
+    del metadata["checksum"]
+    path = tmp_path / "plain.safetensors"
+    save_file(tensors, str(path), metadata={tk.METADATA_KEY: json.dumps(metadata)})
+    with pytest.raises(WeightFileError, match="no checksum"):
+        load_weights(path)
+
+
+def test_load_rejects_edited_tensor(tmp_path):
+    tensors, metadata = load_weights(_copy(tmp_path))
+    name = next(name for name in sorted(tensors) if name.endswith(".values") and len(tensors[name]))
+    tensors[name] = tensors[name].copy()
+    tensors[name][0] += 1.0
+    path = tmp_path / "edited.safetensors"
+    save_file(tensors, str(path), metadata={tk.METADATA_KEY: json.dumps(metadata)})
+    with pytest.raises(WeightFileError, match="do not match the file's checksum"):
+        load_weights(path)
+
+
+def test_load_rejects_nan_with_valid_checksum(tmp_path):
+    tensors, metadata = load_weights(_copy(tmp_path))
+    tensors["layers.0.router.b"] = tensors["layers.0.router.b"].copy()
+    tensors["layers.0.router.b"][1] = np.nan
+    path = tmp_path / "nan.safetensors"
+    write_weight_file(path, tensors, metadata)
+    with pytest.raises(WeightFileError, match="not finite"):
+        load_weights(path)
+
+
+def test_torch_reloads_rewritten_file(tmp_path):
+    path = _copy(tmp_path)
+    first = torch_runner.load_model(path)
+    tensors, metadata = load_weights(path)
+    metadata["note"] = "rewritten"
+    write_weight_file(path, tensors, metadata)
+    second = torch_runner.load_model(path)
+    assert second is not first
+    assert second.metadata["note"] == "rewritten"
+
+
+def _copy(tmp_path):
+    path = tmp_path / "universal.safetensors"
+    save_weights(universal_model(), path)
+    return path
+
+
+def test_torch_runs_in_two_threads():
+    # Different programs, so that runs sharing KV caches would fetch each other's code.
+    names = ["countdown.tasm", "factorial.tasm", "hello.tasm", "upcase.tasm"] * 2
+    examples = Path(__file__).resolve().parents[1] / "examples"
+    programs = [assemble((examples / name).read_text(), name) for name in names]
+
+    def run(program):
+        return torch_runner.run_program(program, stdin=b"threads", max_steps=3000)
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        results = list(pool.map(run, programs))
+    for program, result in zip(programs, results):
+        expected = reference.run_program(program, stdin=b"threads", max_steps=3000)
+        assert result.status == expected.status
+        assert result.steps == expected.steps
+        assert result.output == expected.output
+        assert result.result == expected.result

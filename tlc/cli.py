@@ -232,7 +232,13 @@ def run_command(args: argparse.Namespace) -> int:
     name, run_program = select_backend(args.backend)
     options = _run_options(args, name, run_program, program)
     started = time.perf_counter()
-    result = run_program(program, **options)
+    try:
+        result = run_program(program, **options)
+    except ValueError as error:
+        # The runners raise ValueError for an invalid weight file and for a program that
+        # uses an opcode the model does not compute.
+        _clear_progress(options)
+        raise UsageError(str(error)) from None
     seconds = time.perf_counter() - started
     _clear_progress(options)
     sys.stdout.flush()
