@@ -6,6 +6,8 @@ Runs the program inside the same model on both runtimes, from the same prompt, a
 compares every generated token: each token becomes a 64-bit fingerprint, and the first
 position where the fingerprints differ is reported.
 Both runs are also decoded and checked against the reference interpreter's outcome.
+The exit status is 0 when everything agrees, 1 when something differs and 2 for an
+invalid program, input or weight file.
 
 The fingerprint of a token t is sum_f m_f t_f mod 2^64 with fixed random odd
 multipliers m_f. Two tokens that differ in exactly one field always get different
@@ -184,27 +186,42 @@ def _load(args: argparse.Namespace) -> tuple[Program, bytes]:
         raise UsageError(f"{stdin_path}: cannot read file: {error.strerror}") from None
 
 
+def _log(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
 def main(argv=None) -> int:
     from tlc.cli import UsageError
     from tlc.compiler.errors import CompileError
-    from tlc.runtime import reference
 
     args = _arguments(argv)
     try:
         program, stdin = _load(args)
     except CompileError as error:
         print(str(error), file=sys.stderr)
-        return 1
+        return 2
     except UsageError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    if args.weights is not None and not args.weights.is_file():
-        print(f"error: {args.weights}: weight file not found; build one with "
-              "`tlc build PROGRAM -o W.safetensors`", file=sys.stderr)  # fmt: skip
+    try:
+        return _compare(args, program, stdin)
+    except ValueError as error:  # an invalid weight file, or an opcode it does not compute
+        print(f"error: {error}", file=sys.stderr)
         return 2
 
-    def log(line: str) -> None:
-        print(line, file=sys.stderr, flush=True)
+
+def _compare(args: argparse.Namespace, program: Program, stdin: bytes) -> int:
+    """Run the reference, Mojo and torch, print the summary line and return the status.
+    Raises ValueError for an invalid weight file or an opcode the model does not
+    compute."""
+    from tlc.model.weights import uncovered_opcodes
+    from tlc.runtime import reference, torch_runner
+
+    metadata = torch_runner.load_model(args.weights).metadata
+    missing = uncovered_opcodes(metadata, program)
+    if missing:
+        raise ValueError(f"the model does not compute {', '.join(missing)}")
+    log = _log
 
     expected = reference.run_program(program, stdin=stdin, max_steps=args.max_steps)
     log(f"reference: {expected.status.name} after {expected.steps} steps")

@@ -100,7 +100,10 @@ def _measure_in_subprocess(program_path: Path, backend: str, max_steps: int | No
         backend = f"{backend} x{batch}"
     completed = subprocess.run(command, capture_output=True, text=True)
     if completed.returncode != 0:
-        reason = (completed.stderr.strip().splitlines() or ["failed"])[-1]
+        lines = completed.stderr.strip().splitlines() or ["failed"]
+        # A compile error ends with the source line and a caret; its first line names
+        # the error.
+        reason = next((line for line in lines if "error:" in line), lines[-1])
         return Measurement(program_path.name, backend, None, 0.0, 0.0, f"error: {reason}")
     row = json.loads(completed.stdout.strip().splitlines()[-1])
     return Measurement(
@@ -160,13 +163,26 @@ def format_table(rows: list[Measurement]) -> str:
 def bench_command(args: argparse.Namespace) -> int:
     """Run every benchmark program on every requested backend and print the table."""
     names = args.programs or [str(EXAMPLES / name) for name in DEFAULT_PROGRAMS]
-    backends = args.backends.split(",") if args.backends else list(BACKENDS)
+    backends = [b.strip() for b in args.backends.split(",")] if args.backends else list(BACKENDS)
+    unknown = [backend for backend in backends if backend not in BACKENDS]
+    if unknown or not backends:
+        print(f"error: unknown backend {', '.join(unknown) or '(empty list)'}; choose from "
+              f"{', '.join(BACKENDS)}", file=sys.stderr)  # fmt: skip
+        return 2
+    if args.batch is not None and args.batch < 1:
+        print(f"error: --batch must be at least 1, got {args.batch}", file=sys.stderr)
+        return 2
+    for name in names:
+        path = Path(name)
+        if not path.is_file():
+            print(f"error: benchmark program not found: {path}", file=sys.stderr)
+            return 2
+        if path.suffix not in (".tl", ".tasm"):
+            print(f"error: {path}: expected a .tl or .tasm file", file=sys.stderr)
+            return 2
     rows: list[Measurement] = []
     for name in names:
         program_path = Path(name)
-        if not program_path.exists():
-            print(f"error: benchmark program not found: {program_path}", file=sys.stderr)
-            return 2
         for backend in backends:
             rows.append(_measure_in_subprocess(program_path, backend, args.max_steps))
         if args.batch is not None:
@@ -184,7 +200,18 @@ def _main() -> int:
     parser.add_argument("--batch", type=int, default=None)
     args = parser.parse_args()
     program, backend = args.one
-    print(json.dumps(_run_backend(Path(program), backend, args.max_steps, args.batch)))
+    from tlc.cli import UsageError
+    from tlc.compiler.errors import CompileError
+
+    try:
+        row = _run_backend(Path(program), backend, args.max_steps, args.batch)
+    except CompileError as error:
+        print(str(error).splitlines()[0], file=sys.stderr)
+        return 1
+    except (UsageError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(json.dumps(row))
     return 0
 
 

@@ -220,6 +220,10 @@ class HeadCaches:
     """
 
     def __init__(self, layout: HeadLayout, programs: int):
+        # NOTE: one array holds every program's entries, so that a batch step indexes
+        # them at once. Each program therefore takes as many slots as the program with
+        # the most, and a batch beside one memory-heavy program costs its cache size
+        # times the batch size.
         self.keys = np.zeros((programs, INITIAL_CACHE_SLOTS, layout.key_width))
         self.values = np.zeros((programs, INITIAL_CACHE_SLOTS, layout.value_width))
         self.positions = np.zeros((programs, INITIAL_CACHE_SLOTS), dtype=np.int64)

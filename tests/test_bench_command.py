@@ -42,3 +42,38 @@ def test_bench_runs_ref_and_gcc(tmp_path):
     assert "halted" in ref_rows[0]
     assert len(native_rows) == 1
     assert "native" in native_rows[0]
+
+
+def _bench(*arguments: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "tlc", "bench", *arguments],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300)  # fmt: skip
+
+
+def test_bench_rejects_zero_batch():
+    completed = _bench("examples/countdown.tasm", "--batch", "0")
+    assert completed.returncode == 2
+    assert "--batch must be at least 1" in completed.stderr
+    assert completed.stdout == ""
+
+
+def test_bench_rejects_unknown_backend():
+    completed = _bench("examples/countdown.tasm", "--backends", "ref,foo")
+    assert completed.returncode == 2
+    assert "unknown backend foo" in completed.stderr
+
+
+def test_bench_checks_every_program_first():
+    completed = _bench("examples/countdown.tasm", "examples/missing.tl", "--backends", "ref")
+    assert completed.returncode == 2
+    assert "not found: examples/missing.tl" in completed.stderr
+    assert completed.stdout == ""
+
+
+def test_bench_shows_compile_error_line(tmp_path):
+    source = tmp_path / "bad.tl"
+    source.write_text("int main(void) { return x; }\n")
+    completed = _bench(str(source), "--backends", "ref")
+    assert completed.returncode == 0
+    row = next(line for line in completed.stdout.splitlines() if "| ref |" in line)
+    assert "'x' undeclared" in row
+    assert "CompileError" not in row

@@ -109,5 +109,27 @@ def test_main_reports_compile_error(tmp_path, capsys):
     source = tmp_path / "bad.tl"
     source.write_text("int main(void) { return x; }\n")
     status = long_run.main([str(source)])
-    assert status == 1
+    assert status == 2
     assert "'x' undeclared" in capsys.readouterr().err
+
+
+def test_main_rejects_damaged_weights(tmp_path, capsys):
+    weights = tmp_path / "bad.safetensors"
+    weights.write_bytes(b"not a weight file")
+    status = long_run.main([str(EXAMPLES / "collatz.tl"), "--weights", str(weights)])
+    assert status == 2
+    assert "bad.safetensors: not a readable safetensors file" in capsys.readouterr().err
+
+
+def test_main_rejects_uncovered_opcode(tmp_path, capsys):
+    from tlc.model.weights import load_weights, save_weights, universal_model, write_weight_file
+
+    weights = tmp_path / "no_div.safetensors"
+    save_weights(universal_model(), weights)
+    tensors, metadata = load_weights(weights)
+    metadata["covered_opcodes"] = [name for name in metadata["covered_opcodes"]
+                                   if name != "DIV_U"]  # fmt: skip
+    write_weight_file(weights, tensors, metadata)
+    status = long_run.main([str(EXAMPLES / "collatz.tl"), "--weights", str(weights)])
+    assert status == 2
+    assert "does not compute DIV_U" in capsys.readouterr().err
