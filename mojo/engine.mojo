@@ -196,15 +196,21 @@ struct Engine(Movable):
     var binary_runs: List[Int]
     var ternary_runs: List[Int]
     var other_fields: List[Int]
-    # Head projections with at most one entry per row and per column and finite
-    # weights, stored by rows: a column of x and a weight per row, with column `width`
-    # (a zero that pads x) and weight 0 for a row without an entry. Such a projection
-    # is a gather and a multiply-add per row, in place of the masked product. Per head,
-    # gather_offsets[3 h + p] is the offset of its query (p = 0), key (1) or value (2)
-    # projection in these lists, or -1.
+    # Head projections with at most one entry per column and finite weights, stored by
+    # rows: the column of x and the weight of each row's first entry, with column
+    # `width` (a zero that pads x) and weight 0 for a row without an entry. A row's
+    # further entries (row, column, weight) follow in column order in the extra lists.
+    # Such a projection is a gather and a multiply-add per row, in place of the masked
+    # product. Per head, gather_offsets[3 h + p] is the offset of its query (p = 0), key
+    # (1) or value (2) projection in the gather lists, or -1, and its extra entries are
+    # extra_pointers[3 h + p] .. extra_pointers[3 h + p + 1] - 1.
     var gather_columns: List[Int]
     var gather_weights: List[Float64]
     var gather_offsets: List[Int]
+    var extra_rows: List[Int]
+    var extra_columns: List[Int]
+    var extra_weights: List[Float64]
+    var extra_pointers: List[Int]
     var layers: List[LayerWeights]
     var heads: List[HeadWeights]
     var blocks: List[BlockWeights]
@@ -350,6 +356,10 @@ struct Engine(Movable):
         self.gather_columns = List[Int]()
         self.gather_weights = List[Float64]()
         self.gather_offsets = List[Int](length=3 * len(self.heads), fill=-1)
+        self.extra_rows = List[Int]()
+        self.extra_columns = List[Int]()
+        self.extra_weights = List[Float64]()
+        self.extra_pointers = List[Int](length=3 * len(self.heads) + 1, fill=0)
         if self.narrow:
             self._find_shared_projections[DType.float32]()
             self._index_embedding_deltas[DType.float32]()
@@ -379,22 +389,36 @@ struct Engine(Movable):
                             self.value_leaders[h] = self.value_leaders[g]
                         break
 
+    def _extra(self, index: Int) -> Tuple[IntPtr, IntPtr, FloatPtr, Int, Int]:
+        """Return the extra entries of gathered projection `index` for `project`."""
+        return (
+            IntPtr(unsafe_from_address=Int(self.extra_rows.unsafe_ptr())),
+            IntPtr(unsafe_from_address=Int(self.extra_columns.unsafe_ptr())),
+            FloatPtr(unsafe_from_address=Int(self.extra_weights.unsafe_ptr())),
+            self.extra_pointers.unsafe_get(index),
+            self.extra_pointers.unsafe_get(index + 1),
+        )
+
     def _index_gathers[dtype: DType](mut self):
         """Fill the gather form of every head projection that has one."""
         var arrays = self._arrays[dtype]()
         for h in range(len(self.heads)):
             var head = self.heads[h]
-            self.gather_offsets[3 * h] = self._add_gather(head.wq, arrays)
-            self.gather_offsets[3 * h + 1] = self._add_gather(head.wk, arrays)
-            self.gather_offsets[3 * h + 2] = self._add_gather(head.wv, arrays)
+            for p in range(3):
+                var matrix = head.wq if p == 0 else (head.wk if p == 1 else head.wv)
+                self.gather_offsets[3 * h + p] = self._add_gather(matrix, arrays)
+                self.extra_pointers[3 * h + p + 1] = len(self.extra_rows)
 
     def _add_gather[dtype: DType](mut self, matrix: Matrix, arrays: Arrays[dtype]) -> Int:
         """Append the gather form of `matrix` and return its offset, or return -1 when a
-        row or column has two entries or a weight is not finite."""
+        column has two entries or a weight is not finite."""
         var pointers = arrays.pointers.unsafe_offset(matrix.entry_pointers)
         var columns = List[Int](length=matrix.rows, fill=self.width)
         var weights = List[Float64](length=matrix.rows, fill=0.0)
         var filled = List[Bool](length=matrix.rows, fill=False)
+        var extra_rows = List[Int]()
+        var extra_columns = List[Int]()
+        var extra_weights = List[Float64]()
         for k in range(matrix.stored):
             var start = pointers[unsafe_offset=k]
             if pointers[unsafe_offset=k + 1] - start != 1:
@@ -403,11 +427,21 @@ struct Engine(Movable):
             var weight = arrays.values[unsafe_offset=matrix.entries + start].cast[
                 DType.float64
             ]()
-            if filled[row] or weight - weight != 0.0:
+            if weight - weight != 0.0:
                 return -1
+            var column = Int(arrays.indices[unsafe_offset=matrix.column_ids + k])
+            if filled[row]:
+                extra_rows.append(row)
+                extra_columns.append(column)
+                extra_weights.append(weight)
+                continue
             filled[row] = True
-            columns[row] = Int(arrays.indices[unsafe_offset=matrix.column_ids + k])
+            columns[row] = column
             weights[row] = weight
+        for i in range(len(extra_rows)):
+            self.extra_rows.append(extra_rows[i])
+            self.extra_columns.append(extra_columns[i])
+            self.extra_weights.append(extra_weights[i])
         var offset = len(self.gather_columns)
         for row in range(matrix.rows):
             self.gather_columns.append(columns[row])
@@ -607,6 +641,7 @@ struct Engine(Movable):
                         value,
                         gather_columns,
                         gather_weights,
+                        self._extra(3 * h + 2),
                     )
                     cache.store_value(leader_slot, value, self.position)
                 self.last_slots.unsafe_get(h) = leader_slot
@@ -625,6 +660,7 @@ struct Engine(Movable):
                         value,
                         gather_columns,
                         gather_weights,
+                        self._extra(3 * h + 2),
                     )
                     cache.rewrite(slot, value, self.position)
             else:
@@ -638,6 +674,7 @@ struct Engine(Movable):
                     key,
                     gather_columns,
                     gather_weights,
+                    self._extra(3 * h + 1),
                 )
                 project(
                     head.wv,
@@ -649,6 +686,7 @@ struct Engine(Movable):
                     value,
                     gather_columns,
                     gather_weights,
+                    self._extra(3 * h + 2),
                 )
                 self.last_slots.unsafe_get(h) = cache.append(key, value, self.position)
             if not need_output:
@@ -671,6 +709,7 @@ struct Engine(Movable):
                 query,
                 gather_columns,
                 gather_weights,
+                self._extra(3 * h),
             )
             ref index = caches[unsafe_offset=leader]
             self.winners.unsafe_get(h) = index.attend(query)
@@ -917,9 +956,10 @@ def project[
     output: FloatPtr,
     gather_columns: IntPtr,
     gather_weights: FloatPtr,
+    extra: Tuple[IntPtr, IntPtr, FloatPtr, Int, Int],
 ):
     """Set output = matrix @ x + bias, by gathers from the engine's gather lists when
-    `gather` >= 0.
+    `gather` >= 0, then adding the extra entries (rows, columns, weights, first, end).
 
     A gathered row computes bias + weight * x[column] with one fused multiply-add, as
     the masked product does. It differs only where x[column] is 0, which the masked
@@ -948,6 +988,12 @@ def project[
             input, biases[unsafe_offset=row]
         )
         row += 1
+    for e in range(extra[3], extra[4]):
+        var target = extra[0][unsafe_offset=e]
+        var input = x[unsafe_offset=extra[1][unsafe_offset=e]]
+        output[unsafe_offset=target] = extra[2][unsafe_offset=e].fma(
+            input, output[unsafe_offset=target]
+        )
 
 
 def _read_layer(
