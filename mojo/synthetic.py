@@ -20,12 +20,10 @@ which exercises the tie rules. Its structure follows the contract:
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from safetensors.numpy import save_file
 
 KIND_NAMES = ("RUN", "HALT", "TRAP")
 TAG_NORMAL, TAG_SENTINEL, TAG_LOW = 0, 1, 2
@@ -264,6 +262,8 @@ def build_model(spec: SyntheticSpec, seed: int, prompt_length: int = 8):
 
 def write_model(path: str | Path, spec: SyntheticSpec, seed: int, prompt_length: int = 8) -> Path:
     """Write a random model to `path` as a safetensors file and return the path."""
+    from tlc.model.weights import write_weight_file
+
     tensors, metadata = build_model(spec, seed, prompt_length)
-    save_file(tensors, str(path), metadata={"tlc": json.dumps(metadata)})
+    write_weight_file(path, tensors, metadata)
     return Path(path)

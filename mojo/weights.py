@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 METADATA_KEY = "tlc"
 KIND_FIELD = "kind"
@@ -143,13 +143,28 @@ class ModelWeights:
 
 
 def load_weights(path: str | Path) -> ModelWeights:
-    """Read the weight file at `path`; raise WeightFileError when it is malformed."""
-    with safe_open(str(path), framework="numpy") as handle:
-        raw_metadata = (handle.metadata() or {}).get(METADATA_KEY)
-        if raw_metadata is None:
-            raise WeightFileError(f"{path}: metadata key {METADATA_KEY!r} is missing")
-        tensors = {name: handle.get_tensor(name) for name in handle.keys()}
-    return weights_from_tensors(tensors, json.loads(raw_metadata), str(path))
+    """Read the weight file at `path`, checking its checksum and values as
+    `tlc.model.weights.load_weights` does; raise WeightFileError when it is malformed."""
+    from tlc.model.weights import check_weights
+
+    try:
+        with safe_open(str(path), framework="numpy") as handle:
+            raw_metadata = (handle.metadata() or {}).get(METADATA_KEY)
+            if raw_metadata is None:
+                raise WeightFileError(f"{path}: metadata key {METADATA_KEY!r} is missing")
+            tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+        metadata = json.loads(raw_metadata)
+    except (OSError, SafetensorError) as error:
+        raise WeightFileError(f"{path}: not a readable safetensors file ({error})") from None
+    except json.JSONDecodeError as error:
+        raise WeightFileError(f"{path}: the metadata is not valid JSON ({error})") from None
+    if not isinstance(metadata, dict):
+        raise WeightFileError(f"{path}: the metadata is not a JSON object")
+    try:
+        check_weights(tensors, metadata, path)
+    except ValueError as error:
+        raise WeightFileError(str(error)) from None
+    return weights_from_tensors(tensors, metadata, str(path))
 
 
 def weights_from_tensors(tensors: dict[str, np.ndarray], metadata: dict, source: str = "<model>"):

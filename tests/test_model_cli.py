@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
@@ -50,12 +52,18 @@ def _built(tmp_path) -> Path:
     return weights
 
 
-def test_run_rejects_edited_weights(tmp_path):
+@pytest.mark.parametrize("backend", ["torch", "mojo"])
+def test_run_rejects_edited_weights(tmp_path, backend):
+    if backend == "mojo":
+        from tlc.mojo import runner
+
+        if not runner.is_available():
+            pytest.skip("the Mojo runtime is not available on this machine")
     weights = _built(tmp_path)
     data = bytearray(weights.read_bytes())
     data[-100] ^= 0x40  # a bit of the last tensor's data
     weights.write_bytes(bytes(data))
-    ran = _tlc("run", "--backend", "torch", "--weights", str(weights),
+    ran = _tlc("run", "--backend", backend, "--weights", str(weights),
                str(EXAMPLES / "factorial.tasm"))  # fmt: skip
     assert ran.returncode == 2
     assert f"{weights}: the tensors or the metadata do not match" in ran.stderr
