@@ -21,6 +21,7 @@ import numpy as np
 
 from tlc.mojo import build
 from tlc.mojo.weights import (
+    FeedForward,
     ModelWeights,
     SparseMatrix,
     WeightFileError,
@@ -109,13 +110,12 @@ class _Packer:
             raise WeightFileError(f"{name} has length {len(values)}, expected {length}")
         self.header.append(self._floats(values))
 
-    def block(self, block, width: int, name: str) -> None:
+    def block(self, block: FeedForward, width: int, name: str) -> None:
+        _check_block(block, width, name)
         hidden = len(block.b1)
         self.matrix(block.w1, hidden, width, f"{name}.w1")
         self.vector(block.b1, hidden, f"{name}.b1")
         self.matrix(block.w2, width, hidden, f"{name}.w2")
-        if len(block.b2) != width:
-            raise WeightFileError(f"{name}.b2 has length {len(block.b2)}, expected {width}")
         self.matrix(_column(block.b2), width, 1, f"{name}.b2")
 
     def finish(self) -> PackedModel:
@@ -197,6 +197,48 @@ def _stack_rows(matrices: list[SparseMatrix]) -> SparseMatrix:
     values = np.concatenate([np.zeros(0)] + [m.values for m in matrices])
     width = matrices[0].shape[1] if matrices else 0
     return SparseMatrix((int(offsets[-1]), width), rows, cols, values)
+
+
+def _check_block(block: FeedForward, width: int, name: str) -> None:
+    """Raise WeightFileError when the block's shapes do not fit a residual of `width`."""
+    hidden = len(block.b1)
+    for part, matrix, shape in (("w1", block.w1, (hidden, width)),
+                                ("w2", block.w2, (width, hidden))):  # fmt: skip
+        if matrix.shape != shape:
+            raise WeightFileError(f"{name}.{part} has shape {matrix.shape}, expected {shape}")
+    if len(block.b2) != width:
+        raise WeightFileError(f"{name}.b2 has length {len(block.b2)}, expected {width}")
+
+
+def _fuse_blocks(first: FeedForward, second: FeedForward) -> FeedForward:
+    """Return one ReLU block that adds to x what both blocks add when they read the same
+    y: the W1 rows of both stacked (the first block's hidden units first), their W2
+    columns side by side and their b2 summed.
+
+    The engine then runs one first and one second product instead of two each. Only the
+    order of the additions into x changes, because b2 is summed before it is added. That
+    is exact when every partial sum is an integer below 2^53, as in the certified models
+    of docs/model.md, so the caller fuses only blocks whose b2 values are integers.
+    """
+    hidden = len(first.b1)
+    w2 = SparseMatrix(
+        (first.w2.shape[0], hidden + len(second.b1)),
+        np.concatenate([first.w2.rows, second.w2.rows]),
+        np.concatenate([first.w2.cols, second.w2.cols + hidden]),
+        np.concatenate([first.w2.values, second.w2.values]),
+    )
+    return FeedForward(
+        _stack_rows([first.w1, second.w1]),
+        np.concatenate([first.b1, second.b1]),
+        w2,
+        np.asarray(first.b2, dtype=np.float64) + second.b2,
+    )
+
+
+def _integer_vector(values: np.ndarray) -> bool:
+    """Return True when every entry is an integer of magnitude below 2^53."""
+    values = np.asarray(values, dtype=np.float64)
+    return bool(np.all(np.floor(values) == values) and np.all(np.abs(values) < 2.0**53))
 
 
 # Embedding values up to this size keep every sum of one value per field exact in
@@ -301,15 +343,25 @@ def _pack_layer(packer: _Packer, layer, width: int, name: str,
         packer.matrix(head.wo, width, value_width, f"{prefix}.wo")
         for fields in dependencies[h]:
             packer.header += [-1] if fields is None else [len(fields), *fields]
-    packer.header.append(0 if layer.shared is None else 1)
-    if layer.shared is not None:
-        packer.block(layer.shared, width, f"{name}.shared")
-    packer.header.append(len(layer.experts))
-    if layer.experts:
-        count = len(layer.experts)
+    shared = layer.shared
+    experts = layer.experts
+    if shared is not None and experts:
+        _check_block(shared, width, f"{name}.shared")
+        for e, expert in enumerate(experts):
+            _check_block(expert, width, f"{name}.experts.{e}")
+        # Each expert carries a copy of the shared block, so that a step runs one block.
+        if all(_integer_vector(block.b2) for block in [shared, *experts]):
+            experts = [_fuse_blocks(shared, expert) for expert in experts]
+            shared = None
+    packer.header.append(0 if shared is None else 1)
+    if shared is not None:
+        packer.block(shared, width, f"{name}.shared")
+    packer.header.append(len(experts))
+    if experts:
+        count = len(experts)
         packer.matrix(layer.router_w, count, width, f"{name}.router.w")
         packer.vector(layer.router_b, count, f"{name}.router.b")
-        for e, expert in enumerate(layer.experts):
+        for e, expert in enumerate(experts):
             packer.block(expert, width, f"{name}.experts.{e}")
 
 
