@@ -13,6 +13,9 @@
 #   embed^T (D x sum of V_f, every column stored; field f's value t is column
 #   V_0 + .. + V_(f-1) + t), unembed (sum of V_f x D, the fields' rows stacked) and its
 #   bias,
+#   first_qkv_rows R (0: none), and when R > 0 the q, k and v maps of layer 0's heads
+#   applied to the embedding (R x sum of V_f, every column stored, rows by head and then
+#   q, k, v) and their bias,
 #   per layer: head_count, per head (exact, wq, bq, wk, bk, wv, bv, wo, then the token
 #              fields of the key, the value and the query: a count and that many
 #              fields, or -1 when the projection reads a dimension a layer writes),
@@ -39,6 +42,7 @@ from kernels import (
     accumulate_marking,
     accumulate_masked,
     add_column,
+    add_scaled_column,
     affine_masked,
     first_argmax,
     float_ptr,
@@ -167,6 +171,15 @@ struct Engine(Movable):
     var embed: Matrix
     var unembed: Matrix
     var unembed_bias: Int
+    # Layer 0's queries, keys and values of `embedded_token`, kept like the embedding
+    # when the packer found that exact: first_qkv is Wqkv E^T with R = first_qkv_rows
+    # rows and `kept_qkv` its product with the token plus the bias. kept_offsets[3 h + p]
+    # is the offset in kept_qkv of head h's query (p = 0), key (1) or value (2), or -1.
+    var first_qkv_rows: Int
+    var first_qkv: Matrix
+    var first_qkv_bias: Int
+    var kept_qkv: List[Float64]
+    var kept_offsets: List[Int]
     # The embedding of `embedded_token`, kept so that the next token's embedding only
     # changes the fields that differ. Exact because every embedding value is an integer.
     var incremental: Bool
@@ -294,6 +307,12 @@ struct Engine(Movable):
         self.embed = reader.matrix()
         self.unembed = reader.matrix()
         self.unembed_bias = reader.next()
+        self.first_qkv_rows = reader.next()
+        self.first_qkv = Matrix(0, 0, 0, 0, 0, 0, 0, 0, 0, 0)
+        self.first_qkv_bias = 0
+        if self.first_qkv_rows > 0:
+            self.first_qkv = reader.matrix()
+            self.first_qkv_bias = reader.next()
         self.binary_runs = _field_runs(self.vocab, 2)
         self.ternary_runs = _field_runs(self.vocab, 3)
         self.other_fields = List[Int]()
@@ -316,6 +335,12 @@ struct Engine(Movable):
                 layer.bias_expert = first_argmax(bias, layer.expert_count)
         if reader.next() != END_MARK:
             raise Error("packed model header does not end where expected")
+        if self.first_qkv_rows > 0 and (
+            self.first_qkv.rows != self.first_qkv_rows or self.first_qkv.stored != total_vocab
+        ):
+            raise Error("packed model: the first layer's qkv matrix has the wrong shape")
+        self.kept_qkv = List[Float64](length=self.first_qkv_rows + 1, fill=0.0)
+        self.kept_offsets = _kept_offsets(self.layers, self.heads, self.first_qkv_rows)
         self.caches = List[HeadCache]()
         for head in self.heads:
             self.caches.append(HeadCache(head.wk.rows, head.wv.rows, head.exact))
@@ -529,10 +554,18 @@ struct Engine(Movable):
                 embedded[unsafe_offset=i] = 0.0
             for i in range(len(self.embedded_mask)):
                 embedded_mask[unsafe_offset=i] = 0
+            var kept = float_ptr(self.kept_qkv)
+            unsafe_memcpy(
+                dest=kept,
+                src=arrays.floats.unsafe_offset(self.first_qkv_bias),
+                count=self.first_qkv_rows,
+            )
             for f in range(self.field_count):
                 var value = token[unsafe_offset=f]
                 var column = offsets[unsafe_offset=f] + value
                 add_column(self.embed, column, arrays, embedded, 1.0, embedded_mask, embedded)
+                if self.first_qkv_rows > 0:
+                    add_scaled_column(self.first_qkv, column, arrays, kept, 1.0)
                 embedded_token[unsafe_offset=f] = value
             self.embedded_valid = True
             unsafe_memcpy(dest=x, src=embedded, count=self.width)
@@ -551,6 +584,13 @@ struct Engine(Movable):
                     var value = token[unsafe_offset=g]
                     var old = embedded_token[unsafe_offset=g]
                     embedded_token[unsafe_offset=g] = value
+                    var base = offsets[unsafe_offset=g]
+                    if self.first_qkv_rows > 0:
+                        # Exact, because the packer checked that every partial sum is an
+                        # integer below 2^53.
+                        var kept = float_ptr(self.kept_qkv)
+                        add_scaled_column(self.first_qkv, base + value, arrays, kept, 1.0)
+                        add_scaled_column(self.first_qkv, base + old, arrays, kept, -1.0)
                     if vocab[unsafe_offset=g] == 2:
                         var sign = Float64(value - old)
                         var end = delta_pointers[unsafe_offset=g + 1]
@@ -566,7 +606,6 @@ struct Engine(Movable):
                                 word | bit
                             ) if updated != 0.0 else (word & ~bit)
                         continue
-                    var base = offsets[unsafe_offset=g]
                     add_column(self.embed, base + old, arrays, embedded, -1.0, embedded_mask, x)
                     add_column(self.embed, base + value, arrays, embedded, 1.0, embedded_mask, x)
             # x equals the embedding except where the layers wrote at the last position.
@@ -615,19 +654,45 @@ struct Engine(Movable):
                 return False
         return True
 
+    @always_inline
+    def _head_projection[
+        dtype: DType
+    ](
+        self, h: Int, part: Int, arrays: Arrays[dtype], x: FloatPtr, x_mask: MaskPtr, buffer: FloatPtr
+    ) -> FloatPtr:
+        """Return head h's query (part 0), key (1) or value (2) at this position: its
+        kept layer 0 projection, or `buffer` after projecting x into it."""
+        var kept = self.kept_offsets.unsafe_get(3 * h + part)
+        if kept >= 0:
+            return float_ptr(self.kept_qkv).unsafe_offset(kept)
+        ref head = self.heads.unsafe_get(h)
+        var matrix = head.wq if part == 0 else (head.wk if part == 1 else head.wv)
+        var bias = head.bq if part == 0 else (head.bk if part == 1 else head.bv)
+        project(
+            matrix,
+            bias,
+            self.gather_offsets.unsafe_get(3 * h + part),
+            arrays,
+            x,
+            x_mask,
+            buffer,
+            int_ptr(self.gather_columns),
+            float_ptr(self.gather_weights),
+            self._extra(3 * h + part),
+        )
+        return buffer
+
     def _attention[dtype: DType](mut self, layer: LayerWeights, need_output: Bool):
         """Append this position's keys and values; when the layer's output is needed,
         add the output projection of every head's winning value to x."""
         var arrays = self._arrays[dtype]()
         var x = float_ptr(self.x)
-        var key = float_ptr(self.key)
-        var value = float_ptr(self.value)
-        var query = float_ptr(self.query)
+        var key_buffer = float_ptr(self.key)
+        var value_buffer = float_ptr(self.value)
+        var query_buffer = float_ptr(self.query)
         var x_mask = self._masks()[1]
         var written = self._masks()[2]
         var caches = self.caches.unsafe_ptr()
-        var gather_columns = int_ptr(self.gather_columns)
-        var gather_weights = float_ptr(self.gather_weights)
         for h in range(layer.first_head, layer.first_head + layer.head_count):
             ref head = self.heads.unsafe_get(h)
             ref cache = caches[unsafe_offset=h]
@@ -642,18 +707,7 @@ struct Engine(Movable):
                 elif same_slot and self._unchanged(head.value_fields):
                     cache.restamp(leader_slot, self.position)
                 else:
-                    project(
-                        head.wv,
-                        head.bv,
-                        self.gather_offsets.unsafe_get(3 * h + 2),
-                        arrays,
-                        x,
-                        x_mask,
-                        value,
-                        gather_columns,
-                        gather_weights,
-                        self._extra(3 * h + 2),
-                    )
+                    var value = self._head_projection(h, 2, arrays, x, x_mask, value_buffer)
                     cache.store_value(leader_slot, value, self.position)
                 self.last_slots.unsafe_get(h) = leader_slot
             elif slot >= 0 and self._unchanged(head.key_fields):
@@ -661,44 +715,11 @@ struct Engine(Movable):
                 if self._unchanged(head.value_fields):
                     cache.restamp(slot, self.position)
                 else:
-                    project(
-                        head.wv,
-                        head.bv,
-                        self.gather_offsets.unsafe_get(3 * h + 2),
-                        arrays,
-                        x,
-                        x_mask,
-                        value,
-                        gather_columns,
-                        gather_weights,
-                        self._extra(3 * h + 2),
-                    )
+                    var value = self._head_projection(h, 2, arrays, x, x_mask, value_buffer)
                     cache.rewrite(slot, value, self.position)
             else:
-                project(
-                    head.wk,
-                    head.bk,
-                    self.gather_offsets.unsafe_get(3 * h + 1),
-                    arrays,
-                    x,
-                    x_mask,
-                    key,
-                    gather_columns,
-                    gather_weights,
-                    self._extra(3 * h + 1),
-                )
-                project(
-                    head.wv,
-                    head.bv,
-                    self.gather_offsets.unsafe_get(3 * h + 2),
-                    arrays,
-                    x,
-                    x_mask,
-                    value,
-                    gather_columns,
-                    gather_weights,
-                    self._extra(3 * h + 2),
-                )
+                var key = self._head_projection(h, 1, arrays, x, x_mask, key_buffer)
+                var value = self._head_projection(h, 2, arrays, x, x_mask, value_buffer)
                 self.last_slots.unsafe_get(h) = cache.append(key, value, self.position)
             if not need_output:
                 self.winner_reusable.unsafe_get(h) = False
@@ -710,18 +731,7 @@ struct Engine(Movable):
                 and self._unchanged(head.query_fields)
             ):
                 continue
-            project(
-                head.wq,
-                head.bq,
-                self.gather_offsets.unsafe_get(3 * h),
-                arrays,
-                x,
-                x_mask,
-                query,
-                gather_columns,
-                gather_weights,
-                self._extra(3 * h),
-            )
+            var query = self._head_projection(h, 0, arrays, x, x_mask, query_buffer)
             ref index = caches[unsafe_offset=leader]
             self.winners.unsafe_get(h) = index.attend(query)
             self.winner_reusable.unsafe_get(h) = index.last_indexed
@@ -1099,3 +1109,33 @@ def _max_hidden(blocks: List[BlockWeights]) -> Int:
     for block in blocks:
         widest = max(widest, block.w1.rows)
     return widest
+
+
+def _kept_offsets(
+    layers: List[LayerWeights], heads: List[HeadWeights], rows: Int
+) raises -> List[Int]:
+    """Return the offset of every head's query, key and value in Engine.kept_qkv, with
+    -1 outside layer 0 and for every head when `rows` is 0."""
+    var offsets = List[Int](length=3 * len(heads), fill=-1)
+    if rows == 0:
+        return offsets^
+    if len(layers) == 0:
+        raise Error("packed model has a first-layer qkv matrix but no layers")
+    var offset = 0
+    for h in range(layers[0].first_head, layers[0].first_head + layers[0].head_count):
+        offsets[3 * h] = offset
+        offset += heads[h].wq.rows
+        offsets[3 * h + 1] = offset
+        offset += heads[h].wk.rows
+        offsets[3 * h + 2] = offset
+        offset += heads[h].wv.rows
+    if offset != rows:
+        raise Error(
+            String(
+                "packed model: the first-layer qkv matrix has ",
+                rows,
+                " rows but layer 0's heads have ",
+                offset,
+            )
+        )
+    return offsets^

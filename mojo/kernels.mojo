@@ -255,6 +255,21 @@ def add_column[
 
 
 @always_inline
+def add_scaled_column[
+    dtype: DType
+](matrix: Matrix, column: Int, arrays: Arrays[dtype], output: FloatPtr, scale: Float64):
+    """Add scale times stored column `column` to output, for a matrix that stores all of
+    its columns."""
+    var pointers = arrays.pointers.unsafe_offset(matrix.entry_pointers)
+    var row_ids = arrays.indices.unsafe_offset(matrix.row_ids)
+    var values = arrays.values.unsafe_offset(matrix.entries)
+    for entry in range(pointers[unsafe_offset=column], pointers[unsafe_offset=column + 1]):
+        var row = Int(row_ids[unsafe_offset=entry])
+        var weight = values[unsafe_offset=entry].cast[DType.float64]()
+        output[unsafe_offset=row] += weight * scale
+
+
+@always_inline
 def nonzero_mask(values: FloatPtr, length: Int, mask: MaskPtr):
     """Set `mask` to the nonzero components of values[0 : length], eight at a time."""
     comptime LANES = 8

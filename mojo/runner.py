@@ -276,16 +276,71 @@ def pack_model(weights: ModelWeights) -> PackedModel:
             raise WeightFileError(f"unembed.{f}.bias has length "
                                   f"{len(weights.unembed_bias[f])}, expected {entry.vocab}")
     total_vocab = sum(entry.vocab for entry in fields)
-    packer.header.append(1 if _integer_valued(weights.embed) else 0)
+    incremental = _integer_valued(weights.embed)
+    packer.header.append(1 if incremental else 0)
     packer.matrix(_stack_rows(weights.embed).transpose(), width, total_vocab, "embed",
                   every_column=True)  # fmt: skip
     packer.matrix(_stack_rows(weights.unembed), total_vocab, width, "unembed")
     packer.vector(np.concatenate([np.zeros(0), *weights.unembed_bias]), total_vocab,
                   "unembed bias")  # fmt: skip
+    first_qkv = first_layer_qkv(weights) if incremental else None
+    if first_qkv is None:
+        packer.header.append(0)
+    else:
+        matrix, bias = first_qkv
+        rows = matrix.shape[0]
+        packer.header.append(rows)
+        packer.matrix(matrix, rows, total_vocab, "layers.0 qkv of the embedding",
+                      every_column=True)  # fmt: skip
+        packer.vector(bias, rows, "layers.0 qkv bias")
     dependencies = head_dependencies(weights)
     for index, layer in enumerate(weights.layers):
         _pack_layer(packer, layer, width, f"layers.{index}", dependencies[index])
     return packer.finish()
+
+
+def first_layer_qkv(weights: ModelWeights) -> tuple[SparseMatrix, np.ndarray] | None:
+    """Return Wqkv E^T, the query, key and value maps of the first layer's heads applied
+    to the embedding, and their biases, or None when the engine must compute them from x.
+
+    The matrix has a row per component, by head and then q, k, v, and a column per token
+    value, as the stacked embedding has.
+
+    The first layer reads x before any layer writes it, so a head's q, k and v are the
+    bias plus one column of this matrix per field, and the engine updates them by the
+    changed fields only, like the embedding. That gives exactly the plain product when
+    every weight, bias and embedding value is an integer and |bias| plus the row sums of
+    |Wqkv| |E^T| stay below 2^53, which bounds every partial sum of both (checked here).
+    """
+    if not weights.layers or not weights.layers[0].heads:
+        return None
+    width = weights.width
+    parts, biases = [], []
+    for head in weights.layers[0].heads:
+        for matrix, bias in ((head.wq, head.bq), (head.wk, head.bk), (head.wv, head.bv)):
+            if matrix.shape != (len(bias), width):
+                return None  # _pack_layer reports the wrong shape
+            parts.append(matrix)
+            biases.append(np.asarray(bias, dtype=np.float64))
+    projection = _stack_rows(parts)
+    bias = np.concatenate(biases)
+    if not (_integer_vector(projection.values) and _integer_vector(bias)):
+        return None
+    # E^T by rows: the token values (stacked columns) and entries of each dimension.
+    pointers, token_values, embedding_values = _stack_rows(weights.embed).transpose().csr()
+    counts = pointers[projection.cols + 1] - pointers[projection.cols]
+    starts = np.repeat(pointers[projection.cols], counts)
+    within = np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
+    entries = starts + within
+    rows = np.repeat(projection.rows, counts)
+    products = np.repeat(projection.values, counts) * embedding_values[entries]
+    bound = np.abs(bias)
+    np.add.at(bound, rows, np.abs(products))
+    if len(bound) and bound.max() >= 2.0**53:
+        return None
+    total_vocab = sum(entry.vocab for entry in weights.fields)
+    matrix = SparseMatrix((len(bias), total_vocab), rows, token_values[entries], products)
+    return matrix, bias
 
 
 TokenFields = list[int] | None
