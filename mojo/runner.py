@@ -324,6 +324,8 @@ def first_layer_qkv(weights: ModelWeights) -> tuple[SparseMatrix, np.ndarray] | 
             biases.append(np.asarray(bias, dtype=np.float64))
     projection = _stack_rows(parts)
     bias = np.concatenate(biases)
+    if len(bias) == 0:
+        return None  # the engine reads no matrix when it has no rows
     if not (_integer_vector(projection.values) and _integer_vector(bias)):
         return None
     # E^T by rows: the token values (stacked columns) and entries of each dimension.
