@@ -19,6 +19,8 @@
 #   per layer: head_count, per head (exact, wq, bq, wk, bk, wv, bv, wo, then the token
 #              fields of the key, the value and the query: a count and that many
 #              fields, or -1 when the projection reads a dimension a layer writes),
+#              when head_count > 0 the heads' wo side by side (D x the sum of their
+#              value widths),
 #              has_shared, [shared block], expert_count, [router, router bias,
 #              expert blocks]
 #   END_MARK
@@ -89,6 +91,9 @@ struct BlockWeights(ImplicitlyCopyable, Movable):
 struct LayerWeights(ImplicitlyCopyable, Movable):
     var first_head: Int
     var head_count: Int
+    # The output projections of all heads side by side, applied to their winning
+    # values laid end to end in Engine.head_values.
+    var wo: Matrix
     var shared: Int  # index into the block list, or -1
     var router: Matrix
     var router_bias: Int
@@ -248,7 +253,8 @@ struct Engine(Movable):
     var query: List[Float64]
     var key: List[Float64]
     var value: List[Float64]
-    var value_mask: List[UInt64]  # nonzero components of a winning value
+    var head_values: List[Float64]  # the winning values of one layer's heads, in order
+    var value_mask: List[UInt64]  # nonzero components of head_values
     var shared_hidden: List[Float64]
     var expert_hidden: List[Float64]
     var shared_mask: List[UInt64]  # positive units of shared_hidden after the ReLU
@@ -353,8 +359,20 @@ struct Engine(Movable):
         self.query = List[Float64](length=_max_rows(self.heads, 0) + 1, fill=0.0)
         self.key = List[Float64](length=_max_rows(self.heads, 1) + 1, fill=0.0)
         self.value = List[Float64](length=_max_rows(self.heads, 2) + 1, fill=0.0)
-        var value_mask_words = _max_rows(self.heads, 2) // MASK_BITS + 1
-        self.value_mask = List[UInt64](length=value_mask_words, fill=0)
+        var value_widths = 0
+        for layer in self.layers:
+            var width = 0
+            for h in range(layer.first_head, layer.first_head + layer.head_count):
+                width += self.heads[h].wv.rows
+            var value_words = width // MASK_BITS + 1
+            if layer.head_count > 0 and (
+                layer.wo.rows != self.width
+                or layer.wo.first_word + layer.wo.mask_words > value_words
+            ):
+                raise Error("packed model: a layer's stacked output projection has the wrong shape")
+            value_widths = max(value_widths, width)
+        self.head_values = List[Float64](length=value_widths + 1, fill=0.0)
+        self.value_mask = List[UInt64](length=value_widths // MASK_BITS + 1, fill=0)
         var hidden = _max_hidden(self.blocks) + 1
         self.shared_hidden = List[Float64](length=hidden, fill=0.0)
         self.expert_hidden = List[Float64](length=hidden, fill=0.0)
@@ -738,15 +756,21 @@ struct Engine(Movable):
             self.winner_counts.unsafe_get(h) = count
         if not need_output:
             return
+        # One product of the stacked output projections adds every head's output, in the
+        # same order of additions as one product per head.
+        var head_values = float_ptr(self.head_values)
         var value_mask = MaskPtr(unsafe_from_address=Int(self.value_mask.unsafe_ptr()))
+        var offset = 0
         for h in range(layer.first_head, layer.first_head + layer.head_count):
-            ref head = self.heads.unsafe_get(h)
+            var width = self.heads.unsafe_get(h).wv.rows
             var values = self.value_leaders.unsafe_get(h)
             var winner = caches[unsafe_offset=values].value_ptr(self.winners.unsafe_get(h))
-            nonzero_mask(winner, head.wv.rows, value_mask)
-            accumulate_masked[mark_output=True](
-                head.wo, arrays, winner, value_mask, x, x_mask, written
-            )
+            unsafe_memcpy(dest=head_values.unsafe_offset(offset), src=winner, count=width)
+            offset += width
+        nonzero_mask(head_values, offset, value_mask)
+        accumulate_masked[mark_output=True](
+            layer.wo, arrays, head_values, value_mask, x, x_mask, written
+        )
 
     def _feed_forward[dtype: DType](mut self, layer: LayerWeights):
         """Add the shared block and the routed expert, both computed from the same y."""
@@ -1054,6 +1078,9 @@ def _read_layer(
                 exact, wq, bq, wk, bk, wv, bv, wo, key_fields, value_fields, query_fields
             )
         )
+    var wo = Matrix(0, 0, 0, 0, 0, 0, 0, 0, 0, 0)
+    if head_count > 0:
+        wo = reader.matrix()
     var shared = -1
     if reader.next() != 0:
         shared = len(blocks)
@@ -1068,7 +1095,7 @@ def _read_layer(
         for _ in range(expert_count):
             blocks.append(reader.block())
     return LayerWeights(
-        first_head, head_count, shared, router, router_bias, first_expert, expert_count, 0, -1
+        first_head, head_count, wo, shared, router, router_bias, first_expert, expert_count, 0, -1
     )
 
 

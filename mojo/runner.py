@@ -307,7 +307,7 @@ def first_layer_qkv(weights: ModelWeights) -> tuple[SparseMatrix, np.ndarray] | 
     value, as the stacked embedding has.
 
     The first layer reads x before any layer writes it, so a head's q, k and v are the
-    bias plus one column of this matrix per field, and the engine updates them by the
+    bias plus one column of this matrix per field. The engine updates them by the
     changed fields only, like the embedding. That gives exactly the plain product when
     every weight, bias and embedding value is an integer and |bias| plus the row sums of
     |Wqkv| |E^T| stay below 2^53, which bounds every partial sum of both (checked here).
@@ -400,6 +400,10 @@ def _pack_layer(packer: _Packer, layer, width: int, name: str,
         packer.matrix(head.wo, width, value_width, f"{prefix}.wo")
         for fields in dependencies[h]:
             packer.header += [-1] if fields is None else [len(fields), *fields]
+    if layer.heads:
+        # The engine adds every head's output with one product of the wo side by side.
+        outputs = _stack_rows([head.wo.transpose() for head in layer.heads]).transpose()
+        packer.matrix(outputs, width, outputs.shape[1], f"{name}.heads wo")
     shared = layer.shared
     experts = layer.experts
     if shared is not None and experts:
