@@ -185,6 +185,11 @@ struct Engine(Movable):
     var first_qkv_bias: Int
     var kept_qkv: List[Float64]
     var kept_offsets: List[Int]
+    # The differences of first_qkv's two columns of each field of two values, laid out
+    # as delta_pointers, delta_rows and delta_values are for the embedding.
+    var qkv_delta_pointers: List[Int]
+    var qkv_delta_rows: List[Int32]
+    var qkv_delta_values: List[Float64]
     # The embedding of `embedded_token`, kept so that the next token's embedding only
     # changes the fields that differ. Exact because every embedding value is an integer.
     var incremental: Bool
@@ -399,6 +404,9 @@ struct Engine(Movable):
         self.delta_pointers = List[Int](length=self.field_count + 1, fill=0)
         self.delta_rows = List[Int32]()
         self.delta_values = List[Float64]()
+        self.qkv_delta_pointers = List[Int](length=self.field_count + 1, fill=0)
+        self.qkv_delta_rows = List[Int32]()
+        self.qkv_delta_values = List[Float64]()
         self.gather_columns = List[Int]()
         self.gather_weights = List[Float64]()
         var projections = 3 * len(self.heads) + len(self.layers)
@@ -503,32 +511,29 @@ struct Engine(Movable):
         return offset
 
     def _index_embedding_deltas[dtype: DType](mut self):
-        """Fill `delta_pointers`, `delta_rows` and `delta_values`."""
+        """Fill the deltas of the embedding and of the first layer's kept q, k and v."""
         var arrays = self._arrays[dtype]()
-        var pointers = arrays.pointers.unsafe_offset(self.embed.entry_pointers)
-        var row_ids = arrays.indices.unsafe_offset(self.embed.row_ids)
-        var values = arrays.values.unsafe_offset(self.embed.entries)
-        var difference = List[Float64](length=self.width, fill=0.0)
-        var touched = List[Int]()
-        for f in range(self.field_count):
-            self.delta_pointers[f] = len(self.delta_rows)
-            if self.vocab[f] != 2:
-                continue
-            touched.clear()
-            for value in range(2):
-                var column = self.field_offsets[f] + value
-                var sign = Float64(2 * value - 1)
-                var end = pointers[unsafe_offset=column + 1]
-                for entry in range(pointers[unsafe_offset=column], end):
-                    var row = Int(row_ids[unsafe_offset=entry])
-                    difference[row] += sign * values[unsafe_offset=entry].cast[DType.float64]()
-                    touched.append(row)
-            for row in touched:
-                if difference[row] != 0.0:
-                    self.delta_rows.append(Int32(row))
-                    self.delta_values.append(difference[row])
-                difference[row] = 0.0
-        self.delta_pointers[self.field_count] = len(self.delta_rows)
+        _binary_deltas(
+            self.embed,
+            self.width,
+            arrays,
+            self.vocab,
+            self.field_offsets,
+            self.delta_pointers,
+            self.delta_rows,
+            self.delta_values,
+        )
+        if self.first_qkv_rows > 0:
+            _binary_deltas(
+                self.first_qkv,
+                self.first_qkv_rows,
+                arrays,
+                self.vocab,
+                self.field_offsets,
+                self.qkv_delta_pointers,
+                self.qkv_delta_rows,
+                self.qkv_delta_values,
+            )
 
     # ---- one position ------------------------------------------------------------
 
@@ -603,14 +608,15 @@ struct Engine(Movable):
                     var old = embedded_token[unsafe_offset=g]
                     embedded_token[unsafe_offset=g] = value
                     var base = offsets[unsafe_offset=g]
-                    if self.first_qkv_rows > 0:
-                        # Exact, because the packer checked that every partial sum is an
-                        # integer below 2^53.
-                        var kept = float_ptr(self.kept_qkv)
-                        add_scaled_column(self.first_qkv, base + value, arrays, kept, 1.0)
-                        add_scaled_column(self.first_qkv, base + old, arrays, kept, -1.0)
+                    # The kept q, k and v stay exact, because the packer checked that
+                    # every partial sum is an integer below 2^53.
+                    var kept = float_ptr(self.kept_qkv)
                     if vocab[unsafe_offset=g] == 2:
                         var sign = Float64(value - old)
+                        var qkv_end = self.qkv_delta_pointers.unsafe_get(g + 1)
+                        for e in range(self.qkv_delta_pointers.unsafe_get(g), qkv_end):
+                            var row = Int(self.qkv_delta_rows.unsafe_get(e))
+                            kept[unsafe_offset=row] += sign * self.qkv_delta_values.unsafe_get(e)
                         var end = delta_pointers[unsafe_offset=g + 1]
                         for e in range(delta_pointers[unsafe_offset=g], end):
                             var row = Int(delta_rows[unsafe_offset=e])
@@ -626,6 +632,9 @@ struct Engine(Movable):
                         continue
                     add_column(self.embed, base + old, arrays, embedded, -1.0, embedded_mask, x)
                     add_column(self.embed, base + value, arrays, embedded, 1.0, embedded_mask, x)
+                    if self.first_qkv_rows > 0:
+                        add_scaled_column(self.first_qkv, base + value, arrays, kept, 1.0)
+                        add_scaled_column(self.first_qkv, base + old, arrays, kept, -1.0)
             # x equals the embedding except where the layers wrote at the last position.
             for w in range(len(self.written_mask)):
                 var bits = written[unsafe_offset=w]
@@ -1166,3 +1175,44 @@ def _kept_offsets(
             )
         )
     return offsets^
+
+
+def _binary_deltas[
+    dtype: DType
+](
+    matrix: Matrix,
+    rows: Int,
+    arrays: Arrays[dtype],
+    vocab: List[Int],
+    field_offsets: List[Int],
+    mut pointers: List[Int],
+    mut delta_rows: List[Int32],
+    mut delta_values: List[Float64],
+):
+    """Fill `pointers` (one per field, plus the end) and the nonzero entries of column
+    "value 1" minus column "value 0" of every field of two values, for a matrix that
+    stores one column per token value."""
+    var entry_pointers = arrays.pointers.unsafe_offset(matrix.entry_pointers)
+    var row_ids = arrays.indices.unsafe_offset(matrix.row_ids)
+    var values = arrays.values.unsafe_offset(matrix.entries)
+    var difference = List[Float64](length=rows, fill=0.0)
+    var touched = List[Int]()
+    for f in range(len(vocab)):
+        pointers[f] = len(delta_rows)
+        if vocab[f] != 2:
+            continue
+        touched.clear()
+        for value in range(2):
+            var column = field_offsets[f] + value
+            var sign = Float64(2 * value - 1)
+            var end = entry_pointers[unsafe_offset=column + 1]
+            for entry in range(entry_pointers[unsafe_offset=column], end):
+                var row = Int(row_ids[unsafe_offset=entry])
+                difference[row] += sign * values[unsafe_offset=entry].cast[DType.float64]()
+                touched.append(row)
+        for row in touched:
+            if difference[row] != 0.0:
+                delta_rows.append(Int32(row))
+                delta_values.append(difference[row])
+            difference[row] = 0.0
+    pointers[len(vocab)] = len(delta_rows)
