@@ -148,7 +148,9 @@ def format_table(rows: list[Measurement]) -> str:
         speed = row.steps_per_second
         versus_ref = ""
         if speed and reference_speed.get(row.program):
-            versus_ref = f"{speed / reference_speed[row.program]:.2f}x"
+            ratio = speed / reference_speed[row.program]
+            # Two significant digits below 0.1, so that slow backends do not show 0.00x.
+            versus_ref = f"{ratio:.2f}x" if ratio >= 0.1 else f"{ratio:.2g}x"
         versus_native = ""
         if row.backend != "gcc -O2" and native_seconds.get(row.program) and row.seconds > 0:
             versus_native = f"{row.seconds / native_seconds[row.program]:.0f}x slower"

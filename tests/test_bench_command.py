@@ -77,3 +77,12 @@ def test_bench_shows_compile_error_line(tmp_path):
     row = next(line for line in completed.stdout.splitlines() if "| ref |" in line)
     assert "'x' undeclared" in row
     assert "CompileError" not in row
+
+
+def test_format_table_small_ratio():
+    rows = [
+        Measurement("p.tl", "ref", 1_000_000, 0.5, 10.0, "halted"),
+        Measurement("p.tl", "torch", 1_000_000, 500.0, 20.0, "halted"),
+    ]
+    torch_row = format_table(rows).splitlines()[3]
+    assert "| 0.001x |" in torch_row

@@ -180,3 +180,30 @@ def test_fractional_embedding_summed_in_full(tmp_path):
     expected_tokens, expected_output = reference.run_tokens(weights, weights.prompt, 200)
     assert np.array_equal(tokens, expected_tokens)
     assert output == expected_output
+
+
+def test_fractional_weights_use_plain_products(tmp_path):
+    # A half in the first layer's q, k, v weights and in a b2 vector turns off the
+    # incremental first-layer projections and the fusion of the shared block with the
+    # experts; the engine must still match the oracle token for token.
+    from tlc.model.weights import write_weight_file
+
+    spec = SyntheticSpec(run_bias=30, layers=2, shared_hidden=4, experts=2)
+    tensors, metadata = synthetic.build_model(spec, 7, 8)
+    name = next(key for key in sorted(tensors)
+                if key.startswith("layers.0.heads.") and key.endswith(".wk.values")
+                and len(tensors[key]))  # fmt: skip
+    tensors[name] = tensors[name].copy()
+    tensors[name][0] += 0.5
+    tensors["layers.0.shared.b2"] = tensors["layers.0.shared.b2"].copy()
+    tensors["layers.0.shared.b2"][0] += 0.5
+    path = tmp_path / "fractional.safetensors"
+    write_weight_file(path, tensors, metadata)
+    weights = load_weights(path)
+    assert runner.first_layer_qkv(weights) is None
+    expected = reference.run_reference(weights, weights.prompt, MAX_TOKENS)
+    with runner.MojoEngine(weights) as engine:
+        engine.feed(weights.prompt)
+        decoded = runner.decode(engine, MAX_TOKENS)
+    assert np.array_equal(decoded.tokens, expected.tokens)
+    assert decoded.output == expected.output
