@@ -51,15 +51,7 @@ def measure(model, program, stdin: bytes, expected, size: int) -> dict:
     prompt_seconds = time.perf_counter() - started
 
     wall, cpu = time.perf_counter(), time.process_time()
-    active = list(range(size))
-    while True:
-        keep = [r for r, i in enumerate(active) if decoders[i].feed(tokens[r])]
-        if not keep:
-            break
-        if len(keep) < len(active):
-            active = [active[r] for r in keep]
-            tokens = tokens[keep]
-        tokens = model.step_many(batch, active, tokens)
+    torch_runner.decode_lockstep(model, batch, decoders, tokens)
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
 
     for decoder in decoders:

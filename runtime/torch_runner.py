@@ -1024,14 +1024,21 @@ def run_batch(
                 for p, t in zip(programs, traces)]  # fmt: skip
     batch = Batch(model.layers, len(programs))
     with _OneThread():
-        tokens = model.prefill_many(batch, prompts)
-        active = list(range(len(programs)))
-        while True:
-            keep = [r for r, i in enumerate(active) if decoders[i].feed(tokens[r])]
-            if not keep:
-                break
-            if len(keep) < len(active):
-                active = [active[r] for r in keep]
-                tokens = tokens[keep]
-            tokens = model.step_many(batch, active, tokens)
+        decode_lockstep(model, batch, decoders, model.prefill_many(batch, prompts))
     return [decoder.result for decoder in decoders]
+
+
+def decode_lockstep(model: TorchModel, batch: Batch, decoders: Sequence[tk.TokenDecoder],
+                    tokens: np.ndarray) -> None:  # fmt: skip
+    """Feed program i's tokens to decoders[i], starting from tokens[i] (the token after
+    its prompt), and step every program still running in one forward pass until the
+    last decoder ends its run."""
+    active = list(range(len(decoders)))
+    while True:
+        keep = [r for r, i in enumerate(active) if decoders[i].feed(tokens[r])]
+        if not keep:
+            return
+        if len(keep) < len(active):
+            active = [active[r] for r in keep]
+            tokens = tokens[keep]
+        tokens = model.step_many(batch, active, tokens)
