@@ -152,12 +152,14 @@ class Schema:
             token[index] = KEY_ONE if (value >> i) & 1 else KEY_ZERO
 
     def bits(self, token: np.ndarray, group: str) -> int:
-        total = 0
-        for i, index in enumerate(self.indices(group)):
-            total |= int(token[index] & 1) << i
-        return total
+        """Return the integer whose bit i is bit 0 of field i of `group` in `token`."""
+        start = self.start[group]
+        width = self.groups[group].width
+        fields = np.asarray(token[start : start + width], dtype=np.int64) & 1
+        return int(fields @ _POWERS_OF_TWO[:width])
 
 
+_POWERS_OF_TWO = np.left_shift(np.int64(1), np.arange(62, dtype=np.int64))
 SCHEMA = Schema()
 
 
@@ -276,6 +278,8 @@ class TokenDecoder:
         write_output: Callable[[bytes], None] | None = None,
     ):
         self.schema = _schema_of(metadata)
+        self.kind_index = self.schema.index("kind")
+        self.out_valid_index = self.schema.index("out_valid")
         self.kinds = list(metadata["kind"]["values"])
         self.opcodes = [Opcode[name.replace(".", "_")] for name in metadata["opcodes"]]
         self.program = program
@@ -292,7 +296,7 @@ class TokenDecoder:
         """Consume one generated token; return True while the run goes on."""
         schema = self.schema
         self.tokens += 1
-        kind = self.kinds[int(token[schema.index("kind")])]
+        kind = self.kinds[int(token[self.kind_index])]
         if kind not in ("RUN", "HALT"):
             self._finish_trap(kind)
             return False
@@ -313,7 +317,7 @@ class TokenDecoder:
 
     def _emit_output(self, token: np.ndarray) -> None:
         schema = self.schema
-        if token[schema.index("out_valid")] != 1:
+        if token[self.out_valid_index] != 1:
             return
         byte = bytes((schema.bits(token, "out_bit"),))
         self.output += byte
