@@ -27,14 +27,23 @@ def build_command(args) -> int:
         raise UsageError(f"{args.file}: {error}") from None
     model = universal_model()
     output = Path(args.output)
+    cannot = f"{args.output}: cannot write the weight file"
+    if str(args.output).endswith(("/", "\\")):
+        raise UsageError(f"{cannot}: the path ends with a folder separator")
     if not output.parent.is_dir():
-        raise UsageError(f"{output}: cannot write the weight file: the folder "
-                         f"{output.parent} does not exist")  # fmt: skip
+        raise UsageError(f"{cannot}: {output.parent} is not an existing folder")
+    try:
+        same_as_source = output.exists() and output.samefile(args.file)
+    except OSError as error:
+        raise UsageError(f"{cannot}: {error.strerror}") from None
+    if same_as_source:
+        raise UsageError(f"{cannot}: it is the program's source file; choose another "
+                         "output path")  # fmt: skip
     if output.exists() and not output.is_file():
         # safetensors 0.8 renames a new file onto the path, which would replace a
         # device.
-        raise UsageError(f"{output}: cannot write the weight file: it exists and is not "
-                         "a regular file; choose another output path")  # fmt: skip
+        raise UsageError(f"{cannot}: it exists and is not a regular file; choose another "
+                         "output path")  # fmt: skip
     try:
         save_weights(model, output, program)
         # safetensors 0.8 creates the file with mode 0600. Give it the usual mode for new
@@ -44,7 +53,7 @@ def build_command(args) -> int:
         os.chmod(output, 0o666 & ~umask)
     except (OSError, SafetensorError) as error:
         reason = getattr(error, "strerror", None) or str(error)
-        raise UsageError(f"{output}: cannot write the weight file: {reason}") from None
+        raise UsageError(f"{cannot}: {reason}") from None
     certificate = model.metadata["certificate"]
     print(f"wrote {args.output}: D={model.width}, {len(model.layers)} layers, "
           f"{len(program.instructions)} instructions, certificate "
@@ -80,7 +89,16 @@ def inspect_command(args) -> int:
     try:
         tensors, metadata = load_weights(args.weights)
     except (OSError, ValueError) as error:
-        raise UsageError(f"{args.weights}: cannot read the weight file: {error}") from None
+        raise UsageError(f"cannot read the weight file {error}") from None
+    try:
+        return _describe(args, tensors, metadata)
+    except (KeyError, IndexError, TypeError) as error:
+        raise UsageError(f"{args.weights}: the metadata or the tensors are incomplete "
+                         f"({type(error).__name__}: {error}); rebuild it with "
+                         "`tlc build`") from None  # fmt: skip
+
+
+def _describe(args, tensors: dict, metadata: dict) -> int:
     out = sys.stdout
     sizes = _matrix_sizes(tensors, metadata["shapes"])
     groups = _group_sizes(sizes)

@@ -53,6 +53,7 @@ __all__ = [
 logger = logging.getLogger("tlc.model")
 
 CHECKSUM_KEY = "checksum"  # metadata key of `weights_checksum`
+REBUILD = "rebuild it with `tlc build`"
 
 
 class WeightFileError(ValueError):
@@ -90,14 +91,18 @@ def universal_weights() -> tuple[dict[str, np.ndarray], dict]:
             logger.warning("rebuilding the cached universal weights: %s", error)
 
     model = universal_model()
+    temporary = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         handle, temporary = tempfile.mkstemp(dir=path.parent, suffix=".safetensors")
         os.close(handle)
         save_weights(model, temporary)
         os.replace(temporary, path)
+        temporary = None
         return load_weights(path)
     except OSError as error:
+        if temporary is not None:
+            Path(temporary).unlink(missing_ok=True)
         logger.info("cannot cache the universal weights in %s: %s", path.parent, error)
     tensors, shapes = model_tensors(model)
     return tensors, dict(model.metadata, shapes=shapes)
@@ -198,25 +203,27 @@ def load_weights(path: str | Path) -> tuple[dict[str, np.ndarray], dict]:
             raw = (handle.metadata() or {}).get(tk.METADATA_KEY)
             tensors = {name: handle.get_tensor(name) for name in handle.keys()}
     except (SafetensorError, OSError) as error:
-        raise WeightFileError(f"{path}: not a readable safetensors file ({error})") from None
+        raise WeightFileError(f"{path}: not a readable safetensors file ({error}); "
+                              f"{REBUILD}") from None  # fmt: skip
     if raw is None:
         raise WeightFileError(f"{path}: not a tlc weight file (metadata "
-                              f"{tk.METADATA_KEY!r} is missing)")  # fmt: skip
+                              f"{tk.METADATA_KEY!r} is missing); {REBUILD}")  # fmt: skip
     try:
         metadata = json.loads(raw)
     except json.JSONDecodeError as error:
-        raise WeightFileError(f"{path}: the metadata is not valid JSON ({error})") from None
+        raise WeightFileError(f"{path}: the metadata is not valid JSON ({error}); "
+                              f"{REBUILD}") from None  # fmt: skip
     if not isinstance(metadata, dict) or metadata.get("format") != tk.FORMAT_VERSION:
         found = metadata.get("format") if isinstance(metadata, dict) else None
         raise WeightFileError(f"{path}: weight format {found!r}, expected "
-                              f"{tk.FORMAT_VERSION!r}")  # fmt: skip
+                              f"{tk.FORMAT_VERSION!r}; {REBUILD}")  # fmt: skip
     check_weights(tensors, metadata, path)
     return tensors, metadata
 
 
 def check_weights(tensors: dict[str, np.ndarray], metadata: dict, path: str | Path) -> None:
     """Raise WeightFileError unless the file's checksum matches and every value is finite."""
-    rebuild = "rebuild it with `tlc build`"
+    rebuild = REBUILD
     stored = metadata.get(CHECKSUM_KEY)
     if stored is None:
         raise WeightFileError(f"{path}: the metadata has no checksum; {rebuild}")

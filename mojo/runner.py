@@ -587,13 +587,27 @@ def load_packed(path: str | Path) -> tuple[ModelWeights, PackedModel]:
     """Return the weights at `path` and their packed form, reusing the last load while
     the file's size and modification time are unchanged."""
     path = Path(path).resolve()
-    info = os.stat(path)
+    if path.is_dir():
+        raise WeightFileError(f"{path}: is a folder, not a weight file")
+    try:
+        info = os.stat(path)
+    except OSError as error:
+        raise WeightFileError(f"{path}: cannot read the weight file: "
+                              f"{error.strerror}") from None  # fmt: skip
     key = (str(path), info.st_size, info.st_mtime_ns)
     if key not in _loaded:
         weights = load_weights(path)
+        try:
+            packed = pack_model(weights)
+        except WeightFileError as error:
+            raise WeightFileError(f"{path}: {error}; rebuild it with `tlc build`") from None
+        except (KeyError, IndexError, TypeError, ValueError) as error:
+            raise WeightFileError(f"{path}: the tensors do not form a valid model "
+                                  f"({type(error).__name__}: {error}); rebuild it with "
+                                  "`tlc build`") from None  # fmt: skip
         for stale in [k for k in _loaded if k != _UNIVERSAL]:
             del _loaded[stale]
-        _loaded[key] = (weights, pack_model(weights))
+        _loaded[key] = (weights, packed)
     return _loaded[key]
 
 

@@ -164,7 +164,14 @@ def load_weights(path: str | Path) -> ModelWeights:
         check_weights(tensors, metadata, path)
     except ValueError as error:
         raise WeightFileError(str(error)) from None
-    return weights_from_tensors(tensors, metadata, str(path))
+    try:
+        return weights_from_tensors(tensors, metadata, str(path))
+    except WeightFileError:
+        raise
+    except (KeyError, IndexError, TypeError, ValueError) as error:
+        raise WeightFileError(f"{path}: the tensors do not form a valid model "
+                              f"({type(error).__name__}: {error}); rebuild it with "
+                              "`tlc build`") from None  # fmt: skip
 
 
 def weights_from_tensors(tensors: dict[str, np.ndarray], metadata: dict, source: str = "<model>"):

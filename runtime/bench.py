@@ -22,6 +22,9 @@ from pathlib import Path
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 DEFAULT_PROGRAMS = ("hungarian.tl", "sudoku.tl")
 BACKENDS = ("ref", "torch", "mojo")
+# The native run has no step limit, so a program that never halts is stopped by time.
+NATIVE_TIMEOUT_SECONDS = 60
+MAX_BATCH = 65536
 
 
 @dataclass
@@ -126,7 +129,12 @@ def _measure_native(program_path: Path) -> Measurement:
         if compiled.returncode != 0:
             return Measurement(program_path.name, "gcc -O2", None, 0.0, 0.0, "error: gcc failed")
         started = time.perf_counter()
-        subprocess.run([str(binary)], input=_input_of(program_path), capture_output=True)
+        try:
+            subprocess.run([str(binary)], input=_input_of(program_path), capture_output=True,
+                           timeout=NATIVE_TIMEOUT_SECONDS)  # fmt: skip
+        except subprocess.TimeoutExpired:
+            return Measurement(program_path.name, "gcc -O2", None, 0.0, 0.0,
+                               f"error: timed out after {NATIVE_TIMEOUT_SECONDS} s")  # fmt: skip
         seconds = time.perf_counter() - started
     return Measurement(program_path.name, "gcc -O2", None, seconds, 0.0, "native")
 
@@ -165,14 +173,21 @@ def format_table(rows: list[Measurement]) -> str:
 def bench_command(args: argparse.Namespace) -> int:
     """Run every benchmark program on every requested backend and print the table."""
     names = args.programs or [str(EXAMPLES / name) for name in DEFAULT_PROGRAMS]
-    backends = [b.strip() for b in args.backends.split(",")] if args.backends else list(BACKENDS)
+    backends = list(BACKENDS)
+    if args.backends is not None:
+        backends = [backend.strip() for backend in args.backends.split(",")]
+        if not all(backends):
+            print(f"error: --backends {args.backends!r} has an empty name; give a "
+                  f"comma-separated list of {', '.join(BACKENDS)}", file=sys.stderr)  # fmt: skip
+            return 2
     unknown = [backend for backend in backends if backend not in BACKENDS]
-    if unknown or not backends:
-        print(f"error: unknown backend {', '.join(unknown) or '(empty list)'}; choose from "
+    if unknown:
+        print(f"error: unknown backend {', '.join(unknown)}; choose from "
               f"{', '.join(BACKENDS)}", file=sys.stderr)  # fmt: skip
         return 2
-    if args.batch is not None and args.batch < 1:
-        print(f"error: --batch must be at least 1, got {args.batch}", file=sys.stderr)
+    if args.batch is not None and not 1 <= args.batch <= MAX_BATCH:
+        print(f"error: --batch must be between 1 and {MAX_BATCH}, got {args.batch}",
+              file=sys.stderr)  # fmt: skip
         return 2
     for name in names:
         path = Path(name)
@@ -192,7 +207,8 @@ def bench_command(args: argparse.Namespace) -> int:
         if program_path.suffix == ".tl":
             rows.append(_measure_native(program_path))
     print(format_table(rows))
-    return 0
+    failed = [row for row in rows if row.status.startswith("error")]
+    return 1 if failed else 0
 
 
 def _main() -> int:

@@ -220,7 +220,7 @@ class HeadCaches:
     """
 
     def __init__(self, layout: HeadLayout, programs: int):
-        # NOTE: one array holds every program's entries, so that a batch step indexes
+        # NOTE: one array contains every program's entries, so that a batch step indexes
         # them at once. Each program therefore takes as many slots as the program with
         # the most, and a batch beside one memory-heavy program costs its cache size
         # times the batch size.
@@ -918,7 +918,7 @@ def load_model(weights: str | Path | None = None) -> TorchModel:
         tensors, metadata = load_weights(path)
         try:
             model = TorchModel(tensors, metadata)
-        except (KeyError, IndexError, TypeError, ValueError) as error:
+        except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as error:
             raise WeightFileError(f"{weights}: the tensors do not form a valid model "
                                   f"({type(error).__name__}: {error}); rebuild the "
                                   "file with `tlc build`") from None  # fmt: skip
@@ -970,7 +970,9 @@ def run_program(
 ) -> RunResult:
     """Run `program` inside the model until HALT, a trap or `max_steps` instructions.
 
-    Raises ValueError when the model does not compute an opcode that the program uses.
+    Raises ValueError when the model does not compute an opcode that the program uses,
+    and WeightFileError (a ValueError) for an invalid weight file. While it runs, torch
+    uses one thread in the whole process (see `_OneThread`).
     """
     model = load_model(weights)
     metadata = model.metadata

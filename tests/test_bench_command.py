@@ -52,7 +52,7 @@ def _bench(*arguments: str) -> subprocess.CompletedProcess:
 def test_bench_rejects_zero_batch():
     completed = _bench("examples/countdown.tasm", "--batch", "0")
     assert completed.returncode == 2
-    assert "--batch must be at least 1" in completed.stderr
+    assert "--batch must be between 1 and" in completed.stderr
     assert completed.stdout == ""
 
 
@@ -73,7 +73,7 @@ def test_bench_shows_compile_error_line(tmp_path):
     source = tmp_path / "bad.tl"
     source.write_text("int main(void) { return x; }\n")
     completed = _bench(str(source), "--backends", "ref")
-    assert completed.returncode == 0
+    assert completed.returncode == 1
     row = next(line for line in completed.stdout.splitlines() if "| ref |" in line)
     assert "'x' undeclared" in row
     assert "CompileError" not in row
@@ -86,3 +86,19 @@ def test_format_table_small_ratio():
     ]
     torch_row = format_table(rows).splitlines()[3]
     assert "| 0.001x |" in torch_row
+
+
+def test_bench_stops_native_run_that_never_ends(tmp_path, monkeypatch):
+    from tlc.runtime import bench
+
+    source = tmp_path / "loop.tl"
+    source.write_text("int main(void) { while (1) {} return 0; }\n")
+    monkeypatch.setattr(bench, "NATIVE_TIMEOUT_SECONDS", 1)
+    row = bench._measure_native(source)
+    assert row.status == "error: timed out after 1 s"
+
+
+def test_bench_rejects_empty_backend_name():
+    completed = _bench("examples/countdown.tasm", "--backends", "ref,,ref")
+    assert completed.returncode == 2
+    assert "has an empty name" in completed.stderr

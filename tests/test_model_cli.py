@@ -82,7 +82,7 @@ def test_build_rejects_missing_folder(tmp_path):
     output = tmp_path / "missing" / "w.safetensors"
     built = _tlc("build", str(EXAMPLES / "factorial.tasm"), "-o", str(output))
     assert built.returncode == 2
-    assert "does not exist" in built.stderr
+    assert "is not an existing folder" in built.stderr
     assert not output.exists()
 
 
@@ -104,3 +104,20 @@ def _umask() -> int:
     current = os.umask(0)
     os.umask(current)
     return current
+
+
+def test_build_refuses_to_overwrite_source(tmp_path):
+    source = tmp_path / "factorial.tasm"
+    text = (EXAMPLES / "factorial.tasm").read_text()
+    source.write_text(text)
+    built = _tlc("build", str(source), "-o", str(source))
+    assert built.returncode == 2
+    assert "the program's source file" in built.stderr
+    assert source.read_text() == text
+
+
+def test_build_rejects_trailing_separator(tmp_path):
+    output = f"{tmp_path}/w.safetensors/"
+    built = _tlc("build", str(EXAMPLES / "factorial.tasm"), "-o", output)
+    assert built.returncode == 2
+    assert "ends with a folder separator" in built.stderr
