@@ -712,7 +712,14 @@ def run_program(
     if missing:
         raise ValueError(f"the model does not compute {', '.join(missing)} yet; "
                          "run this program with --backend ref")  # fmt: skip
-    prompt = tokens.encode_prompt(model.metadata, program, stdin)
+    try:
+        prompt = tokens.encode_prompt(model.metadata, program, stdin)
+        tokens.TokenDecoder(model.metadata, program)  # reads the metadata's token schema
+    except (KeyError, IndexError, TypeError) as error:
+        source = weights if weights is not None else "the universal weights"
+        raise WeightFileError(f"{source}: the metadata does not describe the tokens "
+                              f"({type(error).__name__}: {error}); rebuild it with "
+                              "`tlc build`") from None  # fmt: skip
     with MojoEngine(model, packed) as engine:
         engine.feed(prompt)
         if trace is not None:

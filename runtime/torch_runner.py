@@ -666,6 +666,7 @@ class TorchModel(torch.nn.Module):
             Layer(tensors, shapes, index, description)
             for index, description in enumerate(metadata["layers"])
         ]
+        self._check_widths()
         self.fused = FusedRouters(self.layers)
         self._embed_first_qkv(embedding_t)
         self.token_keys = self._keys_depend_on_token_only()
@@ -687,6 +688,22 @@ class TorchModel(torch.nn.Module):
         return groups
 
     # --- the forward pass over the columns of x ---
+
+    def _check_widths(self) -> None:
+        """Raise ValueError unless every matrix reads or writes residuals of width D."""
+        width = self.width
+        reads = [("embed", self.embedding_t.shape[0]), ("unembed", self.unembedding.shape[1])]
+        for l, layer in enumerate(self.layers):
+            if layer.attention is not None:
+                reads.append((f"layers.{l} q, k, v", layer.attention.qkv.shape[1]))
+                reads.append((f"layers.{l} wo", layer.attention.wo.shape[0]))
+            blocks = ([layer.shared] if layer.shared is not None else []) + layer.experts
+            for block in blocks:
+                reads.append((f"layers.{l} w1", block.w1.shape[1]))
+                reads.append((f"layers.{l} w2", block.w2.shape[0]))
+        for name, size in reads:
+            if size != width:
+                raise ValueError(f"{name} has residual width {size}, but D is {width}")
 
     def _keys_depend_on_token_only(self) -> bool:
         """Return whether every head's keys and values read only residual components
@@ -979,9 +996,15 @@ def run_program(
     if max_steps is not None and max_steps <= 0:
         return RunResult(Status.STEP_LIMIT, 0, tokens=0)
     _check_coverage(metadata, program)
-    prompt = tk.encode_prompt(metadata, program, stdin)
-    decoder = tk.TokenDecoder(metadata, program, max_steps=max_steps, trace=trace,
-                              write_output=write_output)  # fmt: skip
+    try:
+        prompt = tk.encode_prompt(metadata, program, stdin)
+        decoder = tk.TokenDecoder(metadata, program, max_steps=max_steps, trace=trace,
+                                  write_output=write_output)  # fmt: skip
+    except (KeyError, IndexError, TypeError) as error:
+        source = weights if weights is not None else "the universal weights"
+        raise WeightFileError(f"{source}: the metadata does not describe the tokens "
+                              f"({type(error).__name__}: {error}); rebuild it with "
+                              "`tlc build`") from None  # fmt: skip
     # A Batch of its own, not model.state, so that runs in several threads stay apart.
     batch = Batch(model.layers, 1)
     with _OneThread():

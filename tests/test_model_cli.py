@@ -121,3 +121,28 @@ def test_build_rejects_trailing_separator(tmp_path):
     built = _tlc("build", str(EXAMPLES / "factorial.tasm"), "-o", output)
     assert built.returncode == 2
     assert "ends with a folder separator" in built.stderr
+
+
+@pytest.mark.parametrize("backend", ["torch", "mojo"])
+@pytest.mark.parametrize("edit", ["width", "kind"])
+def test_run_rejects_inconsistent_signed_weights(tmp_path, backend, edit):
+    # Files with a valid checksum whose metadata does not match the tensors.
+    from tlc.model.weights import load_weights, write_weight_file
+
+    if backend == "mojo":
+        from tlc.mojo import runner
+
+        if not runner.is_available():
+            pytest.skip("the Mojo runtime is not available on this machine")
+    weights = _built(tmp_path)
+    tensors, metadata = load_weights(weights)
+    if edit == "width":
+        metadata["D"] = metadata["D"] + 7
+    else:
+        metadata["kind"] = "RUN"
+    write_weight_file(weights, tensors, metadata)
+    ran = _tlc("run", "--backend", backend, "--weights", str(weights),
+               str(EXAMPLES / "factorial.tasm"))  # fmt: skip
+    assert ran.returncode == 2, ran.stderr
+    assert str(weights) in ran.stderr
+    assert "internal error" not in ran.stderr
