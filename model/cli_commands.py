@@ -13,7 +13,7 @@ from pathlib import Path
 
 from safetensors import SafetensorError
 
-from tlc.model.weights import load_weights, save_weights, universal_model
+from tlc.model.weights import invalid_contents, load_weights, save_weights, universal_model
 
 
 def build_command(args) -> int:
@@ -93,9 +93,8 @@ def inspect_command(args) -> int:
     try:
         return _describe(args, tensors, metadata)
     except (KeyError, IndexError, TypeError) as error:
-        raise UsageError(f"{args.weights}: the metadata or the tensors are incomplete "
-                         f"({type(error).__name__}: {error}); rebuild it with "
-                         "`tlc build`") from None  # fmt: skip
+        problem = "the metadata or the tensors are incomplete"
+        raise UsageError(invalid_contents(args.weights, problem, error)) from None
 
 
 def _describe(args, tensors: dict, metadata: dict) -> int:

@@ -54,10 +54,18 @@ logger = logging.getLogger("tlc.model")
 
 CHECKSUM_KEY = "checksum"  # metadata key of `weights_checksum`
 REBUILD = "rebuild it with `tlc build`"
+TENSORS_INVALID = "the tensors do not form a valid model"
+TOKENS_INVALID = "the metadata does not describe the tokens"
 
 
 class WeightFileError(ValueError):
     """A file that is not a valid tlc weight file: unreadable, damaged or edited."""
+
+
+def invalid_contents(source, problem: str, error: Exception) -> str:
+    """Return the message for a weight file whose parts do not fit together, naming the
+    file, the problem and the exception that showed it."""
+    return f"{source}: {problem} ({type(error).__name__}: {error}); {REBUILD}"
 
 
 @functools.lru_cache(maxsize=4)

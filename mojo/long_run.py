@@ -148,9 +148,9 @@ def run_mojo(metadata_source, program: Program, stdin: bytes,
                 if not decoder.feed(token):
                     running = False
                     break
-            kept = chunk.tokens[: index + 1]
-            count += len(kept)
-            collected.append(fingerprints(kept, weights))
+            decoded = chunk.tokens[: index + 1]
+            count += len(decoded)
+            collected.append(fingerprints(decoded, weights))
             if chunk.stopped:
                 running = False
     return RuntimeRun(np.concatenate(collected), decoder.result, seconds)

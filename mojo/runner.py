@@ -596,15 +596,15 @@ def load_packed(path: str | Path) -> tuple[ModelWeights, PackedModel]:
                               f"{error.strerror}") from None  # fmt: skip
     key = (str(path), info.st_size, info.st_mtime_ns)
     if key not in _loaded:
+        from tlc.model.weights import TENSORS_INVALID, invalid_contents
+
         weights = load_weights(path)
         try:
             packed = pack_model(weights)
         except WeightFileError as error:
             raise WeightFileError(f"{path}: {error}; rebuild it with `tlc build`") from None
         except (KeyError, IndexError, TypeError, ValueError) as error:
-            raise WeightFileError(f"{path}: the tensors do not form a valid model "
-                                  f"({type(error).__name__}: {error}); rebuild it with "
-                                  "`tlc build`") from None  # fmt: skip
+            raise WeightFileError(invalid_contents(path, TENSORS_INVALID, error)) from None
         for stale in [k for k in _loaded if k != _UNIVERSAL]:
             del _loaded[stale]
         _loaded[key] = (weights, packed)
@@ -705,7 +705,7 @@ def run_program(
     as the program writes it and `progress` the token count between chunks.
     """
     tokens = _model_helpers()
-    from tlc.model.weights import uncovered_opcodes
+    from tlc.model.weights import TOKENS_INVALID, invalid_contents, uncovered_opcodes
 
     model, packed = load_universal() if weights is None else load_packed(weights)
     missing = uncovered_opcodes(model.metadata, program)
@@ -714,21 +714,21 @@ def run_program(
                          "run this program with --backend ref")  # fmt: skip
     try:
         prompt = tokens.encode_prompt(model.metadata, program, stdin)
-        tokens.TokenDecoder(model.metadata, program)  # reads the metadata's token schema
+        # A traced run decodes every token and writes the output bytes as they come; an
+        # untraced one decodes only the last tokens, and `decode` writes the output.
+        decoder = tokens.TokenDecoder(
+            model.metadata, program, max_steps=max_steps, trace=trace,
+            write_output=write_output if trace is not None else None,
+        )  # fmt: skip
     except (KeyError, IndexError, TypeError) as error:
         source = weights if weights is not None else "the universal weights"
-        raise WeightFileError(f"{source}: the metadata does not describe the tokens "
-                              f"({type(error).__name__}: {error}); rebuild it with "
-                              "`tlc build`") from None  # fmt: skip
+        raise WeightFileError(invalid_contents(source, TOKENS_INVALID, error)) from None
     with MojoEngine(model, packed) as engine:
         engine.feed(prompt)
         if trace is not None:
-            decoder = tokens.TokenDecoder(model.metadata, program, max_steps=max_steps,
-                                          trace=trace, write_output=write_output)  # fmt: skip
             return _run_traced(engine, decoder, max_steps, progress)
         decoded = decode(engine, max_steps, record=False, write_output=write_output,
                          progress=progress)  # fmt: skip
-    decoder = tokens.TokenDecoder(model.metadata, program, max_steps=max_steps)
     return _result_of(decoded, decoder, tokens.SCHEMA)
 
 

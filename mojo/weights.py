@@ -145,7 +145,7 @@ class ModelWeights:
 def load_weights(path: str | Path) -> ModelWeights:
     """Read the weight file at `path`, checking its checksum and values as
     `tlc.model.weights.load_weights` does; raise WeightFileError when it is malformed."""
-    from tlc.model.weights import check_weights
+    from tlc.model.weights import TENSORS_INVALID, check_weights, invalid_contents
 
     try:
         with safe_open(str(path), framework="numpy") as handle:
@@ -169,9 +169,7 @@ def load_weights(path: str | Path) -> ModelWeights:
     except WeightFileError:
         raise
     except (KeyError, IndexError, TypeError, ValueError) as error:
-        raise WeightFileError(f"{path}: the tensors do not form a valid model "
-                              f"({type(error).__name__}: {error}); rebuild it with "
-                              "`tlc build`") from None  # fmt: skip
+        raise WeightFileError(invalid_contents(path, TENSORS_INVALID, error)) from None
 
 
 def weights_from_tensors(tensors: dict[str, np.ndarray], metadata: dict, source: str = "<model>"):

@@ -37,7 +37,10 @@ import torch
 
 from tlc.model import tokens as tk
 from tlc.model.weights import (
+    TENSORS_INVALID,
+    TOKENS_INVALID,
     WeightFileError,
+    invalid_contents,
     load_weights,
     sparse_from,
     uncovered_opcodes,
@@ -936,9 +939,7 @@ def load_model(weights: str | Path | None = None) -> TorchModel:
         try:
             model = TorchModel(tensors, metadata)
         except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as error:
-            raise WeightFileError(f"{weights}: the tensors do not form a valid model "
-                                  f"({type(error).__name__}: {error}); rebuild the "
-                                  "file with `tlc build`") from None  # fmt: skip
+            raise WeightFileError(invalid_contents(weights, TENSORS_INVALID, error)) from None
         for stale in [k for k in _MODELS if k != "<universal>"]:
             del _MODELS[stale]
         _MODELS[key] = model
@@ -1002,9 +1003,7 @@ def run_program(
                                   write_output=write_output)  # fmt: skip
     except (KeyError, IndexError, TypeError) as error:
         source = weights if weights is not None else "the universal weights"
-        raise WeightFileError(f"{source}: the metadata does not describe the tokens "
-                              f"({type(error).__name__}: {error}); rebuild it with "
-                              "`tlc build`") from None  # fmt: skip
+        raise WeightFileError(invalid_contents(source, TOKENS_INVALID, error)) from None
     # A Batch of its own, not model.state, so that runs in several threads stay apart.
     batch = Batch(model.layers, 1)
     with _OneThread():

@@ -185,7 +185,7 @@ def test_fractional_embedding_summed_in_full(tmp_path):
 def test_fractional_weights_use_plain_products(tmp_path):
     # A half in the first layer's q, k, v weights and in a b2 vector turns off the
     # incremental first-layer projections and the fusion of the shared block with the
-    # experts; the engine must still match the oracle token for token.
+    # experts. The engine must still match the oracle token for token.
     from tlc.model.weights import write_weight_file
 
     spec = SyntheticSpec(run_bias=30, layers=2, shared_hidden=4, experts=2)
