@@ -714,8 +714,8 @@ def run_program(
                          "run this program with --backend ref")  # fmt: skip
     try:
         prompt = tokens.encode_prompt(model.metadata, program, stdin)
-        # A traced run decodes every token and writes the output bytes as they come; an
-        # untraced one decodes only the last tokens, and `decode` writes the output.
+        # A traced run decodes every token and writes the output bytes as they come. An
+        # untraced run decodes only the last tokens, and `decode` writes the output.
         decoder = tokens.TokenDecoder(
             model.metadata, program, max_steps=max_steps, trace=trace,
             write_output=write_output if trace is not None else None,
