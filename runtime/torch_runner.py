@@ -17,9 +17,11 @@ exact-match index answers the queries of exact heads without scoring (section 1 
 the proof); any other query is scored against every key.
 
 One program runs through torch.mv and torch.addmv on the sparse matrices, one vector
-per product; a batch or a prompt chunk runs through torch.sparse.mm. The routers of
-all layers are evaluated together (see `FusedRouters`), and for one program a layer's
-shared block and routed expert run as one block (see `FusedBlock`).
+per product; a batch or a prompt chunk runs through torch.sparse.mm. For one program, a
+layer's shared block and routed expert run as one block (see `FusedBlock`), and the
+products that write x also compute what later q, k, v projections, routers and the
+unembedding read of their output (see `Folding`). For a batch, the routers of all
+layers are evaluated together (see `FusedRouters`).
 """
 
 from __future__ import annotations
@@ -146,14 +148,12 @@ class FusedBlock:
         if self.empty or self.hidden == 0:
             self.empty = True
             return
-        self.w1 = _torch_csr(sp.vstack(w1s))
+        self.w1_scipy = sp.vstack(w1s).tocsr()
+        self.w2_scipy = sp.hstack(w2s).tocsr()
+        self.w1 = _torch_csr(self.w1_scipy)
         self.b1 = torch.from_numpy(np.concatenate(b1s))
-        self.w2 = _torch_csr(sp.hstack(w2s))
-
-    def add_one(self, x: torch.Tensor) -> None:
-        """Add W2 ReLU(W1 x + b1) to one residual vector x (D,) in place. The block must
-        not be empty."""
-        x.addmv_(self.w2, torch.addmv(self.b1, self.w1, x).relu_())
+        self.w2 = _torch_csr(self.w2_scipy)
+        self.extended = None  # W2 and what readers read of its output: see `Folding`
 
 
 class Router:
@@ -459,6 +459,7 @@ class Attention:
             sparse_from(tensors, shapes, f"{prefix}.heads.{h}.wo") for h in range(len(heads))
         ]).tocsr()  # fmt: skip
         self.writes = np.flatnonzero(np.diff(wo.indptr))
+        self.wo_scipy = wo
         self.wo = _torch_csr(wo)
         key_value_rows = np.concatenate([
             np.arange(head.key.start, head.value.stop) for head in self.heads
@@ -468,12 +469,11 @@ class Attention:
     def new_caches(self, programs: int) -> list[HeadCaches]:
         return [HeadCaches(head, programs) for head in self.heads]
 
-    def forward_one(self, x: torch.Tensor, caches: list[HeadCaches], program: int,
-                    position: int, qkv: np.ndarray | None = None) -> None:  # fmt: skip
-        """Add the heads' output for one residual vector x (D,) to x in place. A given
-        `qkv` contains the heads' q, k and v of x, which then need no product."""
-        if qkv is None:
-            qkv = torch.addmv(self.qkv_bias, self.qkv, x).numpy() + 0.0  # -0.0 becomes 0.0
+    def attend_one(self, qkv: np.ndarray, caches: list[HeadCaches], program: int,
+                   position: int) -> np.ndarray:  # fmt: skip
+        """Append one step's keys and values, given its heads' q, k and v `qkv` (with
+        -0.0 turned into 0.0), and return the winning values laid end to end, the input
+        of the output projection."""
         values = np.empty(self.value_width)
         raw = qkv.tobytes()
         for cache, head in zip(caches, self.heads):
@@ -483,7 +483,7 @@ class Attention:
                 value = cache.attend_one(program, qkv[head.key], qkv[head.value],
                                          qkv[head.query], position, step)  # fmt: skip
             values[head.output] = value
-        x.addmv_(self.wo, torch.from_numpy(values))
+        return values
 
     def append_many(self, x: torch.Tensor, caches: list[HeadCaches], program: int,
                     first_position: int) -> None:  # fmt: skip
@@ -628,6 +628,245 @@ class FusedRouters:
         return self.routers is not None and layer in self.row_of_layer
 
 
+# --- folding readers into writers (one program) --------------------------------------
+
+EXACT = 2.0**53  # float64 represents every integer of smaller magnitude
+
+
+@dataclass
+class _Reader:
+    """A group of rows of z that a later computation reads instead of a product of x."""
+
+    rows: slice  # in z
+    matrix: sp.csr_matrix  # (n, D): the product it replaces is matrix @ x + bias
+    bias: np.ndarray
+    time: float  # when the layer loop reads it; see `Folding`
+
+
+@dataclass
+class _Writer:
+    """A product that adds to x, extended to add to the readers that read x later."""
+
+    matrix: torch.Tensor  # the rows of [W; R W] from window's start to its stop
+    stales: list[int]  # readers it changes but does not update: read them from x after it
+    window: int  # index in Folding.windows of the rows of z it adds to
+
+
+class Folding:
+    """One program's step with the extended residual z = [x; qkv; router logits; logits].
+
+    Every query, key and value projection, router and the unembedding reads x linearly.
+    Where x gets a term W v from an earlier product (the embedding, an output projection
+    or the second layer of a block), the reader's share R W v can come out of the same
+    product: that product runs with the matrix [W; R W] into z, whose rows after x hold
+    the readers' values. A step then skips the products of layer 1's q, k and v, the
+    routers and the unembedding, four of about ten.
+
+    Exactness: every weight is an integer, so every product and partial sum is an
+    integer, and float64 computes it exactly while its magnitude stays below 2^53. An
+    interval pass over the stored matrices bounds every component of x, of the heads'
+    values and of the hidden units, per layer (from |E^T| 1 for the embedding, then
+    |W| times the bound of each input). A reader row folds into a writer only when the
+    bound of the row's sum so far plus |R W| times the writer's input bound stays below
+    2^53, and R W itself is computed exactly (|R| |W| below 2^53). The folded row then
+    contains the same integer as R x + b. Otherwise, or for matrices with other values, the
+    writer marks the reader stale, and the reader is computed from x with its own
+    product for the rest of the step, as it would be without folding.
+
+    Times order the reads and writes of one step. The embedding writes at -1. Layer l
+    reads its q, k and v at 3l, its attention writes at 3l + 1, its router reads at
+    3l + 1.5 and its block writes at 3l + 2. The unembedding reads at 3L. A writer folds
+    only into readers that read after it.
+    """
+
+    def __init__(self, model: TorchModel, embedding_t: sp.csr_matrix):
+        layers = model.layers
+        width = model.width
+        self.readers: list[_Reader] = []
+        self.qkv_reader: dict[int, int] = {}
+        start = width
+        for l, layer in enumerate(layers):
+            if layer.attention is not None:
+                attention = layer.attention
+                self.qkv_reader[l] = len(self.readers)
+                rows = attention.qkv_scipy.shape[0]
+                self.readers.append(_Reader(slice(start, start + rows), attention.qkv_scipy,
+                                            attention.qkv_bias.numpy(), 3 * l))  # fmt: skip
+                start += rows
+        # The routers sit side by side, `router_width` rows each (padding rows have bias
+        # -inf), so that one argmax over a (count, width) view chooses every expert.
+        routed = [l for l, layer in enumerate(layers) if layer.router is not None]
+        self.router_index = {l: r for r, l in enumerate(routed)}
+        self.router_width = max((layers[l].router_bias.size for l in routed), default=0)
+        self.router_readers = []
+        self.routers_start = start
+        for l in routed:
+            layer = layers[l]
+            padding = self.router_width - layer.router_bias.size
+            matrix = sp.vstack([layer.router_matrix,
+                                sp.csr_matrix((padding, width))]).tocsr()  # fmt: skip
+            bias = np.concatenate([layer.router_bias, np.full(padding, -np.inf)])
+            self.router_readers.append(len(self.readers))
+            self.readers.append(_Reader(slice(start, start + self.router_width), matrix,
+                                        bias, 3 * l + 1.5))  # fmt: skip
+            start += self.router_width
+        self.routers_stop = start
+        self.routers_matrix = _torch_csr(sp.vstack([self.readers[r].matrix
+                                                    for r in self.router_readers])
+                                         if routed else sp.csr_matrix((0, width)))  # fmt: skip
+        self.routers_bias = torch.from_numpy(np.concatenate(
+            [self.readers[r].bias for r in self.router_readers] or [np.zeros(0)]))  # fmt: skip
+        # The logits sit grouped by vocabulary size, each group a (fields, vocab) block,
+        # so that the argmax of each group runs on a view.
+        self.logits_reader = len(self.readers)
+        order = np.concatenate([rows.ravel() for _, rows in model.groups_np])
+        unembedding = model.unembedding_scipy[order]
+        self.readers.append(_Reader(slice(start, start + len(order)), unembedding,
+                                    model.unembedding_bias.numpy()[order],
+                                    3 * len(layers)))  # fmt: skip
+        self.unembedding = _torch_csr(unembedding)
+        self.unembedding_bias = torch.from_numpy(self.readers[-1].bias)
+        self.logit_groups = []
+        first = 0
+        for fields, rows in model.groups_np:
+            self.logit_groups.append((first, first + rows.size, rows.shape[1]))
+            first += rows.size
+        self.token_order = np.argsort(np.concatenate([f for f, _ in model.groups_np]))
+        start += len(order)
+        self.size = start
+        self.sums = [np.zeros(r.matrix.shape[0]) for r in self.readers]
+
+        # The embedding: x = E^T indicator, and each reader's R E^T indicator + b.
+        self.windows: list[slice] = []
+        self.start_stale = [False] * len(self.readers)
+        bias = np.zeros(self.size)
+        for r, reader in enumerate(self.readers):
+            finite = np.where(np.isfinite(reader.bias), reader.bias, 0.0)
+            self.sums[r] += np.abs(finite)
+            bias[reader.rows] = reader.bias
+            if np.abs(finite).max(initial=0.0) >= EXACT or not _integral(finite):
+                self.start_stale[r] = True
+        self.bias = torch.from_numpy(bias)
+        ones = np.ones(embedding_t.shape[1])
+        self.embed = _torch_csr(self._extend(embedding_t, ones, -1.0, self.start_stale))
+
+        # Bounds of x, layer by layer, and the writers of every layer.
+        bound = np.abs(embedding_t) @ ones
+        self.attention: dict[int, _Writer] = {}
+        self.blocks: list[dict[int | None, tuple[FusedBlock, list[int]]]] = []
+        for l, layer in enumerate(layers):
+            if layer.attention is not None:
+                attention = layer.attention
+                qkv = np.abs(attention.qkv_scipy) @ bound + np.abs(attention.qkv_bias.numpy())
+                values = np.concatenate([qkv[head.value] for head in attention.heads])
+                stales: list[int] = []
+                matrix = self._extend(attention.wo_scipy, values, 3 * l + 1, stales)
+                self.attention[l] = self._writer(matrix, stales)
+                bound = bound + np.abs(attention.wo_scipy) @ values
+            experts = list(range(len(layer.experts))) if layer.router is not None else [None]
+            blocks: dict[int | None, tuple[FusedBlock, list[int]]] = {}
+            growth = np.zeros(width)
+            before = self.sums
+            sums = [before]  # per expert, and the largest of them for the next layer
+            for expert in experts:
+                block = layer.fused_block(expert)
+                if block.empty:
+                    blocks[expert] = (block, [])
+                    continue
+                hidden = np.abs(block.w1_scipy) @ bound + np.abs(block.b1.numpy())
+                stales = []
+                self.sums = [s.copy() for s in before]
+                block.extended = self._writer(
+                    self._extend(block.w2_scipy, hidden, 3 * l + 2, stales), stales)
+                sums.append(self.sums)
+                blocks[expert] = (block, stales)
+                growth = np.maximum(growth, np.abs(block.w2_scipy) @ hidden)
+            self.sums = [np.max(np.stack(each), axis=0) for each in zip(*sums)]
+            self.blocks.append(blocks)
+            bound = bound + growth
+
+        # What `TorchModel._layers_one` needs per layer, looked up once. A layer's entry
+        # is its index, attention, q/k/v reader and rows, output writer, whether that
+        # writer changes a later router, and its router's index. The last item maps
+        # each expert to None (an empty block) or to (b1, W1, extended W2, stale
+        # readers, whether it changes a router, window).
+        fused = model.fused
+        self.plan = []
+        for l, layer in enumerate(layers):
+            reader = self.qkv_reader.get(l)
+            rows = self.readers[reader].rows if reader is not None else None
+            planned = {
+                expert: None if block.empty else
+                (block.b1, block.w1, block.extended.matrix, stales,
+                 fused.stale_after_block[l][expert], block.extended.window)
+                for expert, (block, stales) in self.blocks[l].items()
+            }  # fmt: skip
+            self.plan.append((l, layer.attention, reader, rows, self.attention.get(l),
+                              fused.stale_after_attention[l], self.router_index.get(l),
+                              planned))  # fmt: skip
+
+    def _writer(self, matrix: sp.csr_matrix, stales: list[int]) -> _Writer:
+        """Return the writer of an extended matrix, cut to the rows from its first entry
+        to its last: a CSR product costs time for every row, empty or not."""
+        used = np.flatnonzero(np.diff(matrix.indptr))
+        window = slice(int(used[0]), int(used[-1]) + 1) if used.size else slice(0, 0)
+        self.windows.append(window)
+        return _Writer(_torch_csr(matrix[window]), stales, len(self.windows) - 1)
+
+    def new_residual(self, width: int) -> tuple:
+        """Return a buffer z for one program's steps, its numpy view, its x part and its
+        views of every writer's window."""
+        z = torch.zeros(self.size, dtype=DTYPE)
+        return z, z.numpy(), z[:width], [z[window] for window in self.windows]
+
+    def choose(self, layer: int, stale: list[bool], zn: np.ndarray, x: torch.Tensor) -> list[int]:
+        """Return the expert of every routed layer from the router rows of z, or from
+        one product of x when a router of `layer` or later is stale. Only the choices of
+        `layer` and of later layers that nothing writes to before them are used."""
+        index = self.router_index[layer]
+        if any(stale[r] for r in self.router_readers[index:]):
+            logits = torch.addmv(self.routers_bias, self.routers_matrix, x).numpy()
+        else:
+            logits = zn[self.routers_start : self.routers_stop]
+        return logits.reshape(-1, self.router_width).argmax(axis=1).tolist()
+
+    def _extend(self, matrix: sp.csr_matrix, inputs: np.ndarray, time: float,
+                stales: list) -> sp.csr_matrix:  # fmt: skip
+        """Return [matrix; R matrix for each reader R that reads after `time`] with
+        zeros in the rows of readers that cannot fold. `inputs` bounds the magnitude of
+        each input component. Adds to `self.sums` the bound of each folded share.
+
+        Readers that read what the matrix writes but cannot fold become stale. For the
+        embedding (time -1), stales[r] is set to True for them. Any other writer appends
+        them to `stales`."""
+        columns = matrix.shape[1]
+        parts = [sp.csr_matrix(matrix)]
+        whole = _integral(matrix.data)
+        for r, reader in enumerate(self.readers):
+            later = reader.time > time and (time < 0 or not self.start_stale[r])
+            part = (reader.matrix @ matrix).tocsr() if later else None
+            folds = False
+            if part is not None and part.nnz:
+                folds = (whole and _integral(reader.matrix.data)
+                         and (np.abs(reader.matrix) @ np.abs(matrix)).max() < EXACT)  # fmt: skip
+                if folds:
+                    total = self.sums[r] + np.abs(part) @ inputs
+                    folds = total.max(initial=0.0) < EXACT
+                if folds:
+                    self.sums[r] = total
+                elif time < 0:
+                    stales[r] = True
+                else:
+                    stales.append(r)
+            parts.append(part if folds else sp.csr_matrix((reader.matrix.shape[0], columns)))
+        return sp.vstack(parts).tocsr()
+
+
+def _integral(values: np.ndarray) -> bool:
+    values = np.asarray(values)
+    return bool(np.all(np.isfinite(values)) and np.array_equal(values, np.round(values)))
+
+
 class Batch:
     """The KV caches and positions of a group of programs decoded together."""
 
@@ -637,6 +876,7 @@ class Batch:
             for layer in layers
         ]
         self.positions = [0] * programs
+        self.residual = None  # one program's z buffer, see `Folding.new_residual`
 
     def cache_sizes(self, program: int = 0) -> list[int]:
         """Return the entries each head holds for `program`, layer by layer."""
@@ -660,7 +900,8 @@ class TorchModel(torch.nn.Module):
         # x = E^T onehot(token): one sparse product in place of a gather of F rows.
         embedding_t = self._stack(tensors, shapes, "embed", vocabs).T.tocsr()
         self.embedding_t = _torch_csr(embedding_t)
-        self.unembedding = _torch_csr(self._stack(tensors, shapes, "unembed", vocabs))
+        self.unembedding_scipy = self._stack(tensors, shapes, "unembed", vocabs)
+        self.unembedding = _torch_csr(self.unembedding_scipy)
         bias = np.concatenate([tensors[f"unembed.{f}.bias"] for f in range(len(vocabs))])
         self.unembedding_bias = torch.from_numpy(bias.astype(np.float64))
         self.groups = self._vocab_groups(vocabs, offsets)
@@ -671,7 +912,7 @@ class TorchModel(torch.nn.Module):
         ]
         self._check_widths()
         self.fused = FusedRouters(self.layers)
-        self._embed_first_qkv(embedding_t)
+        self.folding = Folding(self, embedding_t)
         self.token_keys = self._keys_depend_on_token_only()
         self.state = Batch(self.layers, 1)
 
@@ -723,75 +964,61 @@ class TorchModel(torch.nn.Module):
             written += [block.writes for block in blocks]
         return not np.intersect1d(np.concatenate(written), np.concatenate(reads)).size
 
-    def _embed_first_qkv(self, embedding_t: sp.csr_matrix) -> None:
-        """Stack the first layer's q, k and v maps of the embedding under it, so that one
-        product of the one-hot indicator of a token gives x and that layer's q, k, v.
-
-        The stacked entries and every partial sum of their product with a 0/1 indicator
-        stay below the row sums of |Wqkv| |E^T|. When that is an integer-valued
-        matrix below 2^53, float64 computes both exactly (checked here), and the first
-        layer computes its q, k and v from x as before.
-        """
-        self.first_qkv = None
-        attention = self.layers[0].attention
-        if attention is None:
-            return
-        qkv = attention.qkv_scipy @ embedding_t
-        bound = float((abs(attention.qkv_scipy) @ abs(embedding_t)).sum(axis=1).max())
-        integral = np.array_equal(qkv.data, np.round(qkv.data))
-        if not integral or bound + np.abs(attention.qkv_bias.numpy()).max() >= 2.0**53:
-            return
-        self.first_qkv = _torch_csr(sp.vstack([embedding_t, qkv]))
-        self.first_qkv_bias = torch.cat([torch.zeros(self.width, dtype=DTYPE),
-                                         attention.qkv_bias])  # fmt: skip
-
-    def _embed_one(self, token: np.ndarray) -> tuple[torch.Tensor, np.ndarray | None]:
-        """Return x (D,) for one token (F,), and the first layer's q, k and v when
-        `first_qkv` computes them in the same product."""
+    def _embed_one(self, token: np.ndarray, z: torch.Tensor) -> None:
+        """Write z for one token (F,): x and every reader's share of the embedding."""
         indicator = np.zeros(self.total_vocab)
         indicator[self.offsets_np + token] = 1.0
-        indicator = torch.from_numpy(indicator)
-        if self.first_qkv is None:
-            return torch.mv(self.embedding_t, indicator), None
-        both = torch.addmv(self.first_qkv_bias, self.first_qkv, indicator)
-        return both[: self.width], both[self.width :].numpy() + 0.0  # -0.0 becomes 0.0
+        folding = self.folding
+        torch.addmv(folding.bias, folding.embed, torch.from_numpy(indicator), out=z)
 
-    def _layers_one(self, x: torch.Tensor, batch: Batch, program: int,
-                    first_qkv: np.ndarray | None) -> torch.Tensor:  # fmt: skip
-        """Run every layer on one residual vector x (D,) in place. `first_qkv` contains
-        the first layer's q, k and v of x, or is None."""
+    def _layers_one(self, batch: Batch, program: int, residual) -> list[bool]:
+        """Run every layer in place on the embedded token in z, and return which readers
+        are stale at the end (see `Folding`). `residual` is z, its numpy view, its x part
+        and its writers' windows."""
         position = batch.positions[program]
-        fused = self.fused
+        folding = self.folding
+        _, zn, x, windows = residual
+        stale = folding.start_stale.copy()
         choices = None
-        for l, layer in enumerate(self.layers):
-            if layer.attention is not None:
-                qkv = first_qkv if l == 0 else None
-                layer.attention.forward_one(x, batch.caches[l], program, position, qkv)
-                if fused.stale_after_attention[l]:
-                    choices = None
-            expert = None
-            if layer.router is not None:
-                if fused.covers(l):
-                    if choices is None:
-                        choices = fused.routers.choose_one(x)
-                    expert = choices[fused.row_of_layer[l]]
+        for l, attention, reader, rows, writer, resets, route, blocks in folding.plan:
+            if attention is not None:
+                if stale[reader]:
+                    qkv = torch.addmv(attention.qkv_bias, attention.qkv, x).numpy() + 0.0
                 else:
-                    expert = layer.router.choose_one(x)[0]
-            block = layer.fused_block(expert)
-            if not block.empty:
-                block.add_one(x)
-                if fused.stale_after_block[l][expert]:
+                    qkv = zn[rows] + 0.0  # -0.0 becomes 0.0
+                values = attention.attend_one(qkv, batch.caches[l], program, position)
+                windows[writer.window].addmv_(writer.matrix, torch.from_numpy(values))
+                for r in writer.stales:
+                    stale[r] = True
+                if resets:
                     choices = None
-        return x
+            if route is None:
+                planned = blocks[None]
+            else:
+                if choices is None:
+                    choices = folding.choose(l, stale, zn, x)
+                planned = blocks[choices[route]]
+            if planned is not None:
+                b1, w1, w2, stales, resets, window = planned
+                windows[window].addmv_(w2, torch.addmv(b1, w1, x).relu_())
+                for r in stales:
+                    stale[r] = True
+                if resets:
+                    choices = None
+        return stale
 
-    def _next_token_one(self, x: torch.Tensor) -> np.ndarray:
-        """Return the argmax token (F,) of one residual vector x (D,)."""
-        logits = torch.addmv(self.unembedding_bias, self.unembedding, x).numpy()
-        token = np.empty(self.field_count, dtype=np.int64)
-        for fields, rows in self.groups_np:
-            # numpy.argmax returns the first maximal index: ties go to the lowest value.
-            token[fields] = logits[rows].argmax(axis=1)
-        return token
+    def _next_token_one(self, stale: list[bool], residual) -> np.ndarray:
+        """Return the argmax token (F,) of the residual z."""
+        folding = self.folding
+        _, zn, x, _ = residual
+        if stale[folding.logits_reader]:
+            logits = torch.addmv(folding.unembedding_bias, folding.unembedding, x).numpy()
+        else:
+            logits = zn[folding.readers[folding.logits_reader].rows]
+        # numpy.argmax returns the first maximal index: ties go to the lowest value.
+        values = [logits[start:stop].reshape(-1, vocab).argmax(axis=1)
+                  for start, stop, vocab in folding.logit_groups]  # fmt: skip
+        return np.concatenate(values)[folding.token_order]
 
     def _embed_many(self, tokens: torch.Tensor) -> torch.Tensor:
         """Return x (D, n) for the tokens (F, n)."""
@@ -893,13 +1120,15 @@ class TorchModel(torch.nn.Module):
             batch.positions[p] += 1
         return self._next_tokens_many(x)
 
-    @torch.no_grad()
     def step_one(self, batch: Batch, program: int, token: np.ndarray) -> np.ndarray:
         """Run one token (F,) of one program and return the next token (F,)."""
-        x, first_qkv = self._embed_one(token)
-        x = self._layers_one(x, batch, program, first_qkv)
+        residual = batch.residual
+        if residual is None:
+            residual = batch.residual = self.folding.new_residual(self.width)
+        self._embed_one(token, residual[0])
+        stale = self._layers_one(batch, program, residual)
         batch.positions[program] += 1
-        return self._next_token_one(x)
+        return self._next_token_one(stale, residual)
 
     def reset(self) -> None:
         self.state = Batch(self.layers, 1)
@@ -1006,7 +1235,7 @@ def run_program(
         raise WeightFileError(invalid_contents(source, TOKENS_INVALID, error)) from None
     # A Batch of its own, not model.state, so that runs in several threads stay apart.
     batch = Batch(model.layers, 1)
-    with _OneThread():
+    with _OneThread(), torch.no_grad():
         token = model.prefill_many(batch, [prompt])[0]
         while decoder.feed(token):
             if progress is not None and decoder.steps % PROGRESS_EVERY == 0:
@@ -1057,6 +1286,12 @@ def decode_lockstep(model: TorchModel, batch: Batch, decoders: Sequence[tk.Token
     """Feed program i's tokens to decoders[i], starting from tokens[i] (the token after
     its prompt), and step every program still running in one forward pass until the
     last decoder ends its run."""
+    if len(decoders) == 1:
+        decoder, token = decoders[0], tokens[0]
+        with torch.no_grad():
+            while decoder.feed(token):
+                token = model.step_one(batch, 0, token)
+        return
     active = list(range(len(decoders)))
     while True:
         keep = [r for r, i in enumerate(active) if decoders[i].feed(tokens[r])]
