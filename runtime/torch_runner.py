@@ -306,7 +306,10 @@ class HeadCaches:
 
         `step`, when given, is the bytes of query, key and value, kept for `repeat_one`.
         """
-        slot = self._slot(program, key.tobytes(), key)
+        identity = key.tobytes()
+        slot = self.slot_of_key[program].get(identity)
+        if slot is None:
+            slot = self._slot(program, identity, key)
         self.values[program, slot] = value
         self.positions[program, slot] = position
         winner = None
@@ -452,6 +455,8 @@ class Attention:
             start += q + k + v
             output += v
         self.value_width = output
+        # Where each head's q, k and v lie in the bytes of the layer's q, k, v vector.
+        self.spans = [(8 * h.query.start, 8 * h.value.stop) for h in self.heads]
         self.qkv_scipy = sp.vstack(matrices).tocsr()
         self.qkv = _torch_csr(self.qkv_scipy)
         self.qkv_bias = torch.from_numpy(np.concatenate(biases).astype(np.float64))
@@ -474,16 +479,16 @@ class Attention:
         """Append one step's keys and values, given its heads' q, k and v `qkv` (with
         -0.0 turned into 0.0), and return the winning values laid end to end, the input
         of the output projection."""
-        values = np.empty(self.value_width)
         raw = qkv.tobytes()
-        for cache, head in zip(caches, self.heads):
-            step = raw[head.query.start * 8 : head.value.stop * 8]  # q, k, v are adjacent
+        winners = []
+        for cache, head, (start, stop) in zip(caches, self.heads, self.spans):
+            step = raw[start:stop]  # q, k and v are adjacent
             value = cache.repeat_one(program, step, position)
             if value is None:
                 value = cache.attend_one(program, qkv[head.key], qkv[head.value],
                                          qkv[head.query], position, step)  # fmt: skip
-            values[head.output] = value
-        return values
+            winners.append(value)
+        return np.concatenate(winners) if winners else np.zeros(0)
 
     def append_many(self, x: torch.Tensor, caches: list[HeadCaches], program: int,
                     first_position: int) -> None:  # fmt: skip
