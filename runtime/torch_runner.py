@@ -635,7 +635,9 @@ class FusedRouters:
 
 # --- folding readers into writers (one program) --------------------------------------
 
-EXACT = 2.0**53  # float64 represents every integer of smaller magnitude
+# float64 represents every integer below 2^53. Bounds must stay below 2^52, which leaves
+# room for the rounding of the bound arithmetic itself.
+LIMIT = 2.0**52
 
 
 @dataclass
@@ -667,16 +669,22 @@ class Folding:
     the readers' values. A step then skips the products of layer 1's q, k and v, the
     routers and the unembedding, four of about ten.
 
-    Exactness: every weight is an integer, so every product and partial sum is an
-    integer, and float64 computes it exactly while its magnitude stays below 2^53. An
-    interval pass over the stored matrices bounds every component of x, of the heads'
-    values and of the hidden units, per layer (from |E^T| 1 for the embedding, then
-    |W| times the bound of each input). A reader row folds into a writer only when the
-    bound of the row's sum so far plus |R W| times the writer's input bound stays below
-    2^53, and R W itself is computed exactly (|R| |W| below 2^53). The folded row then
-    contains the same integer as R x + b. Otherwise, or for matrices with other values, the
-    writer marks the reader stale, and the reader is computed from x with its own
-    product for the rest of the step, as it would be without folding.
+    A folded reader gives the same bits as its own product R x + b because both are the
+    exact integer. Folding requires every tensor of the file to be an integer, so every
+    product and partial sum of both computations is one. float64 computes them exactly
+    while they stay below 2^53, which an interval pass over the stored matrices proves.
+    It bounds x, the heads' values and each expert's hidden units, layer by layer: |E^T| 1
+    for the embedding, then |W| times the bound of each input. A writer folds into a
+    reader only if three bounds stay below 2^52:
+
+    * |R| |W|, which bounds the computation of the matrix R W;
+    * the reader's folded sum so far plus |R W| times the writer's input bound;
+    * at the read, |R| times the bound of x plus |b|, where x's bound adds only the
+      writers that did not make this reader stale. That makes R x + b exact too.
+
+    Otherwise the writer makes the reader stale, and for the rest of the step the reader
+    is its own product of x, as it would be without folding. A reader that fails the
+    third bound, or a file with any other value, never folds.
 
     Times order the reads and writes of one step. The embedding writes at -1. Layer l
     reads its q, k and v at 3l, its attention writes at 3l + 1, its router reads at
@@ -684,9 +692,30 @@ class Folding:
     only into readers that read after it.
     """
 
-    def __init__(self, model: TorchModel, embedding_t: sp.csr_matrix):
-        layers = model.layers
-        width = model.width
+    def __init__(self, model: TorchModel, embedding_t: sp.csr_matrix, whole: bool):
+        """Fold the readers of `model` into its writers. `whole` is True when every
+        tensor of the file is an integer."""
+        self._add_readers(model)
+        self.windows: list[slice] = []
+        self.start_stale = [not whole] * len(self.readers)
+        # Per reader: bounds of its folded sum, row by row, and of x, component by
+        # component, over the writers that kept it fresh.
+        self.sums = [np.zeros(r.matrix.shape[0]) for r in self.readers]
+        self.x_bounds = [np.zeros(model.width) for _ in self.readers]
+        bias = np.zeros(self.size)
+        for r, reader in enumerate(self.readers):
+            bias[reader.rows] = reader.bias
+            self.sums[r] += np.abs(np.where(np.isfinite(reader.bias), reader.bias, 0.0))
+        self.bias = torch.from_numpy(bias)
+        # The embedding writes x = E^T indicator, a 0/1 vector, and the readers' shares.
+        ones = np.ones(embedding_t.shape[1])
+        self.embed = _torch_csr(self._extend(embedding_t, ones, -1.0, self.start_stale))
+        self._fold_layers(model.layers, np.abs(embedding_t) @ ones)
+        self.plan = self._plan(model)
+
+    def _add_readers(self, model: TorchModel) -> None:
+        """Lay out z: x, then each layer's q, k and v, the routers and the logits."""
+        layers, width = model.layers, model.width
         self.readers: list[_Reader] = []
         self.qkv_reader: dict[int, int] = {}
         start = width
@@ -698,6 +727,7 @@ class Folding:
                 self.readers.append(_Reader(slice(start, start + rows), attention.qkv_scipy,
                                             attention.qkv_bias.numpy(), 3 * l))  # fmt: skip
                 start += rows
+
         # The routers sit side by side, `router_width` rows each (padding rows have bias
         # -inf), so that one argmax over a (count, width) view chooses every expert.
         routed = [l for l, layer in enumerate(layers) if layer.router is not None]
@@ -721,6 +751,7 @@ class Folding:
                                          if routed else sp.csr_matrix((0, width)))  # fmt: skip
         self.routers_bias = torch.from_numpy(np.concatenate(
             [self.readers[r].bias for r in self.router_readers] or [np.zeros(0)]))  # fmt: skip
+
         # The logits sit grouped by vocabulary size, each group a (fields, vocab) block,
         # so that the argmax of each group runs on a view.
         self.logits_reader = len(self.readers)
@@ -737,29 +768,14 @@ class Folding:
             self.logit_groups.append((first, first + rows.size, rows.shape[1]))
             first += rows.size
         self.token_order = np.argsort(np.concatenate([f for f, _ in model.groups_np]))
-        start += len(order)
-        self.size = start
-        self.sums = [np.zeros(r.matrix.shape[0]) for r in self.readers]
+        self.size = start + len(order)
 
-        # The embedding: x = E^T indicator, and each reader's R E^T indicator + b.
-        self.windows: list[slice] = []
-        self.start_stale = [False] * len(self.readers)
-        bias = np.zeros(self.size)
-        for r, reader in enumerate(self.readers):
-            finite = np.where(np.isfinite(reader.bias), reader.bias, 0.0)
-            self.sums[r] += np.abs(finite)
-            bias[reader.rows] = reader.bias
-            if np.abs(finite).max(initial=0.0) >= EXACT or not _integral(finite):
-                self.start_stale[r] = True
-        self.bias = torch.from_numpy(bias)
-        ones = np.ones(embedding_t.shape[1])
-        self.embed = _torch_csr(self._extend(embedding_t, ones, -1.0, self.start_stale))
-
-        # Bounds of x, layer by layer, and the writers of every layer.
-        bound = np.abs(embedding_t) @ ones
+    def _fold_layers(self, layers: list[Layer], bound: np.ndarray) -> None:
+        """Extend every layer's writers, given the bound of x after the embedding."""
         self.attention: dict[int, _Writer] = {}
         self.blocks: list[dict[int | None, tuple[FusedBlock, list[int]]]] = []
         for l, layer in enumerate(layers):
+            self._check_reads(3 * l)
             if layer.attention is not None:
                 attention = layer.attention
                 qkv = np.abs(attention.qkv_scipy) @ bound + np.abs(attention.qkv_bias.numpy())
@@ -768,11 +784,12 @@ class Folding:
                 matrix = self._extend(attention.wo_scipy, values, 3 * l + 1, stales)
                 self.attention[l] = self._writer(matrix, stales)
                 bound = bound + np.abs(attention.wo_scipy) @ values
+            self._check_reads(3 * l + 1.5)
             experts = list(range(len(layer.experts))) if layer.router is not None else [None]
             blocks: dict[int | None, tuple[FusedBlock, list[int]]] = {}
-            growth = np.zeros(width)
-            before = self.sums
-            sums = [before]  # per expert, and the largest of them for the next layer
+            growth = np.zeros_like(bound)
+            before = (self.sums, self.x_bounds)
+            after = [before]  # per expert; the next layer takes the largest
             for expert in experts:
                 block = layer.fused_block(expert)
                 if block.empty:
@@ -780,24 +797,40 @@ class Folding:
                     continue
                 hidden = np.abs(block.w1_scipy) @ bound + np.abs(block.b1.numpy())
                 stales = []
-                self.sums = [s.copy() for s in before]
+                self.sums = [s.copy() for s in before[0]]
+                self.x_bounds = [b.copy() for b in before[1]]
                 block.extended = self._writer(
                     self._extend(block.w2_scipy, hidden, 3 * l + 2, stales), stales)
-                sums.append(self.sums)
+                after.append((self.sums, self.x_bounds))
                 blocks[expert] = (block, stales)
                 growth = np.maximum(growth, np.abs(block.w2_scipy) @ hidden)
-            self.sums = [np.max(np.stack(each), axis=0) for each in zip(*sums)]
+            self.sums = [np.max(each, axis=0) for each in zip(*(a[0] for a in after))]
+            self.x_bounds = [np.max(each, axis=0) for each in zip(*(a[1] for a in after))]
             self.blocks.append(blocks)
             bound = bound + growth
+        self._check_reads(3 * len(layers))
 
-        # What `TorchModel._layers_one` needs per layer, looked up once. A layer's entry
-        # is its index, attention, q/k/v reader and rows, output writer, whether that
-        # writer changes a later router, and its router's index. The last item maps
-        # each expert to None (an empty block) or to (b1, W1, extended W2, stale
-        # readers, whether it changes a router, window).
+    def _check_reads(self, time: float) -> None:
+        """Never fold the readers that read at `time` if R x + b could reach 2^52."""
+        for r, reader in enumerate(self.readers):
+            if reader.time != time or self.start_stale[r]:
+                continue
+            bias = np.abs(np.where(np.isfinite(reader.bias), reader.bias, 0.0))
+            direct = np.abs(reader.matrix) @ self.x_bounds[r] + bias
+            if direct.max(initial=0.0) >= LIMIT:
+                self.start_stale[r] = True
+
+    def _plan(self, model: TorchModel) -> list[tuple]:
+        """Return what `TorchModel._layers_one` needs per layer, looked up once.
+
+        A layer's entry is its index, attention, q/k/v reader and rows, output writer,
+        whether that writer changes a later router, and its router's index. The last
+        item maps each expert to None (an empty block) or to (b1, W1, extended W2, stale
+        readers, whether it changes a router, window).
+        """
         fused = model.fused
-        self.plan = []
-        for l, layer in enumerate(layers):
+        plan = []
+        for l, layer in enumerate(model.layers):
             reader = self.qkv_reader.get(l)
             rows = self.readers[reader].rows if reader is not None else None
             planned = {
@@ -806,9 +839,10 @@ class Folding:
                  fused.stale_after_block[l][expert], block.extended.window)
                 for expert, (block, stales) in self.blocks[l].items()
             }  # fmt: skip
-            self.plan.append((l, layer.attention, reader, rows, self.attention.get(l),
-                              fused.stale_after_attention[l], self.router_index.get(l),
-                              planned))  # fmt: skip
+            plan.append((l, layer.attention, reader, rows, self.attention.get(l),
+                         fused.stale_after_attention[l], self.router_index.get(l),
+                         planned))  # fmt: skip
+        return plan
 
     def _writer(self, matrix: sp.csr_matrix, stales: list[int]) -> _Writer:
         """Return the writer of an extended matrix, cut to the rows from its first entry
@@ -839,35 +873,37 @@ class Folding:
                 stales: list) -> sp.csr_matrix:  # fmt: skip
         """Return [matrix; R matrix for each reader R that reads after `time`] with
         zeros in the rows of readers that cannot fold. `inputs` bounds the magnitude of
-        each input component. Adds to `self.sums` the bound of each folded share.
+        each input component. Adds each folded share to the bounds of its reader.
 
-        Readers that read what the matrix writes but cannot fold become stale. For the
-        embedding (time -1), stales[r] is set to True for them. Any other writer appends
-        them to `stales`."""
+        Readers that cannot fold become stale. For the embedding (time -1), stales[r]
+        is set to True for them. Any other writer appends them to `stales`."""
         columns = matrix.shape[1]
+        growth = np.abs(matrix) @ inputs
         parts = [sp.csr_matrix(matrix)]
-        whole = _integral(matrix.data)
         for r, reader in enumerate(self.readers):
-            later = reader.time > time and (time < 0 or not self.start_stale[r])
-            part = (reader.matrix @ matrix).tocsr() if later else None
-            folds = False
-            if part is not None and part.nnz:
-                folds = (whole and _integral(reader.matrix.data)
-                         and (np.abs(reader.matrix) @ np.abs(matrix)).max() < EXACT)  # fmt: skip
-                if folds:
+            part = None
+            if reader.time > time and not self.start_stale[r]:
+                part = (reader.matrix @ matrix).tocsr()
+                total = None
+                magnitudes = np.abs(reader.matrix) @ np.abs(matrix)
+                if magnitudes.nnz == 0 or magnitudes.max() < LIMIT:
                     total = self.sums[r] + np.abs(part) @ inputs
-                    folds = total.max(initial=0.0) < EXACT
-                if folds:
+                if total is not None and total.max(initial=0.0) < LIMIT:
                     self.sums[r] = total
-                elif time < 0:
-                    stales[r] = True
+                    self.x_bounds[r] = self.x_bounds[r] + growth
                 else:
-                    stales.append(r)
-            parts.append(part if folds else sp.csr_matrix((reader.matrix.shape[0], columns)))
+                    part = None
+                    if time < 0:
+                        stales[r] = True
+                    else:
+                        stales.append(r)
+            parts.append(part if part is not None else
+                         sp.csr_matrix((reader.matrix.shape[0], columns)))  # fmt: skip
         return sp.vstack(parts).tocsr()
 
 
-def _integral(values: np.ndarray) -> bool:
+def integral(values) -> bool:
+    """Return whether every value is a finite integer."""
     values = np.asarray(values)
     return bool(np.all(np.isfinite(values)) and np.array_equal(values, np.round(values)))
 
@@ -917,7 +953,8 @@ class TorchModel(torch.nn.Module):
         ]
         self._check_widths()
         self.fused = FusedRouters(self.layers)
-        self.folding = Folding(self, embedding_t)
+        whole = all(integral(t) for t in tensors.values() if np.asarray(t).dtype.kind == "f")
+        self.folding = Folding(self, embedding_t, whole)
         self.token_keys = self._keys_depend_on_token_only()
         self.state = Batch(self.layers, 1)
 

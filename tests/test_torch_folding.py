@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 import scipy.sparse as sp
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -24,7 +25,7 @@ from tlc.mojo import synthetic
 from tlc.mojo.synthetic import SyntheticSpec
 from tlc.mojo.weights import load_weights as load_synthetic
 from tlc.runtime import reference, torch_runner
-from tlc.runtime.torch_runner import EXACT, Folding, _Reader
+from tlc.runtime.torch_runner import LIMIT, Folding, _Reader
 
 
 def _folding_with(reader_matrix: sp.csr_matrix) -> Folding:
@@ -33,6 +34,7 @@ def _folding_with(reader_matrix: sp.csr_matrix) -> Folding:
     rows = reader_matrix.shape[0]
     folding.readers = [_Reader(slice(0, rows), reader_matrix, np.zeros(rows), 10.0)]
     folding.sums = [np.zeros(rows)]
+    folding.x_bounds = [np.zeros(reader_matrix.shape[1])]
     folding.start_stale = [False]
     return folding
 
@@ -86,7 +88,7 @@ def test_folded_shares_sum_to_the_exact_integer(case):
         z.addmv_(torch_runner._torch_csr(part), torch.tensor(v, dtype=torch.float64))
         expected = [e + s for e, s in zip(expected, share)]
         assert [int(value) for value in z.tolist()] == expected
-        assert all(abs(e) < EXACT for e in expected)
+        assert all(abs(e) < LIMIT for e in expected)
 
 
 def test_extend_refuses_share_beyond_2_53():
@@ -183,3 +185,93 @@ def test_synthetic_models_equal_the_numpy_oracle(tmp_path_factory, spec, seed):
         token = model.step_one(batch, 0, token)
         tokens.append(token)
     assert np.array_equal(np.array(tokens), expected.tokens)
+
+
+def _dense(tensors, metadata, name: str) -> np.ndarray:
+    dense = np.zeros(metadata["shapes"][name])
+    dense[tensors[f"{name}.rows"], tensors[f"{name}.cols"]] = tensors[f"{name}.values"]
+    return dense
+
+
+def _store(tensors, metadata, name: str, dense: np.ndarray) -> None:
+    rows, columns = np.nonzero(dense)
+    tensors[f"{name}.rows"] = rows.astype(np.int64)
+    tensors[f"{name}.cols"] = columns.astype(np.int64)
+    tensors[f"{name}.values"] = dense[rows, columns].astype(np.float64)
+    metadata["shapes"][name] = list(dense.shape)
+
+
+def _cancelling_model(hidden_bias: float, reading: int):
+    """A one-layer model whose shared unit h = ReLU(hidden_bias) adds h to scratch
+    components s1 and s2, while the embedding of the `kind` field sets s0 = 1. Logit
+    `reading` of the `data` field reads s0 + s1 - s2 (bias 0), and the other of logits 0
+    and 1 is the constant 1, so the exact logits tie. R W2 is zero, yet the product R x
+    rounds for large or fractional h."""
+    spec = SyntheticSpec(layers=1, dense_heads=0, exact_heads=0, shared_hidden=1, experts=0)
+    tensors, metadata = synthetic.build_model(spec, 0, 8)
+    s0, s1, s2 = spec.scratch_start, spec.scratch_start + 1, spec.scratch_start + 2
+    names = [field["name"] for field in metadata["fields"]]
+
+    for f, name in enumerate(names):
+        for table in ("embed", "unembed"):
+            dense = _dense(tensors, metadata, f"{table}.{f}")
+            dense[:, [s0, s1, s2]] = 0.0
+            if table == "embed" and name == "kind":
+                dense[:, s0] = 1.0
+            _store(tensors, metadata, f"{table}.{f}", dense)
+
+    _store(tensors, metadata, "layers.0.shared.w1", np.zeros((1, spec.width)))
+    tensors["layers.0.shared.b1"] = np.array([hidden_bias])
+    w2 = np.zeros((spec.width, 1))
+    w2[[s1, s2], 0] = 1.0
+    _store(tensors, metadata, "layers.0.shared.w2", w2)
+    tensors["layers.0.shared.b2"] = np.zeros(spec.width)
+
+    data = names.index("data")
+    unembedding = np.zeros(metadata["shapes"][f"unembed.{data}"])
+    unembedding[reading, [s0, s1, s2]] = [1.0, 1.0, -1.0]
+    _store(tensors, metadata, f"unembed.{data}", unembedding)
+    bias = np.full(unembedding.shape[0], -100.0)
+    bias[1 - reading], bias[reading] = 1.0, 0.0
+    tensors[f"unembed.{data}.bias"] = bias
+    for layer in metadata["layers"]:
+        layer["experts"] = [{}] * layer["experts"]
+    return torch_runner.TorchModel(tensors, metadata), tensors["prompt"], data
+
+
+def _tokens_both_ways(model, prompt, steps: int):
+    """Return the tokens of the folded one-program step and of the batch step, which
+    does not fold, from the same prompt."""
+    single, pair = torch_runner.Batch(model.layers, 1), torch_runner.Batch(model.layers, 2)
+    folded = model.prefill_many(single, [prompt])
+    direct = model.prefill_many(pair, [prompt, prompt])
+    rows_folded, rows_direct = [folded[0]], [direct[0]]
+    for _ in range(steps):
+        folded = model.step_many(single, [0], folded)
+        direct = model.step_many(pair, [0, 1], direct)
+        rows_folded.append(folded[0])
+        rows_direct.append(direct[0])
+    return np.array(rows_folded), np.array(rows_direct)
+
+
+# 1 + 0.9 - 0.9 rounds to just below 1, so the constant logit 1 wins; 1 + (2^53 + 2)
+# rounds to 2^53 + 4, so the reading logit 1 gets 2 and wins. An exact tie gives 0.
+@pytest.mark.parametrize(("hidden_bias", "reading"), [(0.9, 0), (2.0**53 + 2, 1)])
+def test_cancelling_share_stays_unfolded(hidden_bias, reading):
+    model, prompt, data = _cancelling_model(hidden_bias, reading)
+    assert model.folding.start_stale[model.folding.logits_reader]
+    folded, direct = _tokens_both_ways(model, prompt, 4)
+    assert np.array_equal(folded, direct)
+    assert direct[0, data] == 1
+
+
+def test_fractional_weight_disables_folding():
+    spec = SyntheticSpec(layers=2, shared_hidden=4, experts=2, run_bias=20)
+    tensors, metadata = synthetic.build_model(spec, 3, 8)
+    tensors["layers.1.shared.b1"] = tensors["layers.1.shared.b1"] + 0.5
+    for layer in metadata["layers"]:
+        layer["experts"] = [{}] * layer["experts"]
+    model = torch_runner.TorchModel(tensors, metadata)
+    assert all(model.folding.start_stale)
+    folded, direct = _tokens_both_ways(model, tensors["prompt"], 20)
+    assert np.array_equal(folded, direct)
