@@ -696,6 +696,9 @@ class Folding:
         """Fold the readers of `model` into its writers. `whole` is True when every
         tensor of the file is an integer."""
         self._add_readers(model)
+        self.width = model.width
+        self.stacked = sp.vstack([reader.matrix for reader in self.readers]).tocsr()
+        self.stacked_abs = np.abs(self.stacked)
         self.windows: list[slice] = []
         self.start_stale = [not whole] * len(self.readers)
         # Per reader: bounds of its folded sum, row by row, and of x, component by
@@ -877,29 +880,29 @@ class Folding:
 
         Readers that cannot fold become stale. For the embedding (time -1), stales[r]
         is set to True for them. Any other writer appends them to `stales`."""
-        columns = matrix.shape[1]
         growth = np.abs(matrix) @ inputs
-        parts = [sp.csr_matrix(matrix)]
+        # Every reader's rows at once: the readers lie in z in order, right after x.
+        shares = (self.stacked @ matrix).tocsr()
+        magnitudes = (self.stacked_abs @ np.abs(matrix)).tocsr()
+        largest = np.zeros(shares.shape[0])
+        if magnitudes.nnz:
+            largest = magnitudes.max(axis=1).toarray().ravel()
+        bounds = np.abs(shares) @ inputs
+        keep = np.zeros(shares.shape[0])
         for r, reader in enumerate(self.readers):
-            part = None
-            if reader.time > time and not self.start_stale[r]:
-                part = (reader.matrix @ matrix).tocsr()
-                total = None
-                magnitudes = np.abs(reader.matrix) @ np.abs(matrix)
-                if magnitudes.nnz == 0 or magnitudes.max() < LIMIT:
-                    total = self.sums[r] + np.abs(part) @ inputs
-                if total is not None and total.max(initial=0.0) < LIMIT:
-                    self.sums[r] = total
-                    self.x_bounds[r] = self.x_bounds[r] + growth
-                else:
-                    part = None
-                    if time < 0:
-                        stales[r] = True
-                    else:
-                        stales.append(r)
-            parts.append(part if part is not None else
-                         sp.csr_matrix((reader.matrix.shape[0], columns)))  # fmt: skip
-        return sp.vstack(parts).tocsr()
+            if reader.time <= time or self.start_stale[r]:
+                continue
+            rows = slice(reader.rows.start - self.width, reader.rows.stop - self.width)
+            total = self.sums[r] + bounds[rows]
+            if largest[rows].max(initial=0.0) < LIMIT and total.max(initial=0.0) < LIMIT:
+                self.sums[r] = total
+                self.x_bounds[r] = self.x_bounds[r] + growth
+                keep[rows] = 1.0
+            elif time < 0:
+                stales[r] = True
+            else:
+                stales.append(r)
+        return sp.vstack([matrix, sp.diags(keep) @ shares]).tocsr()
 
 
 def integral(values) -> bool:

@@ -31,8 +31,13 @@ from tlc.runtime.torch_runner import LIMIT, Folding, _Reader
 def _folding_with(reader_matrix: sp.csr_matrix) -> Folding:
     """A Folding with one reader of the given matrix that reads after every writer."""
     folding = Folding.__new__(Folding)
-    rows = reader_matrix.shape[0]
-    folding.readers = [_Reader(slice(0, rows), reader_matrix, np.zeros(rows), 10.0)]
+    rows, width = reader_matrix.shape
+    # z = [x; the reader's rows], as `Folding._add_readers` lays it out.
+    folding.width = width
+    folding.readers = [_Reader(slice(width, width + rows), reader_matrix, np.zeros(rows),
+                               10.0)]  # fmt: skip
+    folding.stacked = sp.csr_matrix(reader_matrix)
+    folding.stacked_abs = np.abs(folding.stacked)
     folding.sums = [np.zeros(rows)]
     folding.x_bounds = [np.zeros(reader_matrix.shape[1])]
     folding.start_stale = [False]
