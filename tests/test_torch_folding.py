@@ -112,6 +112,18 @@ def test_extend_refuses_share_beyond_2_53():
     assert stales == []
 
 
+def test_check_reads_refuses_nan_bound():
+    """A stored zero weight times an input bound that overflowed to inf gives NaN."""
+    folding = _folding_with(sp.csr_matrix(np.array([[1.0, -1.0, 1.0]])))
+    folding.x_bounds = [np.array([np.nan, 1.0, 1.0])]
+    folding._check_reads(10.0)
+    assert folding.start_stale == [True]
+    folding = _folding_with(sp.csr_matrix(np.array([[1.0, -1.0, 1.0]])))
+    folding.x_bounds = [np.array([1.0, 1.0, 1.0])]
+    folding._check_reads(10.0)
+    assert folding.start_stale == [False]
+
+
 def test_extend_skips_earlier_readers():
     reader = sp.csr_matrix(np.array([[1.0, 1.0]]))
     writer = sp.csr_matrix(np.array([[1.0], [1.0]]))
