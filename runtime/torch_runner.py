@@ -210,56 +210,35 @@ class HeadLayout:
     exact_bits: int | None
 
 
-class HeadCaches:
-    """The KV caches of one hard-max head for a group of programs (one per batch row),
-    one entry per distinct key in each.
+class KeyTable:
+    """The cached keys of one head, or of several heads of one layer whose key
+    projections are equal, for a group of programs (one per batch row).
 
-    Program p's entries are keys[p, :sizes[p]], values[p, ...] and positions[p, ...]: the
-    position that last wrote each. A new entry whose key equals a cached one replaces it
-    (exact eviction, docs/model.md section 1). A dict per program finds equal keys by
-    their bytes. Callers therefore pass keys with -0.0 already turned into 0.0.
-
-    An exact-match head answers a query (t, 1) with every t_i in {-1, +1} from the dict:
-    the entry with key (t, n), else the sentinel (0 .. 0, 2n - 1). The dict serves a
-    program only while every key it cached has one of the forms the proof allows; any
-    other query, and every query of other heads, scores every cached key and the latest
-    position wins among the best.
+    Heads with equal key projections see the same key at every position, so they keep
+    the same entries in the same slots: program p's keys are keys[p, :sizes[p]], and a
+    dict per program finds a key's slot by its bytes. The table also records whether
+    every key has a form that the exact-match index allows (`usable`) and the
+    sentinel's slot.
     """
 
-    def __init__(self, layout: HeadLayout, programs: int):
-        # NOTE: one array contains every program's entries, so that a batch step indexes
-        # them at once. Each program therefore takes as many slots as the program with
-        # the most, and a batch beside one memory-heavy program costs its cache size
-        # times the batch size.
-        self.keys = np.zeros((programs, INITIAL_CACHE_SLOTS, layout.key_width))
-        self.values = np.zeros((programs, INITIAL_CACHE_SLOTS, layout.value_width))
-        self.positions = np.zeros((programs, INITIAL_CACHE_SLOTS), dtype=np.int64)
+    def __init__(self, key_width: int, exact_bits: int | None, programs: int):
+        self.keys = np.zeros((programs, INITIAL_CACHE_SLOTS, key_width))
         self.sizes = [0] * programs
         self.slot_of_key: list[dict[bytes, int]] = [{} for _ in range(programs)]
-        self.exact_bits = layout.exact_bits
-        self.usable = [layout.exact_bits is not None] * programs
+        self.exact_bits = exact_bits
+        self.usable = [exact_bits is not None] * programs
         self.sentinel: list[int | None] = [None] * programs
-        # Per program, the last scored query's bytes and its winner; see `_rescore`.
-        self.scored: list[tuple[bytes, int] | None] = [None] * programs
-        # Per program, the last step's (key, value, query) bytes, the slot it wrote and
-        # the value it returned; see `attend_one`.
-        self.last_step: list[tuple[bytes, int, np.ndarray] | None] = [None] * programs
-        if layout.exact_bits is not None:
-            self.last_bytes = np.array([float(layout.exact_bits)]).tobytes()
-            self.ones = np.ones(layout.exact_bits).tobytes()
+        if exact_bits is not None:
+            self.ones = np.ones(exact_bits).tobytes()
 
-    # --- appending ---
-
-    def _slot(self, program: int, identity: bytes, key: np.ndarray) -> int:
+    def slot(self, program: int, identity: bytes, key: np.ndarray) -> int:
+        """Return the slot of `key` (whose bytes are `identity`), adding it if new."""
         slot = self.slot_of_key[program].get(identity)
         if slot is not None:
             return slot
         slot = self.sizes[program]
         if slot == self.keys.shape[1]:
             self.keys = np.concatenate([self.keys, np.zeros_like(self.keys)], axis=1)
-            self.values = np.concatenate([self.values, np.zeros_like(self.values)], axis=1)
-            self.positions = np.concatenate([self.positions, np.zeros_like(self.positions)],
-                                            axis=1)  # fmt: skip
         self.sizes[program] = slot + 1
         self.slot_of_key[program][identity] = slot
         self.keys[program, slot] = key
@@ -281,6 +260,74 @@ class HeadCaches:
             return
         self.usable[program] = False
 
+
+class HeadCaches:
+    """The KV caches of one hard-max head for a group of programs (one per batch row),
+    one entry per distinct key in each.
+
+    Program p's entries are the keys of its `KeyTable` rows, values[p, ...] and
+    positions[p, ...]: the position that last wrote each. A new entry whose key equals
+    a cached one replaces it (exact eviction, docs/model.md section 1). Callers pass
+    keys with -0.0 already turned into 0.0, because the table finds equal keys by their
+    bytes. Heads that share a table must append at the same positions, in the same
+    order of heads at every position.
+
+    For a query (t, 1) with every t_i in {-1, +1}, an exact-match head looks in the dict:
+    the entry with key (t, n), else the sentinel (0 .. 0, 2n - 1). The dict serves a
+    program only while every key it cached has one of the forms the proof allows. Any
+    other query, and every query of other heads, scores every cached key, and the
+    latest position wins among the best.
+    """
+
+    def __init__(self, layout: HeadLayout, programs: int, table: KeyTable | None = None):
+        # NOTE: one array contains every program's entries, so that a batch step indexes
+        # them at once. Each program therefore takes as many slots as the program with
+        # the most, and a batch beside one memory-heavy program costs its cache size
+        # times the batch size.
+        if table is None:
+            table = KeyTable(layout.key_width, layout.exact_bits, programs)
+        self.table = table
+        # The table's lists, which it only changes in place.
+        self.sizes = table.sizes
+        self.slot_of_key = table.slot_of_key
+        self.usable = table.usable
+        self.sentinel = table.sentinel
+        self.capacity = INITIAL_CACHE_SLOTS
+        self.values = np.zeros((programs, self.capacity, layout.value_width))
+        self.positions = np.zeros((programs, self.capacity), dtype=np.int64)
+        self.exact_bits = layout.exact_bits
+        # Per program, the last scored query's bytes and its winner; see `_rescore`.
+        self.scored: list[tuple[bytes, int] | None] = [None] * programs
+        # Per program, the last step's (key, value, query) bytes, the slot it wrote and
+        # the value it returned; see `attend_one`.
+        self.last_step: list[tuple[bytes, int, np.ndarray] | None] = [None] * programs
+        if layout.exact_bits is not None:
+            self.last_bytes = np.array([float(layout.exact_bits)]).tobytes()
+            self.ones = np.ones(layout.exact_bits).tobytes()
+
+    @property
+    def keys(self) -> np.ndarray:
+        return self.table.keys
+
+    # --- appending ---
+
+    def _grow(self) -> None:
+        """Give values and positions as many slots as the key table has."""
+        capacity = self.table.keys.shape[1]
+        extra = capacity - self.capacity
+        programs, _, width = self.values.shape
+        self.values = np.concatenate([self.values, np.zeros((programs, extra, width))], axis=1)
+        self.positions = np.concatenate([self.positions,
+                                         np.zeros((programs, extra), dtype=np.int64)],
+                                        axis=1)  # fmt: skip
+        self.capacity = capacity
+
+    def _slot(self, program: int, identity: bytes, key: np.ndarray) -> int:
+        slot = self.table.slot(program, identity, key)
+        if slot >= self.capacity:
+            self._grow()
+        return slot
+
     def extend(self, program: int, keys: np.ndarray, values: np.ndarray,
                first_position: int) -> None:  # fmt: skip
         """Append rows (keys[i], values[i]) at positions first_position + i, in order,
@@ -295,6 +342,8 @@ class HeadCaches:
             if slot is None:
                 slot = self._slot(program, identity, keys[i])
             latest[slot] = i
+        if self.sizes[program] > self.capacity:
+            self._grow()
         slots = list(latest)
         rows = list(latest.values())
         self.values[program, slots] = values[rows]
@@ -312,7 +361,7 @@ class HeadCaches:
         """
         identity = key.tobytes()
         slot = self.slot_of_key[program].get(identity)
-        if slot is None:
+        if slot is None or slot >= self.capacity:
             slot = self._slot(program, identity, key)
         self.values[program, slot] = value
         self.positions[program, slot] = position
@@ -362,7 +411,7 @@ class HeadCaches:
         scored = self.scored[program]
         if scored is not None and scored[0] == identity:
             previous = scored[1]
-            keys = self.keys[program]
+            keys = self.table.keys[program]
             if previous == written or keys[written] @ query >= keys[previous] @ query:
                 winner = written
             else:
@@ -381,7 +430,7 @@ class HeadCaches:
         slots = [tables[p].get(identities[i * width : (i + 1) * width])
                  for i, p in enumerate(programs)]  # fmt: skip
         for i, slot in enumerate(slots):
-            if slot is None:
+            if slot is None or slot >= self.capacity:
                 identity = identities[i * width : (i + 1) * width]
                 slots[i] = self._slot(programs[i], identity, keys[i])
         self.values[programs, slots] = values
@@ -429,7 +478,9 @@ class HeadCaches:
         winning ties."""
         sizes = np.array([self.sizes[p] for p in programs])
         count = int(sizes.max())
-        keys = self.keys[programs, :count]
+        if count > self.capacity:
+            self._grow()
+        keys = self.table.keys[programs, :count]
         scores = np.matmul(keys, queries[:, :, None])[:, :, 0]
         scores = np.where(np.arange(count) < sizes[:, None], scores, -np.inf)
         best = scores == scores.max(axis=1, keepdims=True)
@@ -464,6 +515,7 @@ class Attention:
         self.qkv_scipy = sp.vstack(matrices).tocsr()
         self.qkv = _torch_csr(self.qkv_scipy)
         self.qkv_bias = torch.from_numpy(np.concatenate(biases).astype(np.float64))
+        self.key_groups = self._group_keys()
         wo = sp.hstack([
             sparse_from(tensors, shapes, f"{prefix}.heads.{h}.wo") for h in range(len(heads))
         ]).tocsr()  # fmt: skip
@@ -476,7 +528,32 @@ class Attention:
         self.key_value_reads = np.unique(self.qkv_scipy[key_value_rows].indices)
 
     def new_caches(self, programs: int) -> list[HeadCaches]:
-        return [HeadCaches(head, programs) for head in self.heads]
+        """Return each head's caches; heads with equal key projections share a table."""
+        tables: dict[int, KeyTable] = {}
+        caches = []
+        for head, group in zip(self.heads, self.key_groups):
+            if group not in tables:
+                tables[group] = KeyTable(head.key_width, head.exact_bits, programs)
+            caches.append(HeadCaches(head, programs, tables[group]))
+        return caches
+
+    def _group_keys(self) -> list[int]:
+        """Return, per head, the first head whose key projection (rows of q, k, v,
+        bias and lookup) equals its own."""
+        groups = []
+        for h, head in enumerate(self.heads):
+            rows = self.qkv_scipy[head.key]
+            bias = self.qkv_bias.numpy()[head.key]
+            for g in range(h):
+                other = self.heads[g]
+                if (other.key_width == head.key_width and other.exact_bits == head.exact_bits
+                        and (self.qkv_scipy[other.key] != rows).nnz == 0
+                        and np.array_equal(self.qkv_bias.numpy()[other.key], bias)):  # fmt: skip
+                    groups.append(groups[g])
+                    break
+            else:
+                groups.append(h)
+        return groups
 
     def attend_one(self, qkv: np.ndarray, caches: list[HeadCaches], program: int,
                    position: int) -> np.ndarray:  # fmt: skip

@@ -8,7 +8,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tlc.runtime.torch_runner import HeadCaches, HeadLayout
+from tlc.runtime.torch_runner import HeadCaches, HeadLayout, KeyTable
 
 BITS = 3  # key width BITS + 1
 VALUE_WIDTH = 2
@@ -137,3 +137,42 @@ def test_extend_matches_appending_one_by_one(rows, exact):
     assert extended.positions[0, :size].tolist() == appended.positions[0, :size].tolist()
     assert extended.usable == appended.usable
     assert extended.sentinel == appended.sentinel
+
+
+wide_keys = st.lists(st.integers(-9, 9).map(float), min_size=BITS + 1, max_size=BITS + 1)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    steps=st.lists(
+        st.tuples(st.one_of(wide_keys, exact_keys),
+                  st.lists(st.tuples(values, st.one_of(any_queries, exact_queries)),
+                           min_size=3, max_size=3)),
+        min_size=1, max_size=150),
+    exact=st.booleans(),
+    batch=st.booleans(),
+    distinct=st.integers(0, 80),
+)  # fmt: skip
+def test_shared_key_table_matches_brute_force(steps, exact, batch, distinct):
+    """Three heads with one key table: the same key at every position, their own values
+    and queries. Up to 80 distinct keys first, so that the table grows (it starts with
+    64 slots) while the other heads still have fewer."""
+    first = [([float(i % 9), float(i // 9), 1.0, 2.0],
+              [([float(i), float(h)], [1.0, 0.0, -1.0, 1.0]) for h in range(3)])
+             for i in range(distinct)]  # fmt: skip
+    steps = first + steps
+    table = KeyTable(BITS + 1, BITS if exact else None, 1)
+    heads = [HeadCaches(_layout(exact), 1, table) for _ in range(3)]
+    entries: list[list] = [[] for _ in heads]
+    for position, (key, per_head) in enumerate(steps):
+        key = np.array(key) + 0.0
+        for h, (caches, (value, query)) in enumerate(zip(heads, per_head)):
+            value, query = np.array(value), np.array(query) + 0.0
+            entries[h].append((key, list(value)))
+            if batch:
+                got = caches.attend_rows([0], key[None, :], value[None, :], query[None, :],
+                                         [position])[0]  # fmt: skip
+            else:
+                got = _attend_like_the_runtime(caches, key, value, query, position)
+            assert list(got) == _brute_force(entries[h], query)
+    assert table.sizes[0] == len({tuple(key) for key, _ in steps})
