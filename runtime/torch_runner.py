@@ -184,11 +184,6 @@ class Router:
         self.weights = _torch_csr(stacked)
         self.bias = torch.from_numpy(bias)
 
-    def choose_one(self, x: torch.Tensor) -> list[int]:
-        """Return each router's expert for one residual vector x (D,)."""
-        logits = torch.addmv(self.bias, self.weights, x).numpy()
-        return logits.reshape(self.count, self.width).argmax(axis=1).tolist()
-
     def choose_many(self, y: torch.Tensor) -> torch.Tensor:
         """Return each router's expert for each column of y: (count, n)."""
         logits = torch.sparse.mm(self.weights, y).add_(self.bias.unsqueeze(1))
@@ -636,7 +631,7 @@ class Layer:
 
     def fused_block(self, expert: int | None) -> FusedBlock:
         """Return the shared block and expert `expert` (None: no expert) as one block,
-        which adds both to one residual vector x with `add_one`."""
+        for one program's step (see `Folding`)."""
         fused = self._fused.get(expert)
         if fused is None:
             blocks = [self.shared] if self.shared is not None else []
@@ -645,7 +640,6 @@ class Layer:
             fused = FusedBlock(blocks)
             self._fused[expert] = fused
         return fused
-
 
     def feed_forward_many(self, x: torch.Tensor, chosen: torch.Tensor | None) -> torch.Tensor:
         """Return x plus the shared block and each column's expert (`chosen`, (n,))."""
