@@ -281,6 +281,11 @@ class HeadCaches:
         # times the batch size.
         if table is None:
             table = KeyTable(layout.key_width, layout.exact_bits, programs)
+        if (table.keys.shape[0], table.keys.shape[2], table.exact_bits) != (
+            programs, layout.key_width, layout.exact_bits
+        ):
+            raise ValueError("a shared key table must have the head's programs, key width "
+                             "and exact lookup")  # fmt: skip
         self.table = table
         # The table's lists, which it only changes in place.
         self.sizes = table.sizes

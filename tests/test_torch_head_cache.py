@@ -5,6 +5,7 @@ keys, latest-position ties, and keys that switch the index off."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -176,3 +177,11 @@ def test_shared_key_table_matches_brute_force(steps, exact, batch, distinct):
                 got = _attend_like_the_runtime(caches, key, value, query, position)
             assert list(got) == _brute_force(entries[h], query)
     assert table.sizes[0] == len({tuple(key) for key, _ in steps})
+
+
+def test_shared_key_table_rejects_other_layout():
+    table = KeyTable(BITS + 1, BITS, 1)
+    with pytest.raises(ValueError, match="shared key table"):
+        HeadCaches(_layout(False), 1, table)
+    with pytest.raises(ValueError, match="shared key table"):
+        HeadCaches(_layout(True), 2, table)
