@@ -179,8 +179,10 @@ def default_numbering() -> list[str]:
 # --- prompt encoding -----------------------------------------------------------------
 
 
-def encode_prompt(metadata: dict, program: Program, stdin: bytes = b"") -> np.ndarray:
-    """Return the prompt tokens (P, F) int64 of `program` and its input.
+def encode_prompt(metadata: dict, program: Program, stdin: bytes = b"",
+                  dtype=np.int64) -> np.ndarray:  # fmt: skip
+    """Return the prompt tokens (P, F) of `program` and its input, as `dtype` (see
+    `token_dtype` for the smallest type that fits every token value).
 
     Order: the SENTINEL token, one CODE token per instruction, one DATA token per memory
     word that a data segment touches, one INPUT token per stdin byte, then the start
@@ -192,21 +194,35 @@ def encode_prompt(metadata: dict, program: Program, stdin: bytes = b"") -> np.nd
         raise ValueError(f"input has {len(stdin)} bytes, more than {MAX_INPUT_BYTES}")
     schema = _schema_of(metadata)
     numbers = {name: number for number, name in enumerate(metadata["opcodes"])}
-    tokens = [_sentinel_token(schema, program.memory_size)]
+    head = [_sentinel_token(schema, program.memory_size)]
     for address, instruction in enumerate(program.instructions):
-        tokens.append(_code_token(schema, numbers, address, instruction))
-    tokens.extend(_data_tokens(schema, program))
+        head.append(_code_token(schema, numbers, address, instruction))
+    head.extend(_data_tokens(schema, program))
+    # One row at a time into the result, so that a long input never needs a second
+    # copy of the prompt as a list of int64 tokens.
+    prompt = np.empty((len(head) + len(stdin) + 1, schema.count), dtype=dtype)
+    for row, token in enumerate(head):
+        prompt[row] = token
+    token = schema.empty_token()
+    token[schema.index("kind")] = kind_id("INPUT")
+    token[schema.index("aux_tag")] = aux_tag_id("input")
     for index, byte in enumerate(stdin):
-        token = schema.empty_token()
-        token[schema.index("kind")] = kind_id("INPUT")
-        token[schema.index("aux_tag")] = aux_tag_id("input")
         schema.set_key(token, "aux_key", index)
         schema.set_bits(token, "aux_val", byte)
-        tokens.append(token)
+        prompt[len(head) + index] = token
     start = schema.empty_token()
     start[schema.index("kind")] = kind_id("RUN")
-    tokens.append(start)
-    return np.stack(tokens)
+    prompt[-1] = start
+    return prompt
+
+
+def token_dtype(metadata: dict) -> np.dtype:
+    """Return the smallest unsigned integer type that fits every field's values."""
+    largest = max(int(entry["vocab"]) for entry in metadata["fields"]) - 1
+    for dtype in (np.uint8, np.uint16, np.uint32):
+        if largest <= np.iinfo(dtype).max:
+            return np.dtype(dtype)
+    return np.dtype(np.int64)
 
 
 def _schema_of(metadata: dict) -> Schema:

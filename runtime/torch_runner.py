@@ -1353,7 +1353,7 @@ def run_program(
         return RunResult(Status.STEP_LIMIT, 0, tokens=0)
     _check_coverage(metadata, program)
     try:
-        prompt = tk.encode_prompt(metadata, program, stdin)
+        prompt = tk.encode_prompt(metadata, program, stdin, tk.token_dtype(metadata))
         decoder = tk.TokenDecoder(metadata, program, max_steps=max_steps, trace=trace,
                                   write_output=write_output)  # fmt: skip
     except (KeyError, IndexError, TypeError) as error:
@@ -1398,7 +1398,8 @@ def run_batch(
         return [RunResult(Status.STEP_LIMIT, 0, tokens=0) for _ in programs]
     for program in programs:
         _check_coverage(metadata, program)
-    prompts = [tk.encode_prompt(metadata, p, s) for p, s in zip(programs, stdins)]
+    dtype = tk.token_dtype(metadata)
+    prompts = [tk.encode_prompt(metadata, p, s, dtype) for p, s in zip(programs, stdins)]
     decoders = [tk.TokenDecoder(metadata, p, max_steps=max_steps, trace=t)
                 for p, t in zip(programs, traces)]  # fmt: skip
     batch = Batch(model.layers, len(programs))

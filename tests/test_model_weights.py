@@ -84,6 +84,26 @@ def test_prompt_layout():
     assert (schema.bits(data, "aux_val") >> 16) & 0xFFFF == int.from_bytes(b"hi", "little")
 
 
+def test_prompt_input_tokens_carry_byte_and_index():
+    metadata = universal_model().metadata
+    program = assemble(PROGRAM, "p.tasm")
+    stdin = bytes(range(256)) + b"tail"
+    prompt = encode_prompt(metadata, program, stdin)
+    compact = encode_prompt(metadata, program, stdin, tk.token_dtype(metadata))
+    schema = tk.SCHEMA
+    first = len(prompt) - len(stdin) - 1
+    key_fields = schema.indices("aux_key")
+    for index, byte in enumerate(stdin):
+        row = prompt[first + index]
+        assert tk.KIND_VALUES[row[schema.index("kind")]] == "INPUT"
+        assert schema.bits(row, "aux_val") == byte
+        expected = [tk.KEY_ONE if (index >> i) & 1 else tk.KEY_ZERO
+                    for i in range(len(key_fields))]  # fmt: skip
+        assert row[key_fields].tolist() == expected
+    assert compact.dtype == np.uint8
+    assert np.array_equal(compact, prompt)
+
+
 def test_prompt_rejects_long_input():
     program = assemble("HALT", "t")
     with pytest.raises(ValueError, match="input has"):
