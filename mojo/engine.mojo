@@ -238,6 +238,11 @@ struct Engine(Movable):
     var extra_weights: List[Float64]
     var extra_pointers: List[Int]
     var layers: List[LayerWeights]
+    # Layers quiet_start .. end have no heads and no shared block, and their routers
+    # choose an expert that adds nothing when x is zero in every column they read,
+    # the set bits of quiet_mask. See `_quiet`.
+    var quiet_start: Int
+    var quiet_mask: List[UInt64]
     var heads: List[HeadWeights]
     var blocks: List[BlockWeights]
     var caches: List[HeadCache]
@@ -396,6 +401,21 @@ struct Engine(Movable):
         self.embedded_mask = List[UInt64](length=max(mask_words, 1), fill=0)
         self.x_mask = List[UInt64](length=max(mask_words, 1), fill=0)
         self.written_mask = List[UInt64](length=max(mask_words, 1), fill=0)
+        self.quiet_start = len(self.layers)
+        self.quiet_mask = List[UInt64](length=max(mask_words, 1), fill=0)
+        var l = len(self.layers) - 1
+        while l >= 0:
+            var layer = self.layers[l]
+            if layer.head_count != 0 or layer.shared >= 0 or layer.expert_count == 0:
+                break
+            ref block = self.blocks[layer.first_expert + layer.bias_expert]
+            if block.w1.rows != 0 or block.b2.stored != 0:
+                break
+            for index in range(layer.router.mask_words):
+                var word = layer.router.first_word + index
+                self.quiet_mask[word] |= UInt64(self.ints[layer.router.column_mask + index])
+            self.quiet_start = l
+            l -= 1
         self.position = 0
         self.token_pair = List[Int](length=2 * self.field_count, fill=0)
         self.pending_offset = 0
@@ -900,10 +920,21 @@ struct Engine(Movable):
             var segment = logits.unsafe_offset(offsets[unsafe_offset=f])
             pending[unsafe_offset=f] = first_argmax(segment, vocab[unsafe_offset=f])
 
+    def _quiet(self) -> Bool:
+        """Return True when x is zero in every column that the routers of the layers
+        from quiet_start on read. Each of them then chooses an expert that adds
+        nothing, x stays the same, and so those layers change nothing."""
+        for w in range(len(self.quiet_mask)):
+            if self.quiet_mask.unsafe_get(w) & self.x_mask.unsafe_get(w) != 0:
+                return False
+        return True
+
     def _step[dtype: DType](mut self, token: IntPtr, predict: Bool):
         self._embed[dtype](token)
         var last = len(self.layers) - 1
         for l in range(len(self.layers)):
+            if l == self.quiet_start and self._quiet():
+                break
             var layer = self.layers.unsafe_get(l)
             var need_output = predict or l < last
             self._attention[dtype](layer, need_output)
