@@ -22,15 +22,17 @@ layer's shared block and routed expert run as one block (see `FusedBlock`), and 
 products that write x also compute what later q, k, v projections, routers and the
 unembedding read of their output (see `Folding`). For a batch, the routers of all
 layers are evaluated together (see `FusedRouters`).
+
+The head caches live in `tlc.runtime.torch_heads`, the folding in
+`tlc.runtime.torch_folding` and the conversion of sparse matrices in
+`tlc.runtime.torch_sparse`.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -49,36 +51,18 @@ from tlc.model.weights import (
     universal_weights,
 )
 from tlc.runtime.machine import Program, RunResult, Status
+from tlc.runtime.torch_folding import Folding, integral
+from tlc.runtime.torch_heads import HeadCaches, HeadLayout, KeyTable
+from tlc.runtime.torch_sparse import DTYPE, torch_csr
 
 logger = logging.getLogger("tlc.runtime")
 
-DTYPE = torch.float64
-INITIAL_CACHE_SLOTS = 64
 PROGRESS_EVERY = 1024  # steps between calls of the progress callback
 PREFILL_CHUNK = 2048  # prompt rows per pass: a (D, chunk) float64 activation at a time
 
 
 def is_available() -> bool:
     return True
-
-
-def _torch_csr(matrix: sp.spmatrix) -> torch.Tensor:
-    matrix = sp.csr_matrix(matrix)
-    matrix.sum_duplicates()
-    with warnings.catch_warnings():
-        # torch warns that sparse CSR support is in beta; only sparse.mm uses it here.
-        warnings.simplefilter("ignore", UserWarning)
-        # int32 indices where they fit: with int64 indices a product on the CPU takes
-        # about 1.7 microseconds longer (torch 2.13), a third of a small product's time
-        # with int64 indices.
-        index = np.int32 if matrix.nnz < 2**31 and max(matrix.shape) < 2**31 else np.int64
-        return torch.sparse_csr_tensor(
-            torch.from_numpy(matrix.indptr.astype(index)),
-            torch.from_numpy(matrix.indices.astype(index)),
-            torch.from_numpy(matrix.data.astype(np.float64)),
-            size=matrix.shape,
-            check_invariants=False,  # scipy built them; checking costs time on every load
-        )
 
 
 def _index(values) -> torch.Tensor:
@@ -105,9 +89,9 @@ class Block:
         self.writes = np.union1d(np.flatnonzero(np.diff(w2.indptr)), np.flatnonzero(b2))
         self.empty = len(self.writes) == 0
         self.parts = (sp.csr_matrix(w1), b1, w2, b2)  # scipy and numpy, for FusedBlock
-        self.w1 = _torch_csr(w1)
+        self.w1 = torch_csr(w1)
         self.b1 = torch.from_numpy(b1)
-        self.w2 = _torch_csr(w2)
+        self.w2 = torch_csr(w2)
         self.b2 = torch.from_numpy(b2) if b2.any() else None
 
     def delta_many(self, y: torch.Tensor) -> torch.Tensor:
@@ -154,9 +138,9 @@ class FusedBlock:
             return
         self.w1_scipy = sp.vstack(w1s).tocsr()
         self.w2_scipy = sp.hstack(w2s).tocsr()
-        self.w1 = _torch_csr(self.w1_scipy)
+        self.w1 = torch_csr(self.w1_scipy)
         self.b1 = torch.from_numpy(np.concatenate(b1s))
-        self.w2 = _torch_csr(self.w2_scipy)
+        self.w2 = torch_csr(self.w2_scipy)
         self.extended = None  # W2 and what readers read of its output: see `Folding`
 
 
@@ -181,7 +165,7 @@ class Router:
         for r, b in enumerate(biases):
             bias[r * self.width : r * self.width + len(b)] = b
         self.reads = np.flatnonzero(np.diff(stacked.indptr))
-        self.weights = _torch_csr(stacked)
+        self.weights = torch_csr(stacked)
         self.bias = torch.from_numpy(bias)
 
     def choose_many(self, y: torch.Tensor) -> torch.Tensor:
@@ -192,300 +176,6 @@ class Router:
 
 
 # --- attention -----------------------------------------------------------------------
-
-
-@dataclass
-class HeadLayout:
-    query: slice
-    key: slice
-    value: slice
-    output: slice  # where the winning value goes in the layer's concatenated values
-    key_width: int
-    value_width: int
-    exact_bits: int | None
-
-
-class KeyTable:
-    """The cached keys of one head, or of several heads of one layer whose key
-    projections are equal, for a group of programs (one per batch row).
-
-    Heads with equal key projections see the same key at every position, so they keep
-    the same entries in the same slots: program p's keys are keys[p, :sizes[p]], and a
-    dict per program finds a key's slot by its bytes. The table also records whether
-    every key has a form that the exact-match index allows (`usable`) and the
-    sentinel's slot.
-    """
-
-    def __init__(self, key_width: int, exact_bits: int | None, programs: int):
-        self.keys = np.zeros((programs, INITIAL_CACHE_SLOTS, key_width))
-        self.sizes = [0] * programs
-        self.slot_of_key: list[dict[bytes, int]] = [{} for _ in range(programs)]
-        self.exact_bits = exact_bits
-        self.usable = [exact_bits is not None] * programs
-        self.sentinel: list[int | None] = [None] * programs
-        if exact_bits is not None:
-            self.ones = np.ones(exact_bits).tobytes()
-
-    def slot(self, program: int, identity: bytes, key: np.ndarray) -> int:
-        """Return the slot of `key` (whose bytes are `identity`), adding it if new."""
-        slot = self.slot_of_key[program].get(identity)
-        if slot is not None:
-            return slot
-        slot = self.sizes[program]
-        if slot == self.keys.shape[1]:
-            self.keys = np.concatenate([self.keys, np.zeros_like(self.keys)], axis=1)
-        self.sizes[program] = slot + 1
-        self.slot_of_key[program][identity] = slot
-        self.keys[program, slot] = key
-        if self.usable[program]:
-            self._check_key_form(program, key, slot)
-        return slot
-
-    def _check_key_form(self, program: int, key: np.ndarray, slot: int) -> None:
-        """Keep the index only while keys are (s, n) with s in {-1, +1}^n, (s, c) with s in
-        {-1, 0, +1}^n and c <= n - 2, or the sentinel (0 .. 0, 2n - 1)."""
-        n = self.exact_bits
-        signs, last = key[:-1], key[-1]
-        if last == n and np.abs(signs).tobytes() == self.ones:
-            return
-        if last <= n - 2 and bool(np.all(np.isin(signs, (-1.0, 0.0, 1.0)))):
-            return
-        if last == 2 * n - 1 and not signs.any():
-            self.sentinel[program] = slot
-            return
-        self.usable[program] = False
-
-
-class HeadCaches:
-    """The KV caches of one hard-max head for a group of programs (one per batch row),
-    one entry per distinct key in each.
-
-    Program p's entries are the keys of its `KeyTable` rows, values[p, ...] and
-    positions[p, ...]: the position that last wrote each. A new entry whose key equals
-    a cached one replaces it (exact eviction, docs/model.md section 1). Callers pass
-    keys with -0.0 already turned into 0.0, because the table finds equal keys by their
-    bytes. Heads that share a table must append at the same positions, in the same
-    order of heads at every position.
-
-    For a query (t, 1) with every t_i in {-1, +1}, an exact-match head looks in the dict:
-    the entry with key (t, n), else the sentinel (0 .. 0, 2n - 1). The dict serves a
-    program only while every key it cached has one of the forms the proof allows. Any
-    other query, and every query of other heads, scores every cached key, and the
-    latest position wins among the best.
-    """
-
-    def __init__(self, layout: HeadLayout, programs: int, table: KeyTable | None = None):
-        # NOTE: one array contains every program's entries, so that a batch step indexes
-        # them at once. Each program therefore takes as many slots as the program with
-        # the most, and a batch beside one memory-heavy program costs its cache size
-        # times the batch size.
-        if table is None:
-            table = KeyTable(layout.key_width, layout.exact_bits, programs)
-        if (table.keys.shape[0], table.keys.shape[2], table.exact_bits) != (
-            programs, layout.key_width, layout.exact_bits
-        ):
-            raise ValueError("a shared key table must have the head's programs, key width "
-                             "and exact lookup")  # fmt: skip
-        self.table = table
-        # The table's lists, which it only changes in place.
-        self.sizes = table.sizes
-        self.slot_of_key = table.slot_of_key
-        self.usable = table.usable
-        self.sentinel = table.sentinel
-        self.capacity = INITIAL_CACHE_SLOTS
-        self.values = np.zeros((programs, self.capacity, layout.value_width))
-        self.positions = np.zeros((programs, self.capacity), dtype=np.int64)
-        self.exact_bits = layout.exact_bits
-        # Per program, the last scored query's bytes and its winner; see `_rescore`.
-        self.scored: list[tuple[bytes, int] | None] = [None] * programs
-        # Per program, the last step's (key, value, query) bytes, the slot it wrote and
-        # the value it returned; see `attend_one`.
-        self.last_step: list[tuple[bytes, int, np.ndarray] | None] = [None] * programs
-        if layout.exact_bits is not None:
-            self.last_bytes = np.array([float(layout.exact_bits)]).tobytes()
-            self.ones = np.ones(layout.exact_bits).tobytes()
-
-    @property
-    def keys(self) -> np.ndarray:
-        return self.table.keys
-
-    # --- appending ---
-
-    def _grow(self) -> None:
-        """Give values and positions as many slots as the key table has."""
-        capacity = self.table.keys.shape[1]
-        extra = capacity - self.capacity
-        programs, _, width = self.values.shape
-        self.values = np.concatenate([self.values, np.zeros((programs, extra, width))], axis=1)
-        self.positions = np.concatenate([self.positions,
-                                         np.zeros((programs, extra), dtype=np.int64)],
-                                        axis=1)  # fmt: skip
-        self.capacity = capacity
-
-    def _slot(self, program: int, identity: bytes, key: np.ndarray) -> int:
-        slot = self.table.slot(program, identity, key)
-        if slot >= self.capacity:
-            self._grow()
-        return slot
-
-    def extend(self, program: int, keys: np.ndarray, values: np.ndarray,
-               first_position: int) -> None:  # fmt: skip
-        """Append rows (keys[i], values[i]) at positions first_position + i, in order,
-        without attending: what appending them one by one would leave in the cache."""
-        width = keys.shape[1] * 8
-        identities = keys.tobytes()
-        table = self.slot_of_key[program]
-        latest: dict[int, int] = {}  # slot -> the last row that writes it
-        for i in range(len(keys)):
-            identity = identities[i * width : (i + 1) * width]
-            slot = table.get(identity)
-            if slot is None:
-                slot = self._slot(program, identity, keys[i])
-            latest[slot] = i
-        if self.sizes[program] > self.capacity:
-            self._grow()
-        slots = list(latest)
-        rows = list(latest.values())
-        self.values[program, slots] = values[rows]
-        self.positions[program, slots] = first_position + np.array(rows, dtype=np.int64)
-        self.scored[program] = None
-        self.last_step[program] = None
-
-    # --- attending ---
-
-    def attend_one(self, program: int, key: np.ndarray, value: np.ndarray,
-                   query: np.ndarray, position: int, step: bytes | None = None) -> np.ndarray:  # fmt: skip
-        """Append (key, value) at `position`, then return the winning value for `query`.
-
-        `step`, when given, is the bytes of query, key and value, kept for `repeat_one`.
-        """
-        identity = key.tobytes()
-        slot = self.slot_of_key[program].get(identity)
-        if slot is None or slot >= self.capacity:
-            slot = self._slot(program, identity, key)
-        self.values[program, slot] = value
-        self.positions[program, slot] = position
-        winner = None
-        if self.usable[program] and query[-1] == 1.0:
-            winner = self.slot_of_key[program].get(query[:-1].tobytes() + self.last_bytes)
-            sentinel = self.sentinel[program]
-            # A hit is a key (t, n) with t in {-1, +1}^n, so the query has the exact form.
-            if winner == sentinel:
-                winner = None
-            if winner is None and sentinel is not None:
-                if np.abs(query[:-1]).tobytes() == self.ones:
-                    winner = sentinel
-        if winner is None:
-            winner = self._rescore(program, query, slot)
-        else:
-            self.scored[program] = None  # `_rescore` assumes one write since the last
-        result = self.values[program, winner].copy()
-        self.last_step[program] = None if step is None else (step, slot, result)
-        return result
-
-    def repeat_one(self, program: int, step: bytes, position: int) -> np.ndarray | None:
-        """Return the winning value for a step whose query, key and value bytes `step`
-        equal those of this program's previous `attend_one` call, or None (changing
-        nothing) when they differ.
-
-        Only the position of the previous call's slot changes: the key owns the same
-        slot and gets the same value, and the winner stays the same. It was that slot,
-        which is still the latest of its score, or an entry that scored higher than it,
-        because that slot won ties at the previous position.
-        """
-        last = self.last_step[program]
-        if last is None or last[0] != step:
-            return None
-        self.positions[program, last[1]] = position
-        return last[2]
-
-    def _rescore(self, program: int, query: np.ndarray, written: int) -> int:
-        """Return the brute-force winner for `query` after a write to slot `written`.
-
-        When the query equals the one scored at the last step, only the written slot
-        changed since then (a new key, or a new position and value for a cached key).
-        The winner is then the written slot if it scores at least as high as the last
-        winner, because it is the latest entry, and the last winner otherwise.
-        """
-        identity = query.tobytes()
-        scored = self.scored[program]
-        if scored is not None and scored[0] == identity:
-            previous = scored[1]
-            keys = self.table.keys[program]
-            if previous == written or keys[written] @ query >= keys[previous] @ query:
-                winner = written
-            else:
-                winner = previous
-        else:
-            winner = self._brute_force([program], query[None, :])[0]
-        self.scored[program] = (identity, winner)
-        return winner
-
-    def attend_rows(self, programs: list[int], keys: np.ndarray, values: np.ndarray,
-                    queries: np.ndarray, positions: list[int]) -> np.ndarray:  # fmt: skip
-        """`attend_one` for rows of distinct programs at once; returns (n, value width)."""
-        width = keys.shape[1] * 8
-        identities = keys.tobytes()
-        tables = self.slot_of_key
-        slots = [tables[p].get(identities[i * width : (i + 1) * width])
-                 for i, p in enumerate(programs)]  # fmt: skip
-        for i, slot in enumerate(slots):
-            if slot is None or slot >= self.capacity:
-                identity = identities[i * width : (i + 1) * width]
-                slots[i] = self._slot(programs[i], identity, keys[i])
-        self.values[programs, slots] = values
-        self.positions[programs, slots] = positions
-        for program in programs:
-            self.scored[program] = None  # `_rescore` assumes one write since the last
-            self.last_step[program] = None
-        winners, brute = self._exact_winners(programs, queries)
-        if brute:
-            found = self._brute_force([programs[i] for i in brute], queries[brute])
-            for i, slot in zip(brute, found):
-                winners[i] = slot
-        return self.values[programs, winners]
-
-    def _exact_winners(self, programs: list[int], queries: np.ndarray):
-        """Return (winners, rows left for scoring) of the exact-match index."""
-        if self.exact_bits is None:
-            return [0] * len(programs), list(range(len(programs)))
-        signs = np.ascontiguousarray(queries[:, :-1])
-        width = signs.shape[1] * 8
-        probes = signs.tobytes()
-        last = self.last_bytes
-        tables = self.slot_of_key
-        winners = [tables[p].get(probes[i * width : (i + 1) * width] + last)
-                   for i, p in enumerate(programs)]  # fmt: skip
-        brute, check = [], []
-        ones = queries[:, -1] == 1.0
-        for i, p in enumerate(programs):
-            slot = winners[i]
-            sentinel = self.sentinel[p]
-            if slot is not None and slot != sentinel and self.usable[p] and ones[i]:
-                continue  # a hit: a key (t, n), so the query has the exact form
-            if sentinel is not None and self.usable[p] and ones[i]:
-                winners[i] = sentinel
-                check.append(i)
-            else:
-                brute.append(i)
-        if check:
-            exact_form = (np.abs(signs[check]) == 1.0).all(axis=1).tolist()
-            brute += [i for i, ok in zip(check, exact_form) if not ok]
-        return winners, brute
-
-    def _brute_force(self, programs: list[int], queries: np.ndarray) -> list[int]:
-        """Return, per row, the slot with the best score q . k, the latest position
-        winning ties."""
-        sizes = np.array([self.sizes[p] for p in programs])
-        count = int(sizes.max())
-        if count > self.capacity:
-            self._grow()
-        keys = self.table.keys[programs, :count]
-        scores = np.matmul(keys, queries[:, :, None])[:, :, 0]
-        scores = np.where(np.arange(count) < sizes[:, None], scores, -np.inf)
-        best = scores == scores.max(axis=1, keepdims=True)
-        stamps = np.where(best, self.positions[programs, :count], -1)
-        return stamps.argmax(axis=1).tolist()
 
 
 class Attention:
@@ -513,7 +203,7 @@ class Attention:
         # Where each head's q, k and v lie in the bytes of the layer's q, k, v vector.
         self.spans = [(8 * h.query.start, 8 * h.value.stop) for h in self.heads]
         self.qkv_scipy = sp.vstack(matrices).tocsr()
-        self.qkv = _torch_csr(self.qkv_scipy)
+        self.qkv = torch_csr(self.qkv_scipy)
         self.qkv_bias = torch.from_numpy(np.concatenate(biases).astype(np.float64))
         self.key_groups = self._group_keys()
         wo = sp.hstack([
@@ -521,7 +211,7 @@ class Attention:
         ]).tocsr()  # fmt: skip
         self.writes = np.flatnonzero(np.diff(wo.indptr))
         self.wo_scipy = wo
-        self.wo = _torch_csr(wo)
+        self.wo = torch_csr(wo)
         key_value_rows = np.concatenate([
             np.arange(head.key.start, head.value.stop) for head in self.heads
         ])  # fmt: skip
@@ -713,285 +403,6 @@ class FusedRouters:
         return self.routers is not None and layer in self.row_of_layer
 
 
-# --- folding readers into writers (one program) --------------------------------------
-
-# float64 represents every integer below 2^53. Bounds must stay below 2^52, which leaves
-# room for the rounding of the bound arithmetic itself.
-LIMIT = 2.0**52
-
-
-@dataclass
-class _Reader:
-    """A group of rows of z that a later computation reads instead of a product of x."""
-
-    rows: slice  # in z
-    matrix: sp.csr_matrix  # (n, D): the product it replaces is matrix @ x + bias
-    bias: np.ndarray
-    time: float  # when the layer loop reads it; see `Folding`
-
-
-@dataclass
-class _Writer:
-    """A product that adds to x, extended to add to the readers that read x later."""
-
-    matrix: torch.Tensor  # the rows of [W; R W] from window's start to its stop
-    stales: list[int]  # readers it changes but does not update: read them from x after it
-    window: int  # index in Folding.windows of the rows of z it adds to
-
-
-class Folding:
-    """One program's step with the extended residual z = [x; qkv; router logits; logits].
-
-    Every query, key and value projection, router and the unembedding reads x linearly.
-    Where x gets a term W v from an earlier product (the embedding, an output projection
-    or the second layer of a block), the reader's share R W v can come out of the same
-    product: that product runs with the matrix [W; R W] into z, whose rows after x hold
-    the readers' values. A step then skips the products of layer 1's q, k and v, the
-    routers and the unembedding, four of about ten.
-
-    A folded reader gives the same bits as its own product R x + b because both are the
-    exact integer. Folding requires every tensor of the file to be an integer, so every
-    product and partial sum of both computations is one. float64 computes them exactly
-    while they stay below 2^53, which an interval pass over the stored matrices proves.
-    It bounds x, the heads' values and each expert's hidden units, layer by layer: |E^T| 1
-    for the embedding, then |W| times the bound of each input. A writer folds into a
-    reader only if three bounds stay below 2^52:
-
-    * |R| |W|, which bounds the computation of the matrix R W;
-    * the reader's folded sum so far plus |R W| times the writer's input bound;
-    * at the read, |R| times the bound of x plus |b|, where x's bound adds only the
-      writers that did not make this reader stale. That makes R x + b exact too.
-
-    Otherwise the writer makes the reader stale, and for the rest of the step the reader
-    is its own product of x, as it would be without folding. A reader that fails the
-    third bound, or a file with any other value, never folds.
-
-    Times order the reads and writes of one step. The embedding writes at -1. Layer l
-    reads its q, k and v at 3l, its attention writes at 3l + 1, its router reads at
-    3l + 1.5 and its block writes at 3l + 2. The unembedding reads at 3L. A writer folds
-    only into readers that read after it.
-    """
-
-    def __init__(self, model: TorchModel, embedding_t: sp.csr_matrix, whole: bool):
-        """Fold the readers of `model` into its writers. `whole` is True when every
-        tensor of the file is an integer."""
-        self._add_readers(model)
-        self.width = model.width
-        self.stacked = sp.vstack([reader.matrix for reader in self.readers]).tocsr()
-        self.stacked_abs = np.abs(self.stacked)
-        self.windows: list[slice] = []
-        self.start_stale = [not whole] * len(self.readers)
-        # Per reader: bounds of its folded sum, row by row, and of x, component by
-        # component, over the writers that kept it fresh.
-        self.sums = [np.zeros(r.matrix.shape[0]) for r in self.readers]
-        self.x_bounds = [np.zeros(model.width) for _ in self.readers]
-        bias = np.zeros(self.size)
-        for r, reader in enumerate(self.readers):
-            bias[reader.rows] = reader.bias
-            self.sums[r] += np.abs(np.where(np.isfinite(reader.bias), reader.bias, 0.0))
-        self.bias = torch.from_numpy(bias)
-        # The embedding writes x = E^T indicator, a 0/1 vector, and the readers' shares.
-        ones = np.ones(embedding_t.shape[1])
-        self.embed = _torch_csr(self._extend(embedding_t, ones, -1.0, self.start_stale))
-        self._fold_layers(model.layers, np.abs(embedding_t) @ ones)
-        self.plan = self._plan(model)
-
-    def _add_readers(self, model: TorchModel) -> None:
-        """Lay out z: x, then each layer's q, k and v, the routers and the logits."""
-        layers, width = model.layers, model.width
-        self.readers: list[_Reader] = []
-        self.qkv_reader: dict[int, int] = {}
-        start = width
-        for l, layer in enumerate(layers):
-            if layer.attention is not None:
-                attention = layer.attention
-                self.qkv_reader[l] = len(self.readers)
-                rows = attention.qkv_scipy.shape[0]
-                self.readers.append(_Reader(slice(start, start + rows), attention.qkv_scipy,
-                                            attention.qkv_bias.numpy(), 3 * l))  # fmt: skip
-                start += rows
-
-        # The routers sit side by side, `router_width` rows each (padding rows have bias
-        # -inf), so that one argmax over a (count, width) view chooses every expert.
-        routed = [l for l, layer in enumerate(layers) if layer.router is not None]
-        self.router_index = {l: r for r, l in enumerate(routed)}
-        self.router_width = max((layers[l].router_bias.size for l in routed), default=0)
-        self.router_readers = []
-        self.routers_start = start
-        for l in routed:
-            layer = layers[l]
-            padding = self.router_width - layer.router_bias.size
-            matrix = sp.vstack([layer.router_matrix,
-                                sp.csr_matrix((padding, width))]).tocsr()  # fmt: skip
-            bias = np.concatenate([layer.router_bias, np.full(padding, -np.inf)])
-            self.router_readers.append(len(self.readers))
-            self.readers.append(_Reader(slice(start, start + self.router_width), matrix,
-                                        bias, 3 * l + 1.5))  # fmt: skip
-            start += self.router_width
-        self.routers_stop = start
-        self.routers_matrix = _torch_csr(sp.vstack([self.readers[r].matrix
-                                                    for r in self.router_readers])
-                                         if routed else sp.csr_matrix((0, width)))  # fmt: skip
-        self.routers_bias = torch.from_numpy(np.concatenate(
-            [self.readers[r].bias for r in self.router_readers] or [np.zeros(0)]))  # fmt: skip
-
-        # The logits sit grouped by vocabulary size, each group a (fields, vocab) block,
-        # so that the argmax of each group runs on a view.
-        self.logits_reader = len(self.readers)
-        order = np.concatenate([rows.ravel() for _, rows in model.groups_np])
-        unembedding = model.unembedding_scipy[order]
-        self.readers.append(_Reader(slice(start, start + len(order)), unembedding,
-                                    model.unembedding_bias.numpy()[order],
-                                    3 * len(layers)))  # fmt: skip
-        self.unembedding = _torch_csr(unembedding)
-        self.unembedding_bias = torch.from_numpy(self.readers[-1].bias)
-        self.logit_groups = []
-        first = 0
-        for fields, rows in model.groups_np:
-            self.logit_groups.append((first, first + rows.size, rows.shape[1]))
-            first += rows.size
-        self.token_order = np.argsort(np.concatenate([f for f, _ in model.groups_np]))
-        self.size = start + len(order)
-
-    def _fold_layers(self, layers: list[Layer], bound: np.ndarray) -> None:
-        """Extend every layer's writers, given the bound of x after the embedding."""
-        self.attention: dict[int, _Writer] = {}
-        self.blocks: list[dict[int | None, tuple[FusedBlock, list[int]]]] = []
-        for l, layer in enumerate(layers):
-            self._check_reads(3 * l)
-            if layer.attention is not None:
-                attention = layer.attention
-                qkv = np.abs(attention.qkv_scipy) @ bound + np.abs(attention.qkv_bias.numpy())
-                values = np.concatenate([qkv[head.value] for head in attention.heads])
-                stales: list[int] = []
-                matrix = self._extend(attention.wo_scipy, values, 3 * l + 1, stales)
-                self.attention[l] = self._writer(matrix, stales)
-                bound = bound + np.abs(attention.wo_scipy) @ values
-            self._check_reads(3 * l + 1.5)
-            experts = list(range(len(layer.experts))) if layer.router is not None else [None]
-            blocks: dict[int | None, tuple[FusedBlock, list[int]]] = {}
-            growth = np.zeros_like(bound)
-            before = (self.sums, self.x_bounds)
-            after = [before]  # per expert; the next layer takes the largest
-            for expert in experts:
-                block = layer.fused_block(expert)
-                if block.empty:
-                    blocks[expert] = (block, [])
-                    continue
-                hidden = np.abs(block.w1_scipy) @ bound + np.abs(block.b1.numpy())
-                stales = []
-                self.sums = [s.copy() for s in before[0]]
-                self.x_bounds = [b.copy() for b in before[1]]
-                block.extended = self._writer(
-                    self._extend(block.w2_scipy, hidden, 3 * l + 2, stales), stales)
-                after.append((self.sums, self.x_bounds))
-                blocks[expert] = (block, stales)
-                growth = np.maximum(growth, np.abs(block.w2_scipy) @ hidden)
-            self.sums = [np.max(each, axis=0) for each in zip(*(a[0] for a in after))]
-            self.x_bounds = [np.max(each, axis=0) for each in zip(*(a[1] for a in after))]
-            self.blocks.append(blocks)
-            bound = bound + growth
-        self._check_reads(3 * len(layers))
-
-    def _check_reads(self, time: float) -> None:
-        """Never fold the readers that read at `time` if R x + b could reach 2^52."""
-        for r, reader in enumerate(self.readers):
-            if reader.time != time or self.start_stale[r]:
-                continue
-            bias = np.abs(np.where(np.isfinite(reader.bias), reader.bias, 0.0))
-            direct = np.abs(reader.matrix) @ self.x_bounds[r] + bias
-            # A bound that overflowed can turn into NaN (0 * inf), which must refuse too.
-            if not direct.max(initial=0.0) < LIMIT:
-                self.start_stale[r] = True
-
-    def _plan(self, model: TorchModel) -> list[tuple]:
-        """Return what `TorchModel._layers_one` needs per layer, looked up once.
-
-        A layer's entry is its index, attention, q/k/v reader and rows, output writer,
-        whether that writer changes a later router, and its router's index. The last
-        item maps each expert to None (an empty block) or to (b1, W1, extended W2, stale
-        readers, whether it changes a router, window).
-        """
-        fused = model.fused
-        plan = []
-        for l, layer in enumerate(model.layers):
-            reader = self.qkv_reader.get(l)
-            rows = self.readers[reader].rows if reader is not None else None
-            planned = {
-                expert: None if block.empty else
-                (block.b1, block.w1, block.extended.matrix, stales,
-                 fused.stale_after_block[l][expert], block.extended.window)
-                for expert, (block, stales) in self.blocks[l].items()
-            }  # fmt: skip
-            plan.append((l, layer.attention, reader, rows, self.attention.get(l),
-                         fused.stale_after_attention[l], self.router_index.get(l),
-                         planned))  # fmt: skip
-        return plan
-
-    def _writer(self, matrix: sp.csr_matrix, stales: list[int]) -> _Writer:
-        """Return the writer of an extended matrix, cut to the rows from its first entry
-        to its last: a CSR product costs time for every row, empty or not."""
-        used = np.flatnonzero(np.diff(matrix.indptr))
-        window = slice(int(used[0]), int(used[-1]) + 1) if used.size else slice(0, 0)
-        self.windows.append(window)
-        return _Writer(_torch_csr(matrix[window]), stales, len(self.windows) - 1)
-
-    def new_residual(self, width: int) -> tuple:
-        """Return a buffer z for one program's steps, its numpy view, its x part and its
-        views of every writer's window."""
-        z = torch.zeros(self.size, dtype=DTYPE)
-        return z, z.numpy(), z[:width], [z[window] for window in self.windows]
-
-    def choose(self, layer: int, stale: list[bool], zn: np.ndarray, x: torch.Tensor) -> list[int]:
-        """Return the expert of every routed layer from the router rows of z, or from
-        one product of x when a router of `layer` or later is stale. Only the choices of
-        `layer` and of later layers that nothing writes to before them are used."""
-        index = self.router_index[layer]
-        if any(stale[r] for r in self.router_readers[index:]):
-            logits = torch.addmv(self.routers_bias, self.routers_matrix, x).numpy()
-        else:
-            logits = zn[self.routers_start : self.routers_stop]
-        return logits.reshape(-1, self.router_width).argmax(axis=1).tolist()
-
-    def _extend(self, matrix: sp.csr_matrix, inputs: np.ndarray, time: float,
-                stales: list) -> sp.csr_matrix:  # fmt: skip
-        """Return [matrix; R matrix for each reader R that reads after `time`] with
-        zeros in the rows of readers that cannot fold. `inputs` bounds the magnitude of
-        each input component. Adds each folded share to the bounds of its reader.
-
-        Readers that cannot fold become stale. For the embedding (time -1), stales[r]
-        is set to True for them. Any other writer appends them to `stales`."""
-        growth = np.abs(matrix) @ inputs
-        # Every reader's rows at once: the readers lie in z in order, right after x.
-        shares = (self.stacked @ matrix).tocsr()
-        magnitudes = (self.stacked_abs @ np.abs(matrix)).tocsr()
-        largest = np.zeros(shares.shape[0])
-        if magnitudes.nnz:
-            largest = magnitudes.max(axis=1).toarray().ravel()
-        bounds = np.abs(shares) @ inputs
-        keep = np.zeros(shares.shape[0])
-        for r, reader in enumerate(self.readers):
-            if reader.time <= time or self.start_stale[r]:
-                continue
-            rows = slice(reader.rows.start - self.width, reader.rows.stop - self.width)
-            total = self.sums[r] + bounds[rows]
-            if largest[rows].max(initial=0.0) < LIMIT and total.max(initial=0.0) < LIMIT:
-                self.sums[r] = total
-                self.x_bounds[r] = self.x_bounds[r] + growth
-                keep[rows] = 1.0
-            elif time < 0:
-                stales[r] = True
-            else:
-                stales.append(r)
-        return sp.vstack([matrix, sp.diags(keep) @ shares]).tocsr()
-
-
-def integral(values) -> bool:
-    """Return whether every value is a finite integer."""
-    values = np.asarray(values)
-    return bool(np.all(np.isfinite(values)) and np.array_equal(values, np.round(values)))
-
-
 class Batch:
     """The KV caches and positions of a group of programs decoded together."""
 
@@ -1024,9 +435,9 @@ class TorchModel(torch.nn.Module):
         self.total_vocab = int(sum(vocabs))
         # x = E^T onehot(token): one sparse product in place of a gather of F rows.
         embedding_t = self._stack(tensors, shapes, "embed", vocabs).T.tocsr()
-        self.embedding_t = _torch_csr(embedding_t)
+        self.embedding_t = torch_csr(embedding_t)
         self.unembedding_scipy = self._stack(tensors, shapes, "unembed", vocabs)
-        self.unembedding = _torch_csr(self.unembedding_scipy)
+        self.unembedding = torch_csr(self.unembedding_scipy)
         bias = np.concatenate([tensors[f"unembed.{f}.bias"] for f in range(len(vocabs))])
         self.unembedding_bias = torch.from_numpy(bias.astype(np.float64))
         self.groups = self._vocab_groups(vocabs, offsets)

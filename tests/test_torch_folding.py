@@ -25,7 +25,8 @@ from tlc.mojo import synthetic
 from tlc.mojo.synthetic import SyntheticSpec
 from tlc.mojo.weights import load_weights as load_synthetic
 from tlc.runtime import reference, torch_runner
-from tlc.runtime.torch_runner import LIMIT, Folding, _Reader
+from tlc.runtime.torch_folding import LIMIT, Folding, _Reader
+from tlc.runtime.torch_sparse import torch_csr
 
 
 def _folding_with(reader_matrix: sp.csr_matrix) -> Folding:
@@ -90,7 +91,7 @@ def test_folded_shares_sum_to_the_exact_integer(case):
                 return  # the runtime reads this reader from x for the rest of the step
             continue
         assert stales == []
-        z.addmv_(torch_runner._torch_csr(part), torch.tensor(v, dtype=torch.float64))
+        z.addmv_(torch_csr(part), torch.tensor(v, dtype=torch.float64))
         expected = [e + s for e, s in zip(expected, share)]
         assert [int(value) for value in z.tolist()] == expected
         assert all(abs(e) < LIMIT for e in expected)

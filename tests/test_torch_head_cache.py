@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tlc.runtime.torch_runner import HeadCaches, HeadLayout, KeyTable
+from tlc.runtime.torch_heads import HeadCaches, HeadLayout, KeyTable
 
 BITS = 3  # key width BITS + 1
 VALUE_WIDTH = 2
