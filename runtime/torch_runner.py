@@ -455,9 +455,17 @@ class TorchModel(torch.nn.Module):
 
     @staticmethod
     def _stack(tensors, shapes, prefix: str, vocabs: list[int]) -> sp.csr_matrix:
-        """Concatenate the per-field (V_f, D) matrices into one sparse table."""
-        return sp.vstack([sparse_from(tensors, shapes, f"{prefix}.{f}")
-                          for f in range(len(vocabs))]).tocsr()  # fmt: skip
+        """Concatenate the per-field (V_f, D) matrices into one sparse table, from their
+        stored entries with each field's rows moved below the fields before it."""
+        names = [f"{prefix}.{f}" for f in range(len(vocabs))]
+        heights = [int(shapes[name][0]) for name in names]
+        starts = np.concatenate([[0], np.cumsum(heights)[:-1]]).astype(np.int64)
+        rows = np.concatenate([np.asarray(tensors[f"{name}.rows"], dtype=np.int64) + start
+                               for name, start in zip(names, starts)])  # fmt: skip
+        columns = np.concatenate([tensors[f"{name}.cols"] for name in names])
+        values = np.concatenate([tensors[f"{name}.values"] for name in names])
+        width = int(shapes[names[0]][1]) if names else 0
+        return sp.csr_matrix((values, (rows, columns)), shape=(sum(heights), width))
 
     def _vocab_groups(self, vocabs, offsets):
         """Fields grouped by vocabulary size: (field indices, logit rows (n, vocab))."""
