@@ -27,7 +27,7 @@ class _Reader:
     rows: slice  # in z
     matrix: sp.csr_matrix  # (n, D): the product it replaces is matrix @ x + bias
     bias: np.ndarray
-    time: float  # when the layer loop reads it; see `Folding`
+    time: float  # when the layer loop reads it (see `Folding`)
 
 
 @dataclass
@@ -172,7 +172,7 @@ class Folding:
             blocks: dict[int | None, tuple[FusedBlock, list[int]]] = {}
             growth = np.zeros_like(bound)
             before = (self.sums, self.x_bounds)
-            after = [before]  # per expert; the next layer takes the largest
+            after = [before]  # per expert, and the largest of them for the next layer
             for expert in experts:
                 block = layer.fused_block(expert)
                 if block.empty:
@@ -194,13 +194,14 @@ class Folding:
         self._check_reads(3 * len(layers))
 
     def _check_reads(self, time: float) -> None:
-        """Never fold the readers that read at `time` if R x + b could reach 2^52."""
+        """Mark stale for every step the readers that read at `time` if R x + b could
+        reach 2^52, so that they never fold."""
         for r, reader in enumerate(self.readers):
             if reader.time != time or self.start_stale[r]:
                 continue
             bias = np.abs(np.where(np.isfinite(reader.bias), reader.bias, 0.0))
             direct = np.abs(reader.matrix) @ self.x_bounds[r] + bias
-            # A bound that overflowed can turn into NaN (0 * inf), which must refuse too.
+            # A bound that overflowed can be NaN (0 * inf), and NaN < LIMIT is False.
             if not direct.max(initial=0.0) < LIMIT:
                 self.start_stale[r] = True
 
@@ -236,11 +237,11 @@ class Folding:
         self.windows.append(window)
         return _Writer(torch_csr(matrix[window]), stales, len(self.windows) - 1)
 
-    def new_residual(self, width: int) -> tuple:
+    def new_residual(self) -> tuple:
         """Return a buffer z for one program's steps, its numpy view, its x part and its
         views of every writer's window."""
         z = torch.zeros(self.size, dtype=DTYPE)
-        return z, z.numpy(), z[:width], [z[window] for window in self.windows]
+        return z, z.numpy(), z[: self.width], [z[window] for window in self.windows]
 
     def choose(self, layer: int, stale: list[bool], zn: np.ndarray, x: torch.Tensor) -> list[int]:
         """Return the expert of every routed layer from the router rows of z, or from

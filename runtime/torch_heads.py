@@ -102,7 +102,7 @@ class HeadCaches:
             raise ValueError("a shared key table must have the head's programs, key width "
                              "and exact lookup")  # fmt: skip
         self.table = table
-        # The table's lists, which it only changes in place.
+        # The table changes these lists only in place, so the references stay valid.
         self.sizes = table.sizes
         self.slot_of_key = table.slot_of_key
         self.usable = table.usable

@@ -141,7 +141,7 @@ class FusedBlock:
         self.w1 = torch_csr(self.w1_scipy)
         self.b1 = torch.from_numpy(np.concatenate(b1s))
         self.w2 = torch_csr(self.w2_scipy)
-        self.extended = None  # W2 and what readers read of its output: see `Folding`
+        self.extended = None  # W2 extended with the readers' shares (see `Folding`)
 
 
 class Router:
@@ -218,7 +218,7 @@ class Attention:
         self.key_value_reads = np.unique(self.qkv_scipy[key_value_rows].indices)
 
     def new_caches(self, programs: int) -> list[HeadCaches]:
-        """Return each head's caches; heads with equal key projections share a table."""
+        """Return each head's caches. Heads with equal key projections share a table."""
         tables: dict[int, KeyTable] = {}
         caches = []
         for head, group in zip(self.heads, self.key_groups):
@@ -669,7 +669,7 @@ class TorchModel(torch.nn.Module):
         """Run one token (F,) of one program and return the next token (F,)."""
         residual = batch.residual
         if residual is None:
-            residual = batch.residual = self.folding.new_residual(self.width)
+            residual = batch.residual = self.folding.new_residual()
         self._embed_one(token, residual[0])
         stale = self._layers_one(batch, program, residual)
         batch.positions[program] += 1

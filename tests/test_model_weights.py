@@ -176,8 +176,7 @@ def test_mojo_reader_and_oracle_agree_with_torch(weight_file):
 def test_load_rejects_file_without_checksum(tmp_path):
     tensors, metadata = load_weights(_copy(tmp_path))
     del metadata["checksum"]
-    path = tmp_path / "plain.safetensors"
-    save_file(tensors, str(path), metadata={tk.METADATA_KEY: json.dumps(metadata)})
+    path = _save_unchecked(tensors, metadata, tmp_path / "plain.safetensors")
     with pytest.raises(WeightFileError, match="no checksum"):
         load_weights(path)
 
@@ -187,8 +186,7 @@ def test_load_rejects_edited_tensor(tmp_path):
     name = next(name for name in sorted(tensors) if name.endswith(".values") and len(tensors[name]))
     tensors[name] = tensors[name].copy()
     tensors[name][0] += 1.0
-    path = tmp_path / "edited.safetensors"
-    save_file(tensors, str(path), metadata={tk.METADATA_KEY: json.dumps(metadata)})
+    path = _save_unchecked(tensors, metadata, tmp_path / "edited.safetensors")
     with pytest.raises(WeightFileError, match="do not match the file's checksum"):
         load_weights(path)
 
@@ -212,6 +210,12 @@ def test_torch_reloads_rewritten_file(tmp_path):
     second = torch_runner.load_model(path)
     assert second is not first
     assert second.metadata["note"] == "rewritten"
+
+
+def _save_unchecked(tensors, metadata, path):
+    """Write a weight file as given, without computing a new checksum."""
+    save_file(tensors, str(path), metadata={tk.METADATA_KEY: json.dumps(metadata)})
+    return path
 
 
 def _copy(tmp_path):

@@ -135,12 +135,17 @@ def test_prefill_appending_matches_full_layers():
             assert (fast == full).all()
 
 
-def test_torch_speed_benchmark_rows():
-    completed = subprocess.run(
+def _torch_speed(*options: str) -> subprocess.CompletedProcess:
+    """Run benchmarks/torch_speed.py on examples/countdown.tasm with `options`."""
+    return subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "torch_speed.py"),
-         str(ROOT / "examples" / "countdown.tasm"), "--batch", "1,3"],
+         str(ROOT / "examples" / "countdown.tasm"), *options],
         capture_output=True, text=True, cwd=ROOT, timeout=300,
     )  # fmt: skip
+
+
+def test_torch_speed_benchmark_rows():
+    completed = _torch_speed("--batch", "1,3")
     assert completed.returncode == 0, completed.stderr
     rows = [line.split("|") for line in completed.stdout.splitlines()
             if line.startswith("| countdown.tasm")]  # fmt: skip
@@ -151,10 +156,6 @@ def test_torch_speed_benchmark_rows():
 
 
 def test_torch_speed_rejects_bad_batch():
-    completed = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "torch_speed.py"),
-         str(ROOT / "examples" / "countdown.tasm"), "--batch", "0"],
-        capture_output=True, text=True, cwd=ROOT, timeout=300,
-    )  # fmt: skip
+    completed = _torch_speed("--batch", "0")
     assert completed.returncode == 2
     assert "at least 1" in completed.stderr

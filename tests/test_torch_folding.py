@@ -1,7 +1,7 @@
 """Folding of readers into writers in the torch runtime's one-program step (`Folding`).
 
 A folded share computes the same integer as the product it replaces. A share that could
-leave float64's exact range is refused. The fallback products give the reference trace.
+leave float64's exact range is rejected. The fallback products give the reference trace.
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ def _exact_product(matrix: sp.csr_matrix, vector: list[int]) -> list[int]:
 
 @settings(max_examples=150, deadline=None)
 @given(fold_cases())
-def test_folded_shares_sum_to_the_exact_integer(case):
+def test_folded_shares_sum_exactly(case):
     """Two writers in turn. z starts at 0, and each folded share adds (R W) v in float64,
     as the runtime's z.addmv_ does. The sum must equal the integer R (W1 v1 + W2 v2) over
     the folded writers."""
@@ -86,7 +86,7 @@ def test_folded_shares_sum_to_the_exact_integer(case):
         part = extended[writer.shape[0] :]
         share = _exact_product(reader, _exact_product(writer, v))
         if part.nnz == 0:
-            assert stales in ([], [0])  # refused (stale), or nothing to fold
+            assert stales in ([], [0])  # rejected (stale), or nothing to fold
             if stales:
                 return  # the runtime reads this reader from x for the rest of the step
             continue
@@ -97,7 +97,7 @@ def test_folded_shares_sum_to_the_exact_integer(case):
         assert all(abs(e) < LIMIT for e in expected)
 
 
-def test_extend_refuses_share_beyond_2_53():
+def test_extend_rejects_share_past_limit():
     reader = sp.csr_matrix(np.array([[2.0**26, 1.0]]))
     writer = sp.csr_matrix(np.array([[2.0**20], [1.0]]))
     folding = _folding_with(reader)
@@ -105,7 +105,7 @@ def test_extend_refuses_share_beyond_2_53():
     extended = folding._extend(writer, np.array([2.0**10]), 0.0, stales)
     assert extended[2:].nnz == 0
     assert stales == [0]
-    # The same writer with inputs 2^6 times smaller stays below 2^53 and folds.
+    # The same writer with inputs 2^6 times smaller stays below 2^52 and folds.
     folding = _folding_with(reader)
     stales = []
     extended = folding._extend(writer, np.array([2.0**4]), 0.0, stales)
@@ -113,7 +113,7 @@ def test_extend_refuses_share_beyond_2_53():
     assert stales == []
 
 
-def test_check_reads_refuses_nan_bound():
+def test_check_reads_rejects_nan_bound():
     """A stored zero weight times an input bound that overflowed to inf gives NaN."""
     folding = _folding_with(sp.csr_matrix(np.array([[1.0, -1.0, 1.0]])))
     folding.x_bounds = [np.array([np.nan, 1.0, 1.0])]
@@ -149,7 +149,7 @@ def test_folding_universal_weights_layers_0_1():
 
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(random_programs(), st.binary(max_size=4))
-def test_every_reader_stale_matches_the_reference(program, stdin):
+def test_all_readers_stale_match_reference(program, stdin):
     """With every reader stale from the start, each reader runs its own product of x, the
     path the runtime takes for weights that do not fold."""
     model = torch_runner.load_model()
@@ -272,7 +272,7 @@ def _tokens_both_ways(model, prompt, steps: int):
     return np.array(rows_folded), np.array(rows_direct)
 
 
-# 1 + 0.9 - 0.9 rounds to just below 1, so the constant logit 1 wins; 1 + (2^53 + 2)
+# 1 + 0.9 - 0.9 rounds to just below 1, so the constant logit 1 wins. 1 + (2^53 + 2)
 # rounds to 2^53 + 4, so the reading logit 1 gets 2 and wins. An exact tie gives 0.
 @pytest.mark.parametrize(("hidden_bias", "reading"), [(0.9, 0), (2.0**53 + 2, 1)])
 def test_cancelling_share_stays_unfolded(hidden_bias, reading):
