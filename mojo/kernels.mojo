@@ -218,8 +218,21 @@ def affine_masked[
 ):
     """Set output = matrix @ input + floats[bias : bias + rows], visiting only the
     columns set in input_mask."""
-    unsafe_memcpy(dest=output, src=arrays.floats.unsafe_offset(bias), count=matrix.rows)
+    copy_floats(output, arrays.floats.unsafe_offset(bias), matrix.rows)
     accumulate_masked(matrix, arrays, input, input_mask, output, input_mask, input_mask)
+
+
+@always_inline
+def copy_floats(dest: FloatPtr, src: FloatPtr, count: Int):
+    """Copy count values from src to dest, eight at a time."""
+    comptime LANES = 8
+    var i = 0
+    while i + LANES <= count:
+        dest.unsafe_store(i, src.unsafe_load[width=LANES](i))
+        i += LANES
+    while i < count:
+        dest[unsafe_offset=i] = src[unsafe_offset=i]
+        i += 1
 
 
 @always_inline
