@@ -25,8 +25,11 @@
 #              expert blocks]
 #   END_MARK
 # A matrix is the 10 Ints of a `Matrix`; a bias is one offset into `floats`; a block is
-# (w1, b1, w2, b2 as a D x 1 matrix). b2 is a matrix because it is added to the whole
-# residual, where most of its components are zero.
+# (w1, b1, w2, b2 as a D x 1 matrix, twin count, twin pairs, twin deltas). b2 is a matrix
+# because it is added to the whole residual, where most of its components are zero. The
+# twins (tlc.mojo.twins) are hidden units whose W1 rows the packer removed because they
+# equal an earlier unit's: (twin, representative) pairs at an offset in `ints` and the
+# differences of their biases at an offset in `floats`.
 
 from std.bit import count_trailing_zeros
 from std.memory import unsafe_memcpy
@@ -85,6 +88,9 @@ struct BlockWeights(ImplicitlyCopyable, Movable):
     var b1: Int
     var w2: Matrix
     var b2: Matrix  # one column
+    var twin_count: Int
+    var twin_pairs: Int  # (twin, representative) pairs in `ints`
+    var twin_deltas: Int  # b1[twin] - b1[representative] in `floats`
 
 
 @fieldwise_init
@@ -153,7 +159,10 @@ struct HeaderReader:
         var b1 = self.next()
         var w2 = self.matrix()
         var b2 = self.matrix()
-        return BlockWeights(w1, b1, w2, b2)
+        var twin_count = self.next()
+        var twin_pairs = self.next()
+        var twin_deltas = self.next()
+        return BlockWeights(w1, b1, w2, b2, twin_count, twin_pairs, twin_deltas)
 
 
 struct Engine(Movable):
@@ -815,6 +824,7 @@ struct Engine(Movable):
         if layer.shared >= 0:
             ref block = self.blocks.unsafe_get(layer.shared)
             affine_masked(block.w1, block.b1, arrays, x, x_mask, shared_hidden)
+            fill_twins(block, arrays, shared_hidden)
             relu(shared_hidden, block.w1.rows, shared_mask)
         var expert = -1
         if layer.expert_count > 0:
@@ -841,6 +851,7 @@ struct Engine(Movable):
                 expert = -1
             else:
                 affine_masked(block.w1, block.b1, arrays, x, x_mask, expert_hidden)
+                fill_twins(block, arrays, expert_hidden)
                 relu(expert_hidden, block.w1.rows, expert_mask)
         if layer.shared >= 0:
             ref block = self.blocks.unsafe_get(layer.shared)
@@ -1037,6 +1048,21 @@ def _field_runs(vocab: List[Int], size: Int) -> List[Int]:
             runs.append(f)
             runs.append(1)
     return runs^
+
+
+@always_inline
+def fill_twins[dtype: DType](block: BlockWeights, arrays: Arrays[dtype], hidden: FloatPtr):
+    """Set each twin unit's pre-activation from its representative's: the same row of
+    W1 plus the twin's own bias. Exact because the packer bounded every partial sum
+    of integers below 2^52 (tlc.mojo.twins)."""
+    var pairs = arrays.pointers.unsafe_offset(block.twin_pairs)
+    var deltas = arrays.floats.unsafe_offset(block.twin_deltas)
+    for i in range(block.twin_count):
+        var twin = pairs[unsafe_offset=2 * i]
+        var representative = pairs[unsafe_offset=2 * i + 1]
+        hidden[unsafe_offset=twin] = hidden[unsafe_offset=representative] + deltas[
+            unsafe_offset=i
+        ]
 
 
 @always_inline

@@ -20,6 +20,7 @@ from typing import NamedTuple
 import numpy as np
 
 from tlc.mojo import build
+from tlc.mojo.twins import find_twins, input_bounds
 from tlc.mojo.weights import (
     FeedForward,
     ModelWeights,
@@ -110,13 +111,18 @@ class _Packer:
             raise WeightFileError(f"{name} has length {len(values)}, expected {length}")
         self.header.append(self._floats(values))
 
-    def block(self, block: FeedForward, width: int, name: str) -> None:
+    def block(self, block: FeedForward, width: int, name: str,
+              bound: np.ndarray | None) -> None:  # fmt: skip
+        """Add a block and its twin rows (see tlc.mojo.twins), given a bound of its
+        input or None."""
         _check_block(block, width, name)
+        block, (pairs, deltas) = find_twins(block, bound)
         hidden = len(block.b1)
         self.matrix(block.w1, hidden, width, f"{name}.w1")
         self.vector(block.b1, hidden, f"{name}.b1")
         self.matrix(block.w2, width, hidden, f"{name}.w2")
         self.matrix(_column(block.b2), width, 1, f"{name}.b2")
+        self.header += [len(pairs), self._ints(pairs.reshape(-1)), self._floats(deltas)]
 
     def finish(self) -> PackedModel:
         header = np.array([PACK_MAGIC, *self.header, PACK_END_MARK], dtype=np.int64)
@@ -294,8 +300,10 @@ def pack_model(weights: ModelWeights) -> PackedModel:
                       every_column=True)  # fmt: skip
         packer.vector(bias, rows, "layers.0 qkv bias")
     dependencies = head_dependencies(weights)
+    bounds = input_bounds(weights) or [None] * len(weights.layers)
     for index, layer in enumerate(weights.layers):
-        _pack_layer(packer, layer, width, f"layers.{index}", dependencies[index])
+        _pack_layer(packer, layer, width, f"layers.{index}", dependencies[index],
+                    bounds[index])  # fmt: skip
     return packer.finish()
 
 
@@ -385,7 +393,8 @@ def head_dependencies(weights: ModelWeights) -> list[list[tuple[TokenFields, ...
 
 
 def _pack_layer(packer: _Packer, layer, width: int, name: str,
-                dependencies: list[tuple[TokenFields, ...]]) -> None:  # fmt: skip
+                dependencies: list[tuple[TokenFields, ...]],
+                bound: np.ndarray | None) -> None:  # fmt: skip
     packer.header.append(len(layer.heads))
     for h, head in enumerate(layer.heads):
         prefix = f"{name}.heads.{h}"
@@ -416,14 +425,14 @@ def _pack_layer(packer: _Packer, layer, width: int, name: str,
             shared = None
     packer.header.append(0 if shared is None else 1)
     if shared is not None:
-        packer.block(shared, width, f"{name}.shared")
+        packer.block(shared, width, f"{name}.shared", bound)
     packer.header.append(len(experts))
     if experts:
         count = len(experts)
         packer.matrix(layer.router_w, count, width, f"{name}.router.w")
         packer.vector(layer.router_b, count, f"{name}.router.b")
         for e, expert in enumerate(experts):
-            packer.block(expert, width, f"{name}.experts.{e}")
+            packer.block(expert, width, f"{name}.experts.{e}", bound)
 
 
 # ---- the engine -----------------------------------------------------------------------

@@ -52,6 +52,9 @@ class SyntheticSpec:
     run_bias: int = 6  # added to the RUN logit so that runs do not halt at once
     well_formed: bool = True
     never_halt: bool = False  # the kind field always predicts RUN (for timing runs)
+    # About half of the hidden units copy the W1 row of an earlier unit of their block
+    # and keep their own bias, as the steps of a tlc model do (tlc.mojo.twins).
+    twin_rows: bool = False
 
     @property
     def width(self) -> int:
@@ -173,7 +176,12 @@ def _head(builder: _Builder, prefix: str, exact: bool) -> None:
 
 def _feed_forward(builder: _Builder, prefix: str, hidden: int) -> None:
     spec = builder.spec
-    builder.matrix(f"{prefix}.w1", builder.random_dense((hidden, spec.width)))
+    w1 = builder.random_dense((hidden, spec.width))
+    if spec.twin_rows:
+        for unit in range(1, hidden):
+            if builder.rng.random() < 0.5:
+                w1[unit] = w1[builder.rng.integers(unit)]
+    builder.matrix(f"{prefix}.w1", w1)
     builder.vector(f"{prefix}.b1", builder.random_vector(hidden))
     scratch = (spec.scratch_start, spec.width)
     builder.matrix(f"{prefix}.w2", builder.random_dense((spec.width, hidden), scratch))

@@ -73,3 +73,14 @@ def conformance_dir() -> Path:
     if not path.is_dir():
         pytest.skip(f"conformance vectors not found at {path}; set TLC_CONFORMANCE_DIR")
     return path
+
+
+@pytest.fixture(scope="session")
+def mojo_extension():
+    """Return the built Mojo extension, skipping only when no Mojo compiler is installed."""
+    from tlc.mojo import build
+
+    try:
+        return build.load_extension()
+    except build.MojoCompilerMissing as error:
+        pytest.skip(f"the Mojo runtime cannot be built on this machine: {error}")

@@ -15,7 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tlc.mojo import build, reference, runner, synthetic
+from tlc.mojo import reference, runner, synthetic
 from tlc.mojo.synthetic import SyntheticSpec
 from tlc.mojo.weights import load_weights
 
@@ -23,12 +23,9 @@ MAX_TOKENS = 120
 
 
 @pytest.fixture(scope="module", autouse=True)
-def extension():
-    """Build the extension once; skip only when no Mojo compiler is installed."""
-    try:
-        return build.load_extension()
-    except build.MojoCompilerMissing as error:
-        pytest.skip(f"the Mojo runtime cannot be built on this machine: {error}")
+def extension(mojo_extension):
+    """Build the extension once for every test of this file."""
+    return mojo_extension
 
 
 SPECS = st.builds(
@@ -48,6 +45,7 @@ SPECS = st.builds(
     density=st.sampled_from([0.2, 0.4, 0.7]),
     run_bias=st.integers(0, 24),
     well_formed=st.booleans(),
+    twin_rows=st.booleans(),
 )
 
 

@@ -12,15 +12,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tlc.mojo import build
-
 
 @pytest.fixture(scope="module")
-def extension():
-    try:
-        return build.load_extension()
-    except build.MojoCompilerMissing as error:
-        pytest.skip(f"the Mojo runtime cannot be built on this machine: {error}")
+def extension(mojo_extension):
+    return mojo_extension
 
 
 def probe(extension, keys: np.ndarray, queries: np.ndarray) -> np.ndarray:

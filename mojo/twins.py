@@ -1,0 +1,134 @@
+"""Twin rows: hidden units of one block whose first-layer rows are equal.
+
+Many units of a tlc block read the same linear form of y and differ only in their bias.
+Examples are the two ReLUs of a step `ReLU(s - t + 1) - ReLU(s - t)` and the thresholds
+of an adder's bit, whose row is a prefix sum of the operands' bits. The engine computes
+such a row once. Its first unit (the representative) keeps the row, and each other unit
+(a twin) stores no entries and takes
+
+    hidden[twin] = hidden[representative] + (b1[twin] - b1[representative])
+
+after the first product. That equals b1[twin] + row . y exactly when every value
+involved is an integer and every partial sum stays below 2^53. The packer checks that
+with `input_bounds`, an interval pass over the whole model, and finds no twins otherwise.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from tlc.mojo.weights import FeedForward, ModelWeights, SparseMatrix
+
+# Bounds must stay below this. Float64 represents every integer up to 2^53, and the
+# margin covers the rounding of the bound arithmetic itself.
+LIMIT = 2.0**52
+
+
+def _integral(values) -> bool:
+    values = np.asarray(values, dtype=np.float64)
+    return bool(np.all(np.floor(values) == values) and np.all(np.abs(values) < LIMIT))
+
+
+def _abs_product(matrix: SparseMatrix, bound: np.ndarray) -> np.ndarray:
+    """Return |matrix| @ bound (rows of the matrix)."""
+    result = np.zeros(matrix.shape[0], dtype=np.float64)
+    np.add.at(result, matrix.rows, np.abs(matrix.values) * bound[matrix.cols])
+    return result
+
+
+def _block_growth(block: FeedForward, y: np.ndarray) -> np.ndarray:
+    """Return a bound of what the block adds to x, given a bound of its input."""
+    hidden = _abs_product(block.w1, y) + np.abs(block.b1)
+    return _abs_product(block.w2, hidden) + np.abs(block.b2)
+
+
+def input_bounds(weights: ModelWeights) -> list[np.ndarray] | None:
+    """Return, per layer, a bound of |y| component by component, where y is the input of
+    the layer's feed-forward blocks, at any position and for any token.
+
+    Returns None when some embedding value, head weight or block weight is not an
+    integer, because then y need not be an integer and twins are not exact. The router
+    only picks an expert, so each layer adds the largest growth of any expert.
+    """
+    tensors = [matrix.values for matrix in weights.embed]
+    for layer in weights.layers:
+        for head in layer.heads:
+            tensors += [head.wv.values, head.bv, head.wo.values]
+        blocks = ([layer.shared] if layer.shared is not None else []) + layer.experts
+        for block in blocks:
+            tensors += [block.w1.values, block.b1, block.w2.values, block.b2]
+    if not all(_integral(values) for values in tensors):
+        return None
+    try:
+        return _bounds(weights)
+    except (IndexError, ValueError):
+        return None  # wrong shapes, which the packer reports with their names
+
+
+def _bounds(weights: ModelWeights) -> list[np.ndarray]:
+    x = np.zeros(weights.width, dtype=np.float64)
+    for table in weights.embed:
+        # Each field adds one row of its table: the largest magnitude per component.
+        magnitudes = np.zeros(table.shape, dtype=np.float64)
+        np.add.at(magnitudes, (table.rows, table.cols), np.abs(table.values))
+        x = x + magnitudes.max(axis=0, initial=0.0)
+    bounds = []
+    for layer in weights.layers:
+        y = x.copy()
+        for head in layer.heads:
+            # The winning value was computed at some position from x bounded by `x`.
+            value = _abs_product(head.wv, x) + np.abs(head.bv)
+            y = y + _abs_product(head.wo, value)
+        bounds.append(y)
+        x = y.copy()
+        if layer.shared is not None:
+            x = x + _block_growth(layer.shared, y)
+        if layer.experts:
+            x = x + np.max([_block_growth(expert, y) for expert in layer.experts], axis=0)
+    return bounds
+
+
+def find_twins(block: FeedForward, bound: np.ndarray | None):
+    """Return (block, twins): the block with the W1 entries of every twin row removed,
+    and an int64 array of (twin, representative) pairs with a float64 array of their
+    bias differences. No twins when `bound` is None or a bound reaches LIMIT.
+
+    `bound` bounds |y| component by component (from `input_bounds`).
+    """
+    hidden = len(block.b1)
+    none = (np.zeros((0, 2), dtype=np.int64), np.zeros(0, dtype=np.float64))
+    if bound is None or hidden < 2:
+        return block, none
+    pointers, columns, values = block.w1.csr()
+    nonzero = values != 0.0
+    if not nonzero.all():
+        # Cancelled duplicates are not entries: equal forms must compare equal.
+        row_of = np.repeat(np.arange(hidden), np.diff(pointers))[nonzero]
+        columns, values = columns[nonzero], values[nonzero]
+        pointers = np.searchsorted(row_of, np.arange(hidden + 1))
+    # Over the stored entries, so that it bounds every partial sum in any order.
+    units_bound = _abs_product(block.w1, bound) + np.abs(block.b1)
+    first_of: dict[bytes, int] = {}
+    pairs = []
+    for unit in range(hidden):
+        start, end = pointers[unit], pointers[unit + 1]
+        if end == start:
+            continue
+        form = columns[start:end].tobytes() + values[start:end].tobytes()
+        representative = first_of.setdefault(form, unit)
+        if representative != unit:
+            pairs.append((unit, representative))
+    if not pairs:
+        return block, none
+    pairs = np.array(pairs, dtype=np.int64)
+    twins, representatives = pairs[:, 0], pairs[:, 1]
+    b1 = np.asarray(block.b1, dtype=np.float64)
+    deltas = b1[twins] - b1[representatives]
+    checked = np.concatenate([units_bound[twins], units_bound[representatives],
+                              np.abs(deltas)])  # fmt: skip
+    if not (np.all(checked < LIMIT)):
+        return block, none
+    keep = ~np.isin(block.w1.rows, twins)
+    w1 = SparseMatrix(block.w1.shape, block.w1.rows[keep], block.w1.cols[keep],
+                      block.w1.values[keep])  # fmt: skip
+    return FeedForward(w1, block.b1, block.w2, block.b2), (pairs, deltas)
