@@ -11,21 +11,24 @@
 #   byte_term_count, (field, weight) per byte term, vocab size per field,
 #   incremental (1 when the embedding may be updated field by field),
 #   embed^T (D x sum of V_f, every column stored; field f's value t is column
-#   V_0 + .. + V_(f-1) + t), unembed (sum of V_f x D, the fields' rows stacked) and its
-#   bias,
+#   V_0 + .. + V_(f-1) + t), unembed (sum of V_f x D, the fields' rows stacked), its
+#   bias and its head mask,
 #   first_qkv_rows R (0: none), and when R > 0 the q, k and v maps of layer 0's heads
 #   applied to the embedding (R x sum of V_f, every column stored, rows by head and then
 #   q, k, v) and their bias,
 #   per layer: head_count, per head (exact, wq, bq, wk, bk, wv, bv, wo, then the token
 #              fields of the key, the value and the query: a count and that many
-#              fields, or -1 when the projection reads a dimension a layer writes),
-#              when head_count > 0 the heads' wo side by side (D x the sum of their
-#              value widths),
+#              fields, or -1 when the projection reads a dimension a layer writes,
+#              then deferrable and the head masks of wq, wk and wv),
 #              has_shared, [shared block], expert_count, [router, router bias,
-#              expert blocks]
+#              router head mask, expert blocks]
 #   END_MARK
+# A head mask has bit g set when the matrix reads a row that deferrable head g writes
+# (tlc.mojo.deferred): the engine computes such a head's output only when a step reads
+# it, before the first product that does.
 # A matrix is the 10 Ints of a `Matrix`; a bias is one offset into `floats`; a block is
-# (w1, b1, w2, b2 as a D x 1 matrix, twin count, twin pairs, twin deltas). b2 is a matrix
+# (w1, b1, w2, b2 as a D x 1 matrix, twin count, twin pairs, twin deltas, the head mask
+# of w1). b2 is a matrix
 # because it is added to the whole residual, where most of its components are zero. The
 # twins (tlc.mojo.twins) are hidden units whose W1 rows the packer removed because they
 # equal an earlier unit's: (twin, representative) pairs at an offset in `ints` and the
@@ -78,6 +81,12 @@ struct HeadWeights(ImplicitlyCopyable, Movable):
     var key_fields: Int
     var value_fields: Int
     var query_fields: Int
+    # Whether the head's output may wait until a product reads it, and the head masks of
+    # its projections.
+    var deferrable: Bool
+    var reads_q: UInt64
+    var reads_k: UInt64
+    var reads_v: UInt64
 
 
 @fieldwise_init
@@ -91,18 +100,17 @@ struct BlockWeights(ImplicitlyCopyable, Movable):
     var twin_count: Int
     var twin_pairs: Int  # (twin, representative) pairs in `ints`
     var twin_deltas: Int  # b1[twin] - b1[representative] in `floats`
+    var reads: UInt64  # the head mask of w1
 
 
 @fieldwise_init
 struct LayerWeights(ImplicitlyCopyable, Movable):
     var first_head: Int
     var head_count: Int
-    # The output projections of all heads side by side, applied to their winning
-    # values laid end to end in Engine.head_values.
-    var wo: Matrix
     var shared: Int  # index into the block list, or -1
     var router: Matrix
     var router_bias: Int
+    var router_reads: UInt64  # the head mask of the router
     var first_expert: Int  # index into the block list
     var expert_count: Int
     # The router's argmax at a position where x is zero in every column it reads, so
@@ -162,7 +170,8 @@ struct HeaderReader:
         var twin_count = self.next()
         var twin_pairs = self.next()
         var twin_deltas = self.next()
-        return BlockWeights(w1, b1, w2, b2, twin_count, twin_pairs, twin_deltas)
+        var reads = UInt64(self.next())
+        return BlockWeights(w1, b1, w2, b2, twin_count, twin_pairs, twin_deltas, reads)
 
 
 struct Engine(Movable):
@@ -185,6 +194,7 @@ struct Engine(Movable):
     var embed: Matrix
     var unembed: Matrix
     var unembed_bias: Int
+    var unembed_reads: UInt64  # the head mask of the unembedding
     # Layer 0's queries, keys and values of `embedded_token`, kept like the embedding
     # when the packer found that exact: first_qkv is Wqkv E^T with R = first_qkv_rows
     # rows and `kept_qkv` its product with the token plus the bias. kept_offsets[3 h + p]
@@ -252,6 +262,9 @@ struct Engine(Movable):
     # the set bits of quiet_mask. See `_quiet`.
     var quiet_start: Int
     var quiet_mask: List[UInt64]
+    var quiet_reads: UInt64  # the head masks of those routers
+    # The deferrable heads of this position whose output x does not hold yet, by bit.
+    var pending: UInt64
     var heads: List[HeadWeights]
     var blocks: List[BlockWeights]
     var caches: List[HeadCache]
@@ -272,8 +285,7 @@ struct Engine(Movable):
     var query: List[Float64]
     var key: List[Float64]
     var value: List[Float64]
-    var head_values: List[Float64]  # the winning values of one layer's heads, in order
-    var value_mask: List[UInt64]  # nonzero components of head_values
+    var value_mask: List[UInt64]  # nonzero components of a head's winning value
     var shared_hidden: List[Float64]
     var expert_hidden: List[Float64]
     var shared_mask: List[UInt64]  # positive units of shared_hidden after the ReLU
@@ -332,6 +344,7 @@ struct Engine(Movable):
         self.embed = reader.matrix()
         self.unembed = reader.matrix()
         self.unembed_bias = reader.next()
+        self.unembed_reads = UInt64(reader.next())
         self.first_qkv_rows = reader.next()
         self.first_qkv = Matrix(0, 0, 0, 0, 0, 0, 0, 0, 0, 0)
         self.first_qkv_bias = 0
@@ -378,20 +391,16 @@ struct Engine(Movable):
         self.query = List[Float64](length=_max_rows(self.heads, 0) + 1, fill=0.0)
         self.key = List[Float64](length=_max_rows(self.heads, 1) + 1, fill=0.0)
         self.value = List[Float64](length=_max_rows(self.heads, 2) + 1, fill=0.0)
-        var value_widths = 0
-        for layer in self.layers:
-            var width = 0
-            for h in range(layer.first_head, layer.first_head + layer.head_count):
-                width += self.heads[h].wv.rows
-            var value_words = width // MASK_BITS + 1
-            if layer.head_count > 0 and (
-                layer.wo.rows != self.width
-                or layer.wo.first_word + layer.wo.mask_words > value_words
+        var value_width = _max_rows(self.heads, 2)
+        for h in range(len(self.heads)):
+            ref head = self.heads[h]
+            if head.wo.rows != self.width or head.wo.first_word + head.wo.mask_words > (
+                value_width // MASK_BITS + 1
             ):
-                raise Error("packed model: a layer's stacked output projection has the wrong shape")
-            value_widths = max(value_widths, width)
-        self.head_values = List[Float64](length=value_widths + 1, fill=0.0)
-        self.value_mask = List[UInt64](length=value_widths // MASK_BITS + 1, fill=0)
+                raise Error("packed model: an output projection has the wrong shape")
+            if head.deferrable and h >= MASK_BITS:
+                raise Error("packed model: only the first 64 heads can be deferrable")
+        self.value_mask = List[UInt64](length=value_width // MASK_BITS + 1, fill=0)
         var hidden = _max_hidden(self.blocks) + 1
         self.shared_hidden = List[Float64](length=hidden, fill=0.0)
         self.expert_hidden = List[Float64](length=hidden, fill=0.0)
@@ -412,6 +421,8 @@ struct Engine(Movable):
         self.written_mask = List[UInt64](length=max(mask_words, 1), fill=0)
         self.quiet_start = len(self.layers)
         self.quiet_mask = List[UInt64](length=max(mask_words, 1), fill=0)
+        self.quiet_reads = 0
+        self.pending = 0
         var l = len(self.layers) - 1
         while l >= 0:
             var layer = self.layers[l]
@@ -423,6 +434,7 @@ struct Engine(Movable):
             for index in range(layer.router.mask_words):
                 var word = layer.router.first_word + index
                 self.quiet_mask[word] |= UInt64(self.ints[layer.router.column_mask + index])
+            self.quiet_reads |= layer.router_reads
             self.quiet_start = l
             l -= 1
         self.position = 0
@@ -740,16 +752,16 @@ struct Engine(Movable):
 
     def _attention[dtype: DType](mut self, layer: LayerWeights, need_output: Bool):
         """Append this position's keys and values; when the layer's output is needed,
-        add the output projection of every head's winning value to x."""
+        add every head's output to x, or mark a deferrable head pending."""
         var arrays = self._arrays[dtype]()
         var x = float_ptr(self.x)
         var key_buffer = float_ptr(self.key)
         var value_buffer = float_ptr(self.value)
-        var query_buffer = float_ptr(self.query)
         var x_mask = self._masks()[1]
-        var written = self._masks()[2]
         var caches = self.caches.unsafe_ptr()
         for h in range(layer.first_head, layer.first_head + layer.head_count):
+            var reads = self.heads.unsafe_get(h).reads_k | self.heads.unsafe_get(h).reads_v
+            self._settle[dtype](reads)
             ref head = self.heads.unsafe_get(h)
             ref cache = caches[unsafe_offset=h]
             var slot = self.last_slots.unsafe_get(h)
@@ -779,36 +791,80 @@ struct Engine(Movable):
                 self.last_slots.unsafe_get(h) = cache.append(key, value, self.position)
             if not need_output:
                 self.winner_reusable.unsafe_get(h) = False
-                continue
-            var count = cache.count()
-            if (
-                self.winner_reusable.unsafe_get(h)
-                and self.winner_counts.unsafe_get(h) == count
-                and self._unchanged(head.query_fields)
-            ):
-                continue
-            var query = self._head_projection(h, 0, arrays, x, x_mask, query_buffer)
-            ref index = caches[unsafe_offset=leader]
-            self.winners.unsafe_get(h) = index.attend(query)
-            self.winner_reusable.unsafe_get(h) = index.last_indexed
-            self.winner_counts.unsafe_get(h) = count
+            elif head.deferrable:
+                self.pending |= UInt64(1) << UInt64(h)
+            else:
+                self._find_winner[dtype](h)
         if not need_output:
             return
-        # One product of the stacked output projections adds every head's output, in the
-        # same order of additions as one product per head.
-        var head_values = float_ptr(self.head_values)
-        var value_mask = MaskPtr(unsafe_from_address=Int(self.value_mask.unsafe_ptr()))
-        var offset = 0
+        # Every query above read x before any head of this layer wrote to it.
         for h in range(layer.first_head, layer.first_head + layer.head_count):
-            var width = self.heads.unsafe_get(h).wv.rows
-            var values = self.value_leaders.unsafe_get(h)
-            var winner = caches[unsafe_offset=values].value_ptr(self.winners.unsafe_get(h))
-            unsafe_memcpy(dest=head_values.unsafe_offset(offset), src=winner, count=width)
-            offset += width
-        nonzero_mask(head_values, offset, value_mask)
-        accumulate_masked[mark_output=True](
-            layer.wo, arrays, head_values, value_mask, x, x_mask, written
+            if not self.heads.unsafe_get(h).deferrable:
+                self._add_output[dtype](h)
+
+    def _find_winner[dtype: DType](mut self, h: Int):
+        """Set winners[h] to the slot that head h's query selects at this position."""
+        # The query may read what pending heads of earlier layers write.
+        var due = self.pending & self.heads.unsafe_get(h).reads_q
+        if due != 0:
+            self._evaluate[dtype](due)
+        ref head = self.heads.unsafe_get(h)
+        ref cache = self.caches.unsafe_ptr()[unsafe_offset=h]
+        var count = cache.count()
+        if (
+            self.winner_reusable.unsafe_get(h)
+            and self.winner_counts.unsafe_get(h) == count
+            and self._unchanged(head.query_fields)
+        ):
+            return
+        var arrays = self._arrays[dtype]()
+        var query = self._head_projection(
+            h, 0, arrays, float_ptr(self.x), self._masks()[1], float_ptr(self.query)
         )
+        ref index = self.caches.unsafe_ptr()[unsafe_offset=self.key_leaders.unsafe_get(h)]
+        self.winners.unsafe_get(h) = index.attend(query)
+        self.winner_reusable.unsafe_get(h) = index.last_indexed
+        self.winner_counts.unsafe_get(h) = count
+
+    def _add_output[dtype: DType](mut self, h: Int):
+        """Add head h's output projection of its winning value to x."""
+        var arrays = self._arrays[dtype]()
+        var masks = self._masks()
+        ref head = self.heads.unsafe_get(h)
+        var values = self.value_leaders.unsafe_get(h)
+        ref cache = self.caches.unsafe_ptr()[unsafe_offset=values]
+        var winner = cache.value_ptr(self.winners.unsafe_get(h))
+        var value_mask = MaskPtr(unsafe_from_address=Int(self.value_mask.unsafe_ptr()))
+        nonzero_mask(winner, head.wv.rows, value_mask)
+        accumulate_masked[mark_output=True](
+            head.wo, arrays, winner, value_mask, float_ptr(self.x), masks[1], masks[2]
+        )
+
+    @always_inline
+    def _settle[dtype: DType](mut self, reads: UInt64):
+        """Add the output of every pending head in `reads` to x, before a product that
+        reads what they write."""
+        var due = self.pending & reads
+        if due != 0:
+            self._evaluate[dtype](due)
+
+    def _evaluate[dtype: DType](mut self, heads: UInt64):
+        """Find the winners of the pending heads in `heads` and add their outputs."""
+        var due = heads
+        self.pending &= ~due
+        while due != 0:
+            var h = Int(count_trailing_zeros(due))
+            due &= due - 1
+            self._find_winner[dtype](h)
+            self._add_output[dtype](h)
+
+    def _drop_pending(mut self):
+        """Forget the heads that no product of this position read. Their winners are
+        stale, so the next position must not reuse them."""
+        while self.pending != 0:
+            var h = Int(count_trailing_zeros(self.pending))
+            self.pending &= self.pending - 1
+            self.winner_reusable.unsafe_get(h) = False
 
     def _feed_forward[dtype: DType](mut self, layer: LayerWeights):
         """Add the shared block and the routed expert, both computed from the same y."""
@@ -822,6 +878,7 @@ struct Engine(Movable):
         var shared_mask = MaskPtr(unsafe_from_address=Int(self.shared_mask.unsafe_ptr()))
         var expert_mask = MaskPtr(unsafe_from_address=Int(self.expert_mask.unsafe_ptr()))
         if layer.shared >= 0:
+            self._settle[dtype](self.blocks.unsafe_get(layer.shared).reads)
             ref block = self.blocks.unsafe_get(layer.shared)
             affine_masked(block.w1, block.b1, arrays, x, x_mask, shared_hidden)
             fill_twins(block, arrays, shared_hidden)
@@ -829,6 +886,7 @@ struct Engine(Movable):
         var expert = -1
         if layer.expert_count > 0:
             var chosen = layer.bias_expert
+            self._settle[dtype](layer.router_reads)
             if reads_input(layer.router, arrays, x_mask):
                 var logits = float_ptr(self.logits)
                 project(
@@ -850,9 +908,11 @@ struct Engine(Movable):
                 # An expert without hidden units or output bias adds nothing.
                 expert = -1
             else:
-                affine_masked(block.w1, block.b1, arrays, x, x_mask, expert_hidden)
-                fill_twins(block, arrays, expert_hidden)
-                relu(expert_hidden, block.w1.rows, expert_mask)
+                self._settle[dtype](self.blocks.unsafe_get(expert).reads)
+                ref routed = self.blocks.unsafe_get(expert)
+                affine_masked(routed.w1, routed.b1, arrays, x, x_mask, expert_hidden)
+                fill_twins(routed, arrays, expert_hidden)
+                relu(expert_hidden, routed.w1.rows, expert_mask)
         if layer.shared >= 0:
             ref block = self.blocks.unsafe_get(layer.shared)
             accumulate_masked[mark_output=True](
@@ -869,6 +929,7 @@ struct Engine(Movable):
     def _unembed[dtype: DType](mut self):
         """Set `pending` to the argmax token: all logits in one product, then the
         lowest-index argmax of each field's segment."""
+        self._settle[dtype](self.unembed_reads)
         var arrays = self._arrays[dtype]()
         var x = float_ptr(self.x)
         var logits = float_ptr(self.logits)
@@ -944,8 +1005,10 @@ struct Engine(Movable):
         self._embed[dtype](token)
         var last = len(self.layers) - 1
         for l in range(len(self.layers)):
-            if l == self.quiet_start and self._quiet():
-                break
+            if l == self.quiet_start:
+                self._settle[dtype](self.quiet_reads)
+                if self._quiet():
+                    break
             var layer = self.layers.unsafe_get(l)
             var need_output = predict or l < last
             self._attention[dtype](layer, need_output)
@@ -953,6 +1016,7 @@ struct Engine(Movable):
                 self._feed_forward[dtype](layer)
         if predict:
             self._unembed[dtype]()
+        self._drop_pending()
         self.position += 1
 
     def step(mut self, token: IntPtr, predict: Bool):
@@ -1139,14 +1203,29 @@ def _read_layer(
         var key_fields = _read_field_mask(reader, field_masks, field_count)
         var value_fields = _read_field_mask(reader, field_masks, field_count)
         var query_fields = _read_field_mask(reader, field_masks, field_count)
+        var deferrable = reader.next() != 0
+        var reads_q = UInt64(reader.next())
+        var reads_k = UInt64(reader.next())
+        var reads_v = UInt64(reader.next())
         heads.append(
             HeadWeights(
-                exact, wq, bq, wk, bk, wv, bv, wo, key_fields, value_fields, query_fields
+                exact,
+                wq,
+                bq,
+                wk,
+                bk,
+                wv,
+                bv,
+                wo,
+                key_fields,
+                value_fields,
+                query_fields,
+                deferrable,
+                reads_q,
+                reads_k,
+                reads_v,
             )
         )
-    var wo = Matrix(0, 0, 0, 0, 0, 0, 0, 0, 0, 0)
-    if head_count > 0:
-        wo = reader.matrix()
     var shared = -1
     if reader.next() != 0:
         shared = len(blocks)
@@ -1154,14 +1233,25 @@ def _read_layer(
     var expert_count = reader.next()
     var router = Matrix(0, 0, 0, 0, 0, 0, 0, 0, 0, 0)
     var router_bias = 0
+    var router_reads: UInt64 = 0
     var first_expert = len(blocks)
     if expert_count > 0:
         router = reader.matrix()
         router_bias = reader.next()
+        router_reads = UInt64(reader.next())
         for _ in range(expert_count):
             blocks.append(reader.block())
     return LayerWeights(
-        first_head, head_count, wo, shared, router, router_bias, first_expert, expert_count, 0, -1
+        first_head,
+        head_count,
+        shared,
+        router,
+        router_bias,
+        router_reads,
+        first_expert,
+        expert_count,
+        0,
+        -1,
     )
 
 

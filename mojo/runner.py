@@ -20,6 +20,7 @@ from typing import NamedTuple
 import numpy as np
 
 from tlc.mojo import build
+from tlc.mojo.deferred import Deferral
 from tlc.mojo.twins import find_twins, input_bounds
 from tlc.mojo.weights import (
     FeedForward,
@@ -112,17 +113,19 @@ class _Packer:
         self.header.append(self._floats(values))
 
     def block(self, block: FeedForward, width: int, name: str,
-              bound: np.ndarray | None) -> None:  # fmt: skip
-        """Add a block and its twin rows (see tlc.mojo.twins), given a bound of its
-        input or None."""
+              bound: np.ndarray | None, deferral: Deferral) -> None:  # fmt: skip
+        """Add a block, its twin rows (see tlc.mojo.twins), given a bound of its input
+        or None, and the mask of the deferred heads its first layer reads."""
         _check_block(block, width, name)
+        reads = deferral.reads(block.w1)
         block, (pairs, deltas) = find_twins(block, bound)
         hidden = len(block.b1)
         self.matrix(block.w1, hidden, width, f"{name}.w1")
         self.vector(block.b1, hidden, f"{name}.b1")
         self.matrix(block.w2, width, hidden, f"{name}.w2")
         self.matrix(_column(block.b2), width, 1, f"{name}.b2")
-        self.header += [len(pairs), self._ints(pairs.reshape(-1)), self._floats(deltas)]
+        self.header += [len(pairs), self._ints(pairs.reshape(-1)), self._floats(deltas),
+                        reads]  # fmt: skip
 
     def finish(self) -> PackedModel:
         header = np.array([PACK_MAGIC, *self.header, PACK_END_MARK], dtype=np.int64)
@@ -289,6 +292,8 @@ def pack_model(weights: ModelWeights) -> PackedModel:
     packer.matrix(_stack_rows(weights.unembed), total_vocab, width, "unembed")
     packer.vector(np.concatenate([np.zeros(0), *weights.unembed_bias]), total_vocab,
                   "unembed bias")  # fmt: skip
+    deferral = Deferral(weights)
+    packer.header.append(deferral.reads(_stack_rows(weights.unembed)))
     first_qkv = first_layer_qkv(weights) if incremental else None
     if first_qkv is None:
         packer.header.append(0)
@@ -301,9 +306,11 @@ def pack_model(weights: ModelWeights) -> PackedModel:
         packer.vector(bias, rows, "layers.0 qkv bias")
     dependencies = head_dependencies(weights)
     bounds = input_bounds(weights) or [None] * len(weights.layers)
+    first_head = 0
     for index, layer in enumerate(weights.layers):
         _pack_layer(packer, layer, width, f"layers.{index}", dependencies[index],
-                    bounds[index])  # fmt: skip
+                    bounds[index], (deferral, first_head))  # fmt: skip
+        first_head += len(layer.heads)
     return packer.finish()
 
 
@@ -393,8 +400,11 @@ def head_dependencies(weights: ModelWeights) -> list[list[tuple[TokenFields, ...
 
 
 def _pack_layer(packer: _Packer, layer, width: int, name: str,
-                dependencies: list[tuple[TokenFields, ...]],
-                bound: np.ndarray | None) -> None:  # fmt: skip
+                dependencies: list[tuple[TokenFields, ...]], bound: np.ndarray | None,
+                heads: tuple[Deferral, int]) -> None:  # fmt: skip
+    """Add one layer. `heads` is the model's Deferral and the global index of the
+    layer's first head."""
+    deferral, first_head = heads
     packer.header.append(len(layer.heads))
     for h, head in enumerate(layer.heads):
         prefix = f"{name}.heads.{h}"
@@ -409,10 +419,9 @@ def _pack_layer(packer: _Packer, layer, width: int, name: str,
         packer.matrix(head.wo, width, value_width, f"{prefix}.wo")
         for fields in dependencies[h]:
             packer.header += [-1] if fields is None else [len(fields), *fields]
-    if layer.heads:
-        # The engine adds every head's output with one product of the wo side by side.
-        outputs = _stack_rows([head.wo.transpose() for head in layer.heads]).transpose()
-        packer.matrix(outputs, width, outputs.shape[1], f"{name}.heads wo")
+        packer.header += [int(deferral.deferrable[first_head + h]),
+                          *(deferral.reads(matrix, below=first_head)
+                            for matrix in (head.wq, head.wk, head.wv))]  # fmt: skip
     shared = layer.shared
     experts = layer.experts
     if shared is not None and experts:
@@ -425,14 +434,15 @@ def _pack_layer(packer: _Packer, layer, width: int, name: str,
             shared = None
     packer.header.append(0 if shared is None else 1)
     if shared is not None:
-        packer.block(shared, width, f"{name}.shared", bound)
+        packer.block(shared, width, f"{name}.shared", bound, deferral)
     packer.header.append(len(experts))
     if experts:
         count = len(experts)
         packer.matrix(layer.router_w, count, width, f"{name}.router.w")
         packer.vector(layer.router_b, count, f"{name}.router.b")
+        packer.header.append(deferral.reads(layer.router_w))
         for e, expert in enumerate(experts):
-            packer.block(expert, width, f"{name}.experts.{e}", bound)
+            packer.block(expert, width, f"{name}.experts.{e}", bound, deferral)
 
 
 # ---- the engine -----------------------------------------------------------------------

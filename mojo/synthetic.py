@@ -55,6 +55,10 @@ class SyntheticSpec:
     # About half of the hidden units copy the W1 row of an earlier unit of their block
     # and keep their own bias, as the steps of a tlc model do (tlc.mojo.twins).
     twin_rows: bool = False
+    # Heads get rows of their own at the end of the residual, which no block and no
+    # other head writes, so that the engine may defer them (tlc.mojo.deferred). Up to
+    # scratch // 2 heads get one, in layer order.
+    private_head_rows: bool = False
 
     @property
     def width(self) -> int:
@@ -63,6 +67,19 @@ class SyntheticSpec:
     @property
     def scratch_start(self) -> int:
         return 2 * self.key_bits + 1
+
+    @property
+    def private_rows(self) -> int:
+        """Return how many heads write a row of their own."""
+        if not self.private_head_rows:
+            return 0
+        return min(self.layers * (self.dense_heads + self.exact_heads), self.scratch // 2)
+
+    @property
+    def shared_scratch(self) -> tuple[int, int]:
+        """Return the scratch rows that blocks and heads without a row of their own
+        write."""
+        return self.scratch_start, self.width - self.private_rows
 
 
 class _Builder:
@@ -148,9 +165,13 @@ def _embedding(builder: _Builder, name: str, vocab: int) -> np.ndarray:
     return table
 
 
-def _head(builder: _Builder, prefix: str, exact: bool) -> None:
+def _head(builder: _Builder, prefix: str, exact: bool, number: int) -> None:
+    """Add one head, the model's head number `number` in layer order."""
     spec = builder.spec
-    n, width, scratch = spec.key_bits, spec.width, (spec.scratch_start, spec.width)
+    n, width, scratch = spec.key_bits, spec.width, spec.shared_scratch
+    if number < spec.private_rows:
+        row = spec.width - 1 - number
+        scratch = (row, row + 1)
     if exact:
         wq = np.zeros((n + 1, width))
         wk = np.zeros((n + 1, width))
@@ -183,9 +204,11 @@ def _feed_forward(builder: _Builder, prefix: str, hidden: int) -> None:
                 w1[unit] = w1[builder.rng.integers(unit)]
     builder.matrix(f"{prefix}.w1", w1)
     builder.vector(f"{prefix}.b1", builder.random_vector(hidden))
-    scratch = (spec.scratch_start, spec.width)
+    scratch = spec.shared_scratch
     builder.matrix(f"{prefix}.w2", builder.random_dense((spec.width, hidden), scratch))
-    builder.vector(f"{prefix}.b2", builder.random_vector(spec.width, spec.scratch_start))
+    b2 = builder.random_vector(spec.width, spec.scratch_start)
+    b2[scratch[1] :] = 0.0
+    builder.vector(f"{prefix}.b2", b2)
 
 
 def _layer(builder: _Builder, index: int) -> dict:
@@ -195,7 +218,8 @@ def _layer(builder: _Builder, index: int) -> dict:
     order = builder.rng.permutation(len(lookups))
     for h, position in enumerate(order):
         lookup = lookups[position]
-        _head(builder, f"layers.{index}.heads.{h}", exact=lookup == "exact")
+        number = index * len(lookups) + h
+        _head(builder, f"layers.{index}.heads.{h}", exact=lookup == "exact", number=number)
         heads.append({"role": f"synthetic {lookup}", "lookup": lookup})
     if spec.shared_hidden:
         _feed_forward(builder, f"layers.{index}.shared", spec.shared_hidden)

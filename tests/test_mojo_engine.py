@@ -46,6 +46,7 @@ SPECS = st.builds(
     run_bias=st.integers(0, 24),
     well_formed=st.booleans(),
     twin_rows=st.booleans(),
+    private_head_rows=st.booleans(),
 )
 
 
