@@ -47,6 +47,8 @@ from kernels import (
     MASK_BITS,
     MaskPtr,
     Matrix,
+    mask_bit,
+    mask_word,
     accumulate_marking,
     accumulate_masked,
     add_column,
@@ -665,9 +667,9 @@ struct Engine(Movable):
                             var updated = embedded[unsafe_offset=row] + change
                             embedded[unsafe_offset=row] = updated
                             x[unsafe_offset=row] = updated
-                            var bit = UInt64(1) << UInt64(row % MASK_BITS)
-                            var word = embedded_mask[unsafe_offset=row // MASK_BITS]
-                            embedded_mask[unsafe_offset=row // MASK_BITS] = (
+                            var bit = mask_bit(row)
+                            var word = embedded_mask[unsafe_offset=mask_word(row)]
+                            embedded_mask[unsafe_offset=mask_word(row)] = (
                                 word | bit
                             ) if updated != 0.0 else (word & ~bit)
                         continue

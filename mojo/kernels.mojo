@@ -19,6 +19,20 @@ comptime IndexPtr = Pointer[Int32, MutUntrackedOrigin]
 comptime BytePtr = Pointer[UInt8, MutUntrackedOrigin]
 comptime MaskPtr = Pointer[UInt64, MutUntrackedOrigin]
 comptime MASK_BITS = 64
+comptime MASK_SHIFT = 6  # log2(MASK_BITS)
+
+
+@always_inline
+def mask_word(index: Int) -> Int:
+    """Return the mask word that holds the bit of a non-negative index. A shift, where
+    `index // MASK_BITS` on a signed Int also compiles the rounding of negatives."""
+    return index >> MASK_SHIFT
+
+
+@always_inline
+def mask_bit(index: Int) -> UInt64:
+    """Return the bit of a non-negative index within its mask word."""
+    return UInt64(1) << UInt64(index & (MASK_BITS - 1))
 
 
 def float_ptr(ref values: List[Float64]) -> FloatPtr:
@@ -103,9 +117,9 @@ def accumulate_masked[
                 var weight = values[unsafe_offset=entry].cast[DType.float64]()
                 output[unsafe_offset=row] += weight * coefficient
                 comptime if mark_output:
-                    var bit = UInt64(1) << UInt64(row % MASK_BITS)
-                    output_mask[unsafe_offset=row // MASK_BITS] |= bit
-                    written_mask[unsafe_offset=row // MASK_BITS] |= bit
+                    var bit = mask_bit(row)
+                    output_mask[unsafe_offset=mask_word(row)] |= bit
+                    written_mask[unsafe_offset=mask_word(row)] |= bit
 
 
 def same_affine[
@@ -200,9 +214,9 @@ def accumulate_marking[
             var row = Int(row_ids[unsafe_offset=entry])
             var weight = values[unsafe_offset=entry].cast[DType.float64]()
             output[unsafe_offset=row] += weight * coefficient
-            var bit = UInt64(1) << UInt64(row % MASK_BITS)
-            output_mask[unsafe_offset=row // MASK_BITS] |= bit
-            written_mask[unsafe_offset=row // MASK_BITS] |= bit
+            var bit = mask_bit(row)
+            output_mask[unsafe_offset=mask_word(row)] |= bit
+            written_mask[unsafe_offset=mask_word(row)] |= bit
 
 
 @always_inline
@@ -260,9 +274,9 @@ def add_column[
         ]() * scale
         output[unsafe_offset=row] = updated
         mirror[unsafe_offset=row] = updated
-        var bit = UInt64(1) << UInt64(row % MASK_BITS)
-        var word = output_mask[unsafe_offset=row // MASK_BITS]
-        output_mask[unsafe_offset=row // MASK_BITS] = (word | bit) if updated != 0.0 else (
+        var bit = mask_bit(row)
+        var word = output_mask[unsafe_offset=mask_word(row)]
+        output_mask[unsafe_offset=mask_word(row)] = (word | bit) if updated != 0.0 else (
             word & ~bit
         )
 
