@@ -9,9 +9,12 @@ stream output bytes and report progress between chunks.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import tempfile
 import time
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -682,8 +685,56 @@ def load_universal() -> tuple[ModelWeights, PackedModel]:
 
         tensors, metadata = universal_weights()
         weights = weights_from_tensors(tensors, metadata, _UNIVERSAL)
-        _loaded[_UNIVERSAL] = (weights, pack_model(weights))
+        _loaded[_UNIVERSAL] = (weights, _cached_pack(weights))
     return _loaded[_UNIVERSAL]
+
+
+# The sources whose code decides the packed layout of a weight file.
+_PACKER_SOURCES = ("runner.py", "twins.py", "deferred.py", "weights.py")
+
+
+def _cached_pack(weights: ModelWeights) -> PackedModel:
+    """Return `pack_model(weights)` for the universal model, from the tlc cache folder
+    when an earlier process packed the same weights with the same packer.
+
+    Packing takes about 0.09 s, half of a short program's start-up. The cache key is the
+    weights' checksum and a hash of the packer's sources, and weights without a checksum
+    are packed each time. A cache that cannot be read or written is skipped.
+    """
+    from tlc.cache import cache_dir
+
+    checksum = weights.metadata.get("checksum")
+    if not isinstance(checksum, str):
+        return pack_model(weights)
+    hasher = hashlib.sha256(checksum.encode())
+    folder = Path(__file__).resolve().parent
+    for name in _PACKER_SOURCES:
+        hasher.update((folder / name).read_bytes())
+    path = cache_dir() / "packed" / f"universal-{hasher.hexdigest()[:20]}.npz"
+    if path.is_file():
+        try:
+            with np.load(path) as arrays:
+                return PackedModel(arrays["ints"], arrays["indices"], arrays["value_words"],
+                                   arrays["floats"], bool(arrays["narrow"]))  # fmt: skip
+        except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as error:
+            logger.warning("the cached packed model %s is invalid, packing again: %s", path, error)
+    packed = pack_model(weights)
+    temporary = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(dir=path.parent, suffix=".npz")
+        with os.fdopen(handle, "wb") as file:
+            np.savez(file, ints=packed.ints, indices=packed.indices,
+                     value_words=packed.value_words, floats=packed.floats,
+                     narrow=np.array(packed.narrow))  # fmt: skip
+        os.replace(temporary, path)
+        temporary = None
+    except OSError as error:
+        logger.info("cannot cache the packed universal model in %s: %s", path.parent, error)
+    finally:
+        if temporary is not None:
+            Path(temporary).unlink(missing_ok=True)
+    return packed
 
 
 def unavailable_reason() -> str | None:

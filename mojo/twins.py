@@ -106,24 +106,14 @@ def find_twins(block: FeedForward, bound: np.ndarray | None):
         row_of = np.repeat(np.arange(hidden), np.diff(pointers))[nonzero]
         columns, values = columns[nonzero], values[nonzero]
         pointers = np.searchsorted(row_of, np.arange(hidden + 1))
-    # Over the stored entries, so that it bounds every partial sum in any order.
-    units_bound = _abs_product(block.w1, bound) + np.abs(block.b1)
-    first_of: dict[bytes, int] = {}
-    pairs = []
-    for unit in range(hidden):
-        start, end = pointers[unit], pointers[unit + 1]
-        if end == start:
-            continue
-        form = columns[start:end].tobytes() + values[start:end].tobytes()
-        representative = first_of.setdefault(form, unit)
-        if representative != unit:
-            pairs.append((unit, representative))
-    if not pairs:
+    pairs = _equal_rows(pointers, columns, values)
+    if len(pairs) == 0:
         return block, none
-    pairs = np.array(pairs, dtype=np.int64)
     twins, representatives = pairs[:, 0], pairs[:, 1]
     b1 = np.asarray(block.b1, dtype=np.float64)
     deltas = b1[twins] - b1[representatives]
+    # Over the stored entries, so that it bounds every partial sum in any order.
+    units_bound = _abs_product(block.w1, bound) + np.abs(b1)
     checked = np.concatenate([units_bound[twins], units_bound[representatives],
                               np.abs(deltas)])  # fmt: skip
     if not (np.all(checked < LIMIT)):
@@ -132,3 +122,41 @@ def find_twins(block: FeedForward, bound: np.ndarray | None):
     w1 = SparseMatrix(block.w1.shape, block.w1.rows[keep], block.w1.cols[keep],
                       block.w1.values[keep])  # fmt: skip
     return FeedForward(w1, block.b1, block.w2, block.b2), (pairs, deltas)
+
+
+def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Return the concatenation of arange(start, start + length) for each pair."""
+    offsets = np.repeat(starts - np.cumsum(lengths) + lengths, lengths)
+    return offsets + np.arange(int(lengths.sum()))
+
+
+def _equal_rows(pointers: np.ndarray, columns: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """Return (row, first equal row) pairs of a CSR matrix whose rows hold their entries
+    in column order, for every nonempty row equal to an earlier one, row ascending."""
+    lengths = np.diff(pointers)
+    # A hash of each row: the wrapped sum of a mix of each entry's column and value.
+    bits = values.astype(np.float64).view(np.uint64)
+    mixed = (columns.astype(np.uint64) + np.uint64(1)) * np.uint64(0x9E3779B97F4A7C15)
+    mixed ^= (bits ^ (bits >> np.uint64(29))) * np.uint64(0xBF58476D1CE4E5B9)
+    mixed ^= mixed >> np.uint64(31)
+    sums = np.concatenate([np.zeros(1, np.uint64), np.cumsum(mixed, dtype=np.uint64)])
+    hashes = sums[pointers[1:]] - sums[pointers[:-1]]
+    units = np.flatnonzero(lengths > 0)
+    order = units[np.lexsort((units, hashes[units], lengths[units]))]
+    same = (hashes[order[1:]] == hashes[order[:-1]]) & (lengths[order[1:]] == lengths[order[:-1]])
+    # The first unit of each run of equal hashes is the candidate representative.
+    first = np.maximum.accumulate(np.where(np.concatenate([[False], same]), 0,
+                                           np.arange(len(order))))  # fmt: skip
+    candidates = np.flatnonzero(np.concatenate([[False], same]))
+    twins, representatives = order[candidates], order[first[candidates]]
+    if len(twins) == 0:
+        return np.zeros((0, 2), dtype=np.int64)
+    # Check the candidates entry by entry, so that a hash collision never pairs rows.
+    count = lengths[twins]
+    left = _ranges(pointers[twins], count)
+    right = _ranges(pointers[representatives], count)
+    equal = (columns[left] == columns[right]) & (values[left] == values[right])
+    starts = np.cumsum(count) - count
+    verified = np.logical_and.reduceat(equal, starts)
+    pairs = np.stack([twins[verified], representatives[verified]], axis=1).astype(np.int64)
+    return pairs[np.argsort(pairs[:, 0], kind="stable")]
