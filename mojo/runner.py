@@ -222,6 +222,24 @@ def _check_block(block: FeedForward, width: int, name: str) -> None:
         raise WeightFileError(f"{name}.b2 has length {len(block.b2)}, expected {width}")
 
 
+def _check_layer(layer, width: int, name: str) -> None:
+    """Raise WeightFileError when a head or block of the layer does not fit a residual
+    of `width`, before the passes over the whole model index x with its rows."""
+    for h, head in enumerate(layer.heads):
+        key_width, value_width = len(head.bk), len(head.bv)
+        for part, matrix, shape in (("wq", head.wq, (len(head.bq), width)),
+                                    ("wk", head.wk, (key_width, width)),
+                                    ("wv", head.wv, (value_width, width)),
+                                    ("wo", head.wo, (width, value_width))):  # fmt: skip
+            if matrix.shape != shape:
+                raise WeightFileError(f"{name}.heads.{h}.{part} has shape {matrix.shape}, "
+                                      f"expected {shape}")  # fmt: skip
+    blocks = [("shared", layer.shared)] if layer.shared is not None else []
+    blocks += [(f"experts.{e}", expert) for e, expert in enumerate(layer.experts)]
+    for part, block in blocks:
+        _check_block(block, width, f"{name}.{part}")
+
+
 def _fuse_blocks(first: FeedForward, second: FeedForward) -> FeedForward:
     """Return one ReLU block that adds to x what both blocks add when they read the same
     y: the W1 rows of both stacked (the first block's hidden units first), their W2
@@ -307,6 +325,8 @@ def pack_model(weights: ModelWeights) -> PackedModel:
         packer.matrix(matrix, rows, total_vocab, "layers.0 qkv of the embedding",
                       every_column=True)  # fmt: skip
         packer.vector(bias, rows, "layers.0 qkv bias")
+    for index, layer in enumerate(weights.layers):
+        _check_layer(layer, width, f"layers.{index}")
     dependencies = head_dependencies(weights)
     bounds = input_bounds(weights) or [None] * len(weights.layers)
     first_head = 0

@@ -7,13 +7,14 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tlc.mojo import reference, runner, synthetic
 from tlc.mojo.deferred import Deferral
 from tlc.mojo.synthetic import SyntheticSpec
-from tlc.mojo.weights import FeedForward, Head, SparseMatrix, load_weights
+from tlc.mojo.weights import FeedForward, Head, SparseMatrix, WeightFileError, load_weights
 
 
 def _weights(spec: SyntheticSpec, seed: int, folder: str):
@@ -117,3 +118,33 @@ def test_engine_with_deferred_heads_equals_reference(mojo_extension, seed, layer
     tokens, output = runner.run_tokens(weights, weights.prompt, 150)
     assert np.array_equal(tokens, expected.tokens)
     assert output == expected.output
+
+
+def _widened(matrix: SparseMatrix, axis: int, extra: int) -> SparseMatrix:
+    """Return the matrix with `extra` more rows (axis 0) or columns (axis 1) and one
+    entry in the last of them."""
+    shape = list(matrix.shape)
+    shape[axis] += extra
+    row, column = (shape[0] - 1, 0) if axis == 0 else (0, shape[1] - 1)
+    return SparseMatrix(tuple(shape), np.append(matrix.rows, row),
+                        np.append(matrix.cols, column), np.append(matrix.values, 1.0))  # fmt: skip
+
+
+@pytest.mark.parametrize("part", ["wq", "wo"])
+def test_head_wider_than_residual_is_named(tmp_path, part):
+    weights = _weights(_private_spec(), 4, str(tmp_path))
+    head = weights.layers[1].heads[0]
+    parts = dict(vars(head))
+    parts[part] = _widened(parts[part], 0 if part == "wo" else 1, 2)
+    weights.layers[1].heads[0] = Head(**parts)
+    with pytest.raises(WeightFileError, match=rf"layers\.1\.heads\.0\.{part} has shape"):
+        runner.pack_model(weights)
+
+
+def test_second_layer_wider_than_residual_is_named(tmp_path):
+    weights = _weights(_private_spec(), 4, str(tmp_path))
+    expert = weights.layers[1].experts[0]
+    w2 = _widened(expert.w2, 0, 1)
+    weights.layers[1].experts[0] = FeedForward(expert.w1, expert.b1, w2, expert.b2)
+    with pytest.raises(WeightFileError, match=r"layers\.1\.experts\.0\.w2 has shape"):
+        runner.pack_model(weights)
