@@ -47,6 +47,8 @@ FIRST_CHUNK = 1024
 MAX_CHUNK = 1 << 20
 # A recorded chunk stores F int64 per token, so its size is bounded in bytes.
 MAX_RECORDED_BYTES = 8 << 20
+# Prompt tokens converted to int64 and fed to the engine at a time.
+FEED_CHUNK = 4096
 
 
 def max_recorded_chunk(field_count: int) -> int:
@@ -521,9 +523,17 @@ class MojoEngine:
             self.close()
 
     def feed(self, prompt) -> None:
-        """Run the prompt. Its last token's prediction is the first generated token."""
+        """Run the prompt. Its last token's prediction is the first generated token.
+
+        The engine reads int64 tokens. A prompt of narrower integers (tlc.model.tokens
+        builds uint8 ones) is converted FEED_CHUNK tokens at a time, so that a long
+        stdin is never held as one int64 array. Each call predicts from its last token,
+        which changes no cache, and the last call's prediction is the one that stays.
+        """
         prompt = check_prompt(self.weights, prompt)
-        self._extension.feed(self._handle, prompt.ctypes.data, len(prompt))
+        for start in range(0, len(prompt), FEED_CHUNK):
+            part = np.ascontiguousarray(prompt[start : start + FEED_CHUNK], dtype=np.int64)
+            self._extension.feed(self._handle, part.ctypes.data, len(part))
 
     def generate(self, max_tokens: int, record: bool) -> Chunk:
         """Emit up to `max_tokens` tokens, fewer when one of them stops the run."""
@@ -557,12 +567,15 @@ class MojoEngine:
 
 
 def check_prompt(weights: ModelWeights, prompt) -> np.ndarray:
-    """Return the prompt as a C-contiguous (P, F) int64 array.
+    """Return the prompt as a (P, F) array of integers, int64 unless it already holds
+    integers of another type.
 
     Raises ValueError when the prompt is empty or a value is outside its field's
     vocabulary.
     """
-    prompt = np.ascontiguousarray(np.asarray(prompt, dtype=np.int64))
+    prompt = np.asarray(prompt)
+    if not np.issubdtype(prompt.dtype, np.integer):
+        prompt = prompt.astype(np.int64)
     field_count = len(weights.fields)
     if prompt.ndim != 2 or prompt.shape[1] != field_count or len(prompt) == 0:
         raise ValueError(f"the prompt must be a non-empty (P, {field_count}) array of "
@@ -803,7 +816,8 @@ def run_program(
         raise ValueError(f"the model does not compute {', '.join(missing)} yet; "
                          "run this program with --backend ref")  # fmt: skip
     try:
-        prompt = tokens.encode_prompt(model.metadata, program, stdin)
+        prompt = tokens.encode_prompt(model.metadata, program, stdin,
+                                      tokens.token_dtype(model.metadata))
         # A traced run decodes every token and writes the output bytes as they come. An
         # untraced run decodes only the last tokens, and `decode` writes the output.
         decoder = tokens.TokenDecoder(

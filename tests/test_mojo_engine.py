@@ -104,6 +104,21 @@ def test_chunked_generation_equals_one_call(tmp_path):
     assert outputs == whole.output
 
 
+@pytest.mark.parametrize("chunk", [1, 3, 4])
+def test_prompt_fed_in_pieces_gives_same_tokens(tmp_path, monkeypatch, chunk):
+    spec = SyntheticSpec(run_bias=40, layers=2)
+    path = synthetic.write_model(tmp_path / "model.safetensors", spec, 12, 10)
+    weights = load_weights(path)
+    expected = reference.run_reference(weights, weights.prompt, 200)
+    monkeypatch.setattr(runner, "FEED_CHUNK", chunk)
+    narrow = weights.prompt.astype(np.uint8)
+    with runner.MojoEngine(weights) as engine:
+        engine.feed(narrow)
+        decoded = runner.decode(engine, 200)
+    assert np.array_equal(decoded.tokens, expected.tokens)
+    assert decoded.output == expected.output
+
+
 def test_unrecorded_run_gives_same_output(tmp_path):
     spec = SyntheticSpec(run_bias=40)
     path = synthetic.write_model(tmp_path / "model.safetensors", spec, 5, 6)
