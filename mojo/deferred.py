@@ -9,8 +9,8 @@ runs then reads the same x, under two conditions that `Deferral` checks:
 
 * no other head and no block writes the head's output rows, so adding the output later
   leaves those rows exactly as an immediate addition would;
-* no head of its layer and no block or head of a later layer writes a column its query
-  reads, so the query computed later equals the query at the head's own layer.
+* no head or block of its layer and no block or head of a later layer writes a column
+  its query reads, so the query computed later equals the query at the head's own layer.
 
 Each reader (a head projection, a router, the first layer of a block, the unembedding)
 carries the bit mask of the deferrable heads whose output rows it reads, so the engine
@@ -36,7 +36,7 @@ class Deferral:
         layer_of = [index for index, layer in enumerate(weights.layers) for _ in layer.heads]
 
         # How many writers write each row, and which rows each head writes.
-        writers = np.zeros(width + 1, dtype=np.int64)
+        writers = np.zeros(width, dtype=np.int64)
         self.rows = []
         for head in heads:
             rows = np.unique(head.wo.rows[head.wo.rows < width])

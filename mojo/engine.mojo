@@ -28,11 +28,10 @@
 # it, before the first product that does.
 # A matrix is the 10 Ints of a `Matrix`; a bias is one offset into `floats`; a block is
 # (w1, b1, w2, b2 as a D x 1 matrix, twin count, twin pairs, twin deltas, the head mask
-# of w1). b2 is a matrix
-# because it is added to the whole residual, where most of its components are zero. The
-# twins (tlc.mojo.twins) are hidden units whose W1 rows the packer removed because they
-# equal an earlier unit's: (twin, representative) pairs at an offset in `ints` and the
-# differences of their biases at an offset in `floats`.
+# of w1). b2 is a matrix because it is added to the whole residual, where most of its
+# components are zero. The twins (tlc.mojo.twins) are hidden units whose W1 rows the
+# packer removed because they equal an earlier unit's: (twin, representative) pairs at
+# an offset in `ints` and the differences of their biases at an offset in `floats`.
 
 from std.bit import count_trailing_zeros
 from std.memory import unsafe_memcpy
@@ -266,7 +265,7 @@ struct Engine(Movable):
     var quiet_mask: List[UInt64]
     var quiet_reads: UInt64  # the head masks of those routers
     # The deferrable heads of this position whose output x does not hold yet, by bit.
-    var pending: UInt64
+    var pending_heads: UInt64
     var heads: List[HeadWeights]
     var blocks: List[BlockWeights]
     var caches: List[HeadCache]
@@ -424,7 +423,7 @@ struct Engine(Movable):
         self.quiet_start = len(self.layers)
         self.quiet_mask = List[UInt64](length=max(mask_words, 1), fill=0)
         self.quiet_reads = 0
-        self.pending = 0
+        self.pending_heads = 0
         var l = len(self.layers) - 1
         while l >= 0:
             var layer = self.layers[l]
@@ -794,7 +793,7 @@ struct Engine(Movable):
             if not need_output:
                 self.winner_reusable.unsafe_get(h) = False
             elif head.deferrable:
-                self.pending |= UInt64(1) << UInt64(h)
+                self.pending_heads |= UInt64(1) << UInt64(h)
             else:
                 self._find_winner[dtype](h)
         if not need_output:
@@ -807,7 +806,7 @@ struct Engine(Movable):
     def _find_winner[dtype: DType](mut self, h: Int):
         """Set winners[h] to the slot that head h's query selects at this position."""
         # The query may read what pending heads of earlier layers write.
-        var due = self.pending & self.heads.unsafe_get(h).reads_q
+        var due = self.pending_heads & self.heads.unsafe_get(h).reads_q
         if due != 0:
             self._evaluate[dtype](due)
         ref head = self.heads.unsafe_get(h)
@@ -846,26 +845,26 @@ struct Engine(Movable):
     def _settle[dtype: DType](mut self, reads: UInt64):
         """Add the output of every pending head in `reads` to x, before a product that
         reads what they write."""
-        var due = self.pending & reads
+        var due = self.pending_heads & reads
         if due != 0:
             self._evaluate[dtype](due)
 
     def _evaluate[dtype: DType](mut self, heads: UInt64):
         """Find the winners of the pending heads in `heads` and add their outputs."""
         var due = heads
-        self.pending &= ~due
+        self.pending_heads &= ~due
         while due != 0:
             var h = Int(count_trailing_zeros(due))
             due &= due - 1
             self._find_winner[dtype](h)
             self._add_output[dtype](h)
 
-    def _drop_pending(mut self):
+    def _drop_pending_heads(mut self):
         """Forget the heads that no product of this position read. Their winners are
         stale, so the next position must not reuse them."""
-        while self.pending != 0:
-            var h = Int(count_trailing_zeros(self.pending))
-            self.pending &= self.pending - 1
+        while self.pending_heads != 0:
+            var h = Int(count_trailing_zeros(self.pending_heads))
+            self.pending_heads &= self.pending_heads - 1
             self.winner_reusable.unsafe_get(h) = False
 
     def _feed_forward[dtype: DType](mut self, layer: LayerWeights):
@@ -1018,7 +1017,7 @@ struct Engine(Movable):
                 self._feed_forward[dtype](layer)
         if predict:
             self._unembed[dtype]()
-        self._drop_pending()
+        self._drop_pending_heads()
         self.position += 1
 
     def step(mut self, token: IntPtr, predict: Bool):

@@ -119,8 +119,9 @@ class _Packer:
 
     def block(self, block: FeedForward, width: int, name: str,
               bound: np.ndarray | None, deferral: Deferral) -> None:  # fmt: skip
-        """Add a block, its twin rows (see tlc.mojo.twins), given a bound of its input
-        or None, and the mask of the deferred heads its first layer reads."""
+        """Add a block with its twin rows (tlc.mojo.twins) and the mask of the deferred
+        heads its first layer reads. `bound` bounds the block's input, or is None where
+        twins are not allowed."""
         _check_block(block, width, name)
         reads = deferral.reads(block.w1)
         block, (pairs, deltas) = find_twins(block, bound)
@@ -315,6 +316,8 @@ def pack_model(weights: ModelWeights) -> PackedModel:
     packer.matrix(_stack_rows(weights.unembed), total_vocab, width, "unembed")
     packer.vector(np.concatenate([np.zeros(0), *weights.unembed_bias]), total_vocab,
                   "unembed bias")  # fmt: skip
+    for index, layer in enumerate(weights.layers):
+        _check_layer(layer, width, f"layers.{index}")
     deferral = Deferral(weights)
     packer.header.append(deferral.reads(_stack_rows(weights.unembed)))
     first_qkv = first_layer_qkv(weights) if incremental else None
@@ -327,8 +330,6 @@ def pack_model(weights: ModelWeights) -> PackedModel:
         packer.matrix(matrix, rows, total_vocab, "layers.0 qkv of the embedding",
                       every_column=True)  # fmt: skip
         packer.vector(bias, rows, "layers.0 qkv bias")
-    for index, layer in enumerate(weights.layers):
-        _check_layer(layer, width, f"layers.{index}")
     dependencies = head_dependencies(weights)
     bounds = input_bounds(weights) or [None] * len(weights.layers)
     first_head = 0
@@ -567,8 +568,8 @@ class MojoEngine:
 
 
 def check_prompt(weights: ModelWeights, prompt) -> np.ndarray:
-    """Return the prompt as a (P, F) array of integers, int64 unless it already holds
-    integers of another type.
+    """Return the prompt as a (P, F) array of integers: its own integer type when it
+    has one, else int64.
 
     Raises ValueError when the prompt is empty or a value is outside its field's
     vocabulary.

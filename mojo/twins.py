@@ -116,7 +116,7 @@ def find_twins(block: FeedForward, bound: np.ndarray | None):
     units_bound = _abs_product(block.w1, bound) + np.abs(b1)
     checked = np.concatenate([units_bound[twins], units_bound[representatives],
                               np.abs(deltas)])  # fmt: skip
-    if not (np.all(checked < LIMIT)):
+    if not np.all(checked < LIMIT):
         return block, none
     keep = ~np.isin(block.w1.rows, twins)
     w1 = SparseMatrix(block.w1.shape, block.w1.rows[keep], block.w1.cols[keep],
@@ -125,14 +125,15 @@ def find_twins(block: FeedForward, bound: np.ndarray | None):
 
 
 def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-    """Return the concatenation of arange(start, start + length) for each pair."""
+    """Return the concatenation of arange(start, start + length) over the pairs of
+    `starts` and `lengths`."""
     offsets = np.repeat(starts - np.cumsum(lengths) + lengths, lengths)
     return offsets + np.arange(int(lengths.sum()))
 
 
 def _equal_rows(pointers: np.ndarray, columns: np.ndarray, values: np.ndarray) -> np.ndarray:
-    """Return (row, first equal row) pairs of a CSR matrix whose rows hold their entries
-    in column order, for every nonempty row equal to an earlier one, row ascending."""
+    """Return (row, first equal row) pairs of a CSR matrix with each row's entries in
+    column order, for every nonempty row equal to an earlier one, row ascending."""
     lengths = np.diff(pointers)
     # A hash of each row: the wrapped sum of a mix of each entry's column and value.
     bits = values.astype(np.float64).view(np.uint64)

@@ -34,7 +34,7 @@ def _set_row(matrix: SparseMatrix, row: int, column: int) -> SparseMatrix:
                         np.append(matrix.cols, column), np.append(matrix.values, 1.0))  # fmt: skip
 
 
-def test_exact_heads_with_private_rows_are_deferrable(tmp_path):
+def test_private_exact_heads_are_deferrable(tmp_path):
     weights = _weights(_private_spec(), 4, str(tmp_path))
     deferral = Deferral(weights)
     heads = [h for layer in weights.layers for h in layer.heads]
@@ -74,7 +74,7 @@ def test_query_written_later_is_not_deferrable(tmp_path):
     assert not Deferral(weights).deferrable[0]
 
 
-def test_reads_mask_names_the_heads_read(tmp_path):
+def test_reads_mask_names_read_heads(tmp_path):
     weights = _weights(_private_spec(), 4, str(tmp_path))
     deferral = Deferral(weights)
     checked = 0
@@ -106,9 +106,8 @@ def test_universal_model_defers_its_heads():
 @given(seed=st.integers(0, 2**32 - 1), layers=st.integers(1, 3),
        exact_heads=st.integers(1, 3), dense_heads=st.integers(0, 2),
        experts=st.integers(0, 3), density=st.sampled_from([0.1, 0.3, 0.6]))  # fmt: skip
-def test_engine_with_deferred_heads_equals_reference(mojo_extension, seed, layers,
-                                                     exact_heads, dense_heads, experts,
-                                                     density):  # fmt: skip
+def test_deferred_heads_match_reference(mojo_extension, seed, layers, exact_heads,
+                                        dense_heads, experts, density):  # fmt: skip
     spec = _private_spec(layers=layers, exact_heads=exact_heads, dense_heads=dense_heads,
                          experts=experts, density=density)  # fmt: skip
     with tempfile.TemporaryDirectory() as folder:

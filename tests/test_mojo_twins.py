@@ -28,8 +28,8 @@ def _block(w1: np.ndarray, b1: np.ndarray) -> FeedForward:
 
 
 def _hidden_with_twins(block: FeedForward, pairs, deltas, y: np.ndarray) -> np.ndarray:
-    """The engine's pre-activations: the reduced W1 product, then each twin set from
-    its representative in pair order."""
+    """Return the engine's pre-activations: the reduced W1 product, then each twin set
+    from its representative in pair order."""
     hidden = block.w1.matvec(y) + block.b1
     for (twin, representative), delta in zip(pairs, deltas, strict=True):
         hidden[twin] = hidden[representative] + delta
@@ -38,7 +38,8 @@ def _hidden_with_twins(block: FeedForward, pairs, deltas, y: np.ndarray) -> np.n
 
 @st.composite
 def blocks_with_copies(draw):
-    """An integer block in which some units copy an earlier unit's row, and an input."""
+    """Draw an integer block in which some units copy an earlier unit's row, and an
+    input."""
     hidden = draw(st.integers(2, 12))
     width = draw(st.integers(1, 8))
     scale = draw(st.sampled_from([1, 1000, 2**20]))
@@ -58,7 +59,7 @@ def blocks_with_copies(draw):
 
 @settings(max_examples=150, deadline=None)
 @given(case=blocks_with_copies())
-def test_twins_give_the_direct_pre_activations(case):
+def test_twins_match_direct_pre_activations(case):
     w1, b1, y = case
     block = _block(w1, b1)
     reduced, (pairs, deltas) = twins.find_twins(block, np.abs(y))
@@ -117,7 +118,8 @@ def test_no_bounds_for_fractional_weights():
     with tempfile.TemporaryDirectory() as folder:
         weights = _synthetic(spec, 3, folder)
     bounds = twins.input_bounds(weights)
-    assert bounds is not None and len(bounds) == 2
+    assert bounds is not None
+    assert len(bounds) == 2
     weights.layers[1].experts[0].w2.values[0] += 0.5
     assert twins.input_bounds(weights) is None
 
@@ -170,8 +172,8 @@ def test_engine_uses_twins(mojo_extension, tmp_path):
 @settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(seed=st.integers(0, 2**32 - 1), layers=st.integers(1, 3),
        shared_hidden=st.integers(0, 8), expert_hidden=st.integers(2, 8))  # fmt: skip
-def test_engine_with_twins_equals_reference(mojo_extension, seed, layers, shared_hidden,
-                                            expert_hidden):  # fmt: skip
+def test_engine_twins_match_reference(mojo_extension, seed, layers, shared_hidden,
+                                      expert_hidden):  # fmt: skip
     spec = SyntheticSpec(run_bias=30, layers=layers, shared_hidden=shared_hidden,
                          expert_hidden=expert_hidden, twin_rows=True, density=0.5)  # fmt: skip
     with tempfile.TemporaryDirectory() as folder:
