@@ -27,11 +27,12 @@
 # (tlc.mojo.deferred): the engine computes such a head's output only when a step reads
 # it, before the first product that does.
 # A matrix is the 10 Ints of a `Matrix`; a bias is one offset into `floats`; a block is
-# (w1, b1, w2, b2 as a D x 1 matrix, twin count, twin pairs, twin deltas, the head mask
-# of w1). b2 is a matrix because it is added to the whole residual, where most of its
-# components are zero. The twins (tlc.mojo.twins) are hidden units whose W1 rows the
-# packer removed because they equal an earlier unit's: (twin, representative) pairs at
-# an offset in `ints` and the differences of their biases at an offset in `floats`.
+# (w1, b1, w2, b2 as a D x 1 matrix, twin count, twin representatives, twin deltas, the
+# head mask of w1). b2 is a matrix because it is added to the whole residual, where most
+# of its components are zero. The twins (tlc.mojo.twins) are hidden units whose W1 rows
+# the packer removed because they equal an earlier unit's. They are the block's last
+# units; each one's representative is at an offset in `ints` and the differences of
+# their biases at an offset in `floats`.
 
 from std.bit import count_trailing_zeros
 from std.memory import unsafe_memcpy
@@ -51,6 +52,7 @@ from kernels import (
     accumulate_marking,
     accumulate_masked,
     add_column,
+    copy_floats,
     add_scaled_column,
     affine_masked,
     first_argmax,
@@ -98,8 +100,8 @@ struct BlockWeights(ImplicitlyCopyable, Movable):
     var b1: Int
     var w2: Matrix
     var b2: Matrix  # one column
-    var twin_count: Int
-    var twin_pairs: Int  # (twin, representative) pairs in `ints`
+    var twin_count: Int  # the last twin_count hidden units are twins
+    var twin_representatives: Int  # each twin's representative, in `ints`
     var twin_deltas: Int  # b1[twin] - b1[representative] in `floats`
     var reads: UInt64  # the head mask of w1
 
@@ -169,10 +171,22 @@ struct HeaderReader:
         var w2 = self.matrix()
         var b2 = self.matrix()
         var twin_count = self.next()
-        var twin_pairs = self.next()
+        var twin_representatives = self.next()
         var twin_deltas = self.next()
         var reads = UInt64(self.next())
-        return BlockWeights(w1, b1, w2, b2, twin_count, twin_pairs, twin_deltas, reads)
+        if twin_count < 0 or twin_count > w1.rows:
+            raise Error("packed model: a block has more twins than hidden units")
+        if twin_count > 0 and (
+            twin_representatives < 0 or twin_representatives + twin_count > self.length
+        ):
+            raise Error("packed model: a block's twins lie outside the packed integers")
+        for i in range(twin_count):
+            var representative = self.ints[unsafe_offset=twin_representatives + i]
+            if representative < 0 or representative >= w1.rows - twin_count:
+                raise Error("packed model: a twin's representative is not a unit before the twins")
+        return BlockWeights(
+            w1, b1, w2, b2, twin_count, twin_representatives, twin_deltas, reads
+        )
 
 
 struct Engine(Movable):
@@ -231,15 +245,20 @@ struct Engine(Movable):
     # everywhere else, so the next position restores only these.
     var written_mask: List[UInt64]
     # The fields of the token at `position` that differ from the token before it,
-    # one bit per field (every bit at position 0), and the field masks of the heads.
+    # one bit per field (every bit at position 0), and the field masks of the heads
+    # (see _read_field_mask).
     var changed_fields: List[UInt64]
     var field_words: Int
     var field_masks: List[UInt64]
-    # Fields of two and of three values, as runs (first field, count) of consecutive
-    # ones, whose argmax is taken eight fields at a time, and the other fields.
-    var binary_runs: List[Int]
-    var ternary_runs: List[Int]
-    var other_fields: List[Int]
+    # The unembedding's logits, equal to its bias between steps: a step adds the
+    # product into them, marks the logits it writes in logit_mask, takes the argmax of
+    # those fields and restores the bias there. logit_fields[r] is the field of logit r
+    # and default_token the argmax of each field's bias, the answer for every field
+    # whose logits the product does not write.
+    var unembed_logits: List[Float64]
+    var logit_mask: List[UInt64]
+    var logit_fields: List[Int32]
+    var default_token: List[Int]
     # Head projections and routers with at most one entry per column and finite
     # weights, stored by rows: the column of x and the weight of each row's first
     # entry, with column `width` (a zero that pads x) and weight 0 for a row without an
@@ -291,7 +310,7 @@ struct Engine(Movable):
     var expert_hidden: List[Float64]
     var shared_mask: List[UInt64]  # positive units of shared_hidden after the ReLU
     var expert_mask: List[UInt64]
-    var logits: List[Float64]
+    var logits: List[Float64]  # a router's
     var winners: List[Int]
     var one: List[Float64]  # the input of the one-column b2 matrices
     # Decoding state.
@@ -352,12 +371,19 @@ struct Engine(Movable):
         if self.first_qkv_rows > 0:
             self.first_qkv = reader.matrix()
             self.first_qkv_bias = reader.next()
-        self.binary_runs = _field_runs(self.vocab, 2)
-        self.ternary_runs = _field_runs(self.vocab, 3)
-        self.other_fields = List[Int]()
+        if self.unembed.rows != total_vocab:
+            raise Error("packed model: the unembedding has the wrong number of rows")
+        var unembed_bias = float_ptr(self.floats).unsafe_offset(self.unembed_bias)
+        self.unembed_logits = List[Float64](length=total_vocab + 1, fill=0.0)
+        self.logit_fields = List[Int32](length=total_vocab + 1, fill=0)
+        self.default_token = List[Int](length=self.field_count, fill=0)
         for f in range(self.field_count):
-            if self.vocab[f] != 2 and self.vocab[f] != 3:
-                self.other_fields.append(f)
+            var first = self.field_offsets[f]
+            for r in range(first, first + self.vocab[f]):
+                self.unembed_logits[r] = unembed_bias[unsafe_offset=r]
+                self.logit_fields[r] = Int32(f)
+            self.default_token[f] = first_argmax(unembed_bias.unsafe_offset(first), self.vocab[f])
+        self.logit_mask = List[UInt64](length=total_vocab // MASK_BITS + 1, fill=0)
         self.field_words = self.field_count // MASK_BITS + 1
         self.changed_fields = List[UInt64](length=self.field_words, fill=0)
         self.field_masks = List[UInt64]()
@@ -407,7 +433,7 @@ struct Engine(Movable):
         self.expert_hidden = List[Float64](length=hidden, fill=0.0)
         self.shared_mask = List[UInt64](length=hidden // MASK_BITS + 1, fill=0)
         self.expert_mask = List[UInt64](length=hidden // MASK_BITS + 1, fill=0)
-        var logit_count = max(total_vocab, 1)
+        var logit_count = 1
         for layer in self.layers:
             logit_count = max(logit_count, layer.expert_count)
         self.logits = List[Float64](length=logit_count, fill=0.0)
@@ -718,8 +744,10 @@ struct Engine(Movable):
         fields changed at this position."""
         if fields < 0:
             return False
-        for w in range(self.field_words):
-            if self.field_masks.unsafe_get(fields + w) & self.changed_fields.unsafe_get(w) != 0:
+        var end = fields + 1 + 2 * Int(self.field_masks.unsafe_get(fields))
+        for i in range(fields + 1, end, 2):
+            var word = Int(self.field_masks.unsafe_get(i))
+            if self.field_masks.unsafe_get(i + 1) & self.changed_fields.unsafe_get(word) != 0:
                 return False
         return True
 
@@ -881,8 +909,7 @@ struct Engine(Movable):
         if layer.shared >= 0:
             self._settle[dtype](self.blocks.unsafe_get(layer.shared).reads)
             ref block = self.blocks.unsafe_get(layer.shared)
-            affine_masked(block.w1, block.b1, arrays, x, x_mask, shared_hidden)
-            fill_twins(block, arrays, shared_hidden)
+            pre_activations(block, arrays, x, x_mask, shared_hidden)
             relu(shared_hidden, block.w1.rows, shared_mask)
         var expert = -1
         if layer.expert_count > 0:
@@ -911,8 +938,7 @@ struct Engine(Movable):
             else:
                 self._settle[dtype](self.blocks.unsafe_get(expert).reads)
                 ref routed = self.blocks.unsafe_get(expert)
-                affine_masked(routed.w1, routed.b1, arrays, x, x_mask, expert_hidden)
-                fill_twins(routed, arrays, expert_hidden)
+                pre_activations(routed, arrays, x, x_mask, expert_hidden)
                 relu(expert_hidden, routed.w1.rows, expert_mask)
         if layer.shared >= 0:
             ref block = self.blocks.unsafe_get(layer.shared)
@@ -928,70 +954,36 @@ struct Engine(Movable):
             accumulate_marking(block.b2, arrays, one, x, x_mask, written)
 
     def _unembed[dtype: DType](mut self):
-        """Set `pending` to the argmax token: all logits in one product, then the
-        lowest-index argmax of each field's segment."""
+        """Set `pending` to the argmax token. A field whose logits the product does not
+        write keeps the argmax of its bias; the others take the argmax of their logits,
+        which then return to the bias."""
         self._settle[dtype](self.unembed_reads)
         var arrays = self._arrays[dtype]()
-        var x = float_ptr(self.x)
-        var logits = float_ptr(self.logits)
-        affine_masked(self.unembed, self.unembed_bias, arrays, x, self._masks()[1], logits)
-        self._take_argmaxes(logits)
-
-    def _take_argmaxes(mut self, logits: FloatPtr):
-        """Set each field of `pending` to the lowest-index argmax of its logits."""
+        var logits = float_ptr(self.unembed_logits)
+        var logit_mask = MaskPtr(unsafe_from_address=Int(self.logit_mask.unsafe_ptr()))
+        accumulate_masked[mark_output=True, mark_written=False](
+            self.unembed, arrays, float_ptr(self.x), self._masks()[1], logits, logit_mask, logit_mask
+        )
+        var pending = self._pending()
+        unsafe_memcpy(dest=pending, src=int_ptr(self.default_token), count=self.field_count)
         var offsets = int_ptr(self.field_offsets)
         var vocab = int_ptr(self.vocab)
-        var pending = self._pending()
-        comptime LANES = FIELD_LANES
-        var ones = SIMD[DType.int, LANES](1)
-        var zeros = SIMD[DType.int, LANES](0)
-        for run in range(0, len(self.binary_runs), 2):
-            var first = self.binary_runs[run]
-            var count = self.binary_runs[run + 1]
-            # The fields' logits are consecutive pairs (value 0, value 1).
-            var pairs = logits.unsafe_offset(offsets[unsafe_offset=first])
-            var output = pending.unsafe_offset(first)
-            var i = 0
-            while i + LANES <= count:
-                var halves = pairs.unsafe_load[width=2 * LANES](2 * i).deinterleave()
-                output.unsafe_store(i, halves[1].gt(halves[0]).select(ones, zeros))
-                i += LANES
-            while i < count:
-                output[unsafe_offset=i] = first_argmax(pairs.unsafe_offset(2 * i), 2)
-                i += 1
-        var twos = SIMD[DType.int, LANES](2)
-        for run in range(0, len(self.ternary_runs), 2):
-            var first = self.ternary_runs[run]
-            var count = self.ternary_runs[run + 1]
-            # The fields' logits are consecutive triples; eight of them span three
-            # vectors, from which the shuffles gather the logits of each value.
-            var triples = logits.unsafe_offset(offsets[unsafe_offset=first])
-            var output = pending.unsafe_offset(first)
-            var i = 0
-            while i + LANES <= count:
-                var v0 = triples.unsafe_load[width=LANES](3 * i)
-                var v1 = triples.unsafe_load[width=LANES](3 * i + LANES)
-                var v2 = triples.unsafe_load[width=LANES](3 * i + 2 * LANES)
-                var zero = v0.shuffle[0, 3, 6, 9, 12, 15, 0, 0](v1).shuffle[
-                    0, 1, 2, 3, 4, 5, 10, 13
-                ](v2)
-                var one = v0.shuffle[1, 4, 7, 10, 13, 0, 0, 0](v1).shuffle[
-                    0, 1, 2, 3, 4, 8, 11, 14
-                ](v2)
-                var two = v0.shuffle[2, 5, 8, 11, 14, 0, 0, 0](v1).shuffle[
-                    0, 1, 2, 3, 4, 9, 12, 15
-                ](v2)
-                # As in first_argmax: 2 when it beats both, else 1 when it beats 0.
-                var pick_two = two.gt(zero) & two.gt(one)
-                var pick_one = one.gt(zero)
-                output.unsafe_store(i, pick_two.select(twos, pick_one.select(ones, zeros)))
-                i += LANES
-            while i < count:
-                output[unsafe_offset=i] = first_argmax(triples.unsafe_offset(3 * i), 3)
-                i += 1
-        for f in self.other_fields:
-            var segment = logits.unsafe_offset(offsets[unsafe_offset=f])
-            pending[unsafe_offset=f] = first_argmax(segment, vocab[unsafe_offset=f])
+        var bias = arrays.floats.unsafe_offset(self.unembed_bias)
+        var last = -1
+        for w in range(len(self.logit_mask)):
+            var bits = logit_mask[unsafe_offset=w]
+            logit_mask[unsafe_offset=w] = 0
+            while bits != 0:
+                var r = w * MASK_BITS + Int(count_trailing_zeros(bits))
+                bits &= bits - 1
+                # The rows of a field are consecutive, so its first written row comes
+                # after every write to it and before the bias returns to any of them.
+                var f = Int(self.logit_fields.unsafe_get(r))
+                if f != last:
+                    var segment = logits.unsafe_offset(offsets[unsafe_offset=f])
+                    pending[unsafe_offset=f] = first_argmax(segment, vocab[unsafe_offset=f])
+                    last = f
+                logits[unsafe_offset=r] = bias[unsafe_offset=r]
 
     def _quiet(self) -> Bool:
         """Return True when x is zero in every column that the routers of the layers
@@ -1100,34 +1092,32 @@ struct Engine(Movable):
         return (emitted, written)
 
 
-def _field_runs(vocab: List[Int], size: Int) -> List[Int]:
-    """Return the maximal runs of consecutive fields with `size` values, as pairs
-    (first field, count)."""
-    var runs = List[Int]()
-    for f in range(len(vocab)):
-        if vocab[f] != size:
-            continue
-        if f > 0 and vocab[f - 1] == size:
-            runs[len(runs) - 1] += 1
-        else:
-            runs.append(f)
-            runs.append(1)
-    return runs^
-
-
 @always_inline
-def fill_twins[dtype: DType](block: BlockWeights, arrays: Arrays[dtype], hidden: FloatPtr):
-    """Set each twin unit's pre-activation from its representative's: the same row of
-    W1 plus the twin's own bias. Exact because the packer bounded every partial sum
-    of integers below 2^52 (tlc.mojo.twins)."""
-    var pairs = arrays.pointers.unsafe_offset(block.twin_pairs)
+def pre_activations[
+    dtype: DType
+](block: BlockWeights, arrays: Arrays[dtype], x: FloatPtr, x_mask: MaskPtr, hidden: FloatPtr):
+    """Set hidden to W1 x + b1. Each twin unit takes its representative's value plus
+    the difference of their biases, the same row of W1 plus its own bias. The twins
+    are the block's last units, so their biases are not copied and eight are set at
+    once. Exact because the packer bounded every partial sum of integers below 2^52
+    (tlc.mojo.twins)."""
+    var first_twin = block.w1.rows - block.twin_count
+    copy_floats(hidden, arrays.floats.unsafe_offset(block.b1), first_twin)
+    accumulate_masked(block.w1, arrays, x, x_mask, hidden, x_mask, x_mask)
+    comptime LANES = 8
+    var representatives = arrays.pointers.unsafe_offset(block.twin_representatives)
     var deltas = arrays.floats.unsafe_offset(block.twin_deltas)
-    for i in range(block.twin_count):
-        var twin = pairs[unsafe_offset=2 * i]
-        var representative = pairs[unsafe_offset=2 * i + 1]
-        hidden[unsafe_offset=twin] = hidden[unsafe_offset=representative] + deltas[
-            unsafe_offset=i
-        ]
+    var twins = hidden.unsafe_offset(first_twin)
+    var i = 0
+    while i + LANES <= block.twin_count:
+        var sources = hidden.unsafe_gather(representatives.unsafe_load[width=LANES](i))
+        twins.unsafe_store(i, sources + deltas.unsafe_load[width=LANES](i))
+        i += LANES
+    while i < block.twin_count:
+        twins[unsafe_offset=i] = (
+            hidden[unsafe_offset=representatives[unsafe_offset=i]] + deltas[unsafe_offset=i]
+        )
+        i += 1
 
 
 @always_inline
@@ -1260,18 +1250,24 @@ def _read_field_mask(
     mut reader: HeaderReader, mut field_masks: List[UInt64], field_count: Int
 ) raises -> Int:
     """Read a count and that many fields (or -1) and return the offset of their mask
-    in `field_masks` (or -1)."""
+    in `field_masks` (or -1). The mask is stored as its nonzero words: their count n,
+    then n pairs (word index, bits)."""
     var count = reader.next()
     if count < 0:
         return -1
-    var offset = len(field_masks)
-    for _ in range(field_count // MASK_BITS + 1):
-        field_masks.append(0)
+    var words = List[UInt64](length=field_count // MASK_BITS + 1, fill=0)
     for _ in range(count):
         var field = reader.next()
         if field < 0 or field >= field_count:
             raise Error("packed model names a token field out of range")
-        field_masks[offset + field // MASK_BITS] |= UInt64(1) << UInt64(field % MASK_BITS)
+        words[mask_word(field)] |= mask_bit(field)
+    var offset = len(field_masks)
+    field_masks.append(0)
+    for w in range(len(words)):
+        if words[w] != 0:
+            field_masks.append(UInt64(w))
+            field_masks.append(words[w])
+            field_masks[offset] += 1
     return offset
 
 

@@ -82,7 +82,7 @@ struct Matrix(ImplicitlyCopyable, Movable):
 
 @always_inline
 def accumulate_masked[
-    dtype: DType, mark_output: Bool = False
+    dtype: DType, mark_output: Bool = False, mark_written: Bool = True
 ](
     matrix: Matrix,
     arrays: Arrays[dtype],
@@ -94,7 +94,8 @@ def accumulate_masked[
 ):
     """Add matrix @ input to output, visiting only the stored columns whose bit is set
     in `input_mask`, a superset of input's nonzero components. With `mark_output`, set
-    the bit of every output component written in `output_mask` and in `written_mask`."""
+    the bit of every output component written in `output_mask` and, with
+    `mark_written`, in `written_mask`."""
     var pointers = arrays.pointers.unsafe_offset(matrix.entry_pointers)
     var row_ids = arrays.indices.unsafe_offset(matrix.row_ids)
     var values = arrays.values.unsafe_offset(matrix.entries)
@@ -119,7 +120,8 @@ def accumulate_masked[
                 comptime if mark_output:
                     var bit = mask_bit(row)
                     output_mask[unsafe_offset=mask_word(row)] |= bit
-                    written_mask[unsafe_offset=mask_word(row)] |= bit
+                    comptime if mark_written:
+                        written_mask[unsafe_offset=mask_word(row)] |= bit
 
 
 def same_affine[
@@ -380,9 +382,18 @@ def first_argmax(values: FloatPtr, length: Int) -> Int:
             tail_nan = tail_nan or value != value
             i += 1
         if not (tail_nan or has_nan.reduce_or()):
-            for j in range(length):
+            var lane_bits = SIMD[DType.uint64, LANES](1, 2, 4, 8, 16, 32, 64, 128)
+            var j = 0
+            while j + LANES <= length:
+                var equal = values.unsafe_load[width=LANES](j).eq(maximum)
+                var bits = equal.select(lane_bits, 0).reduce_or()
+                if bits != 0:
+                    return j + Int(count_trailing_zeros(bits))
+                j += LANES
+            while j < length:
                 if values[unsafe_offset=j] == maximum:
                     return j
+                j += 1
     var best = 0
     for i in range(1, length):
         if values[unsafe_offset=i] > values[unsafe_offset=best]:

@@ -24,7 +24,7 @@ import numpy as np
 
 from tlc.mojo import build
 from tlc.mojo.deferred import Deferral
-from tlc.mojo.twins import find_twins, input_bounds
+from tlc.mojo.twins import input_bounds, twins_last
 from tlc.mojo.weights import (
     FeedForward,
     ModelWeights,
@@ -124,14 +124,14 @@ class _Packer:
         twins are not allowed."""
         _check_block(block, width, name)
         reads = deferral.reads(block.w1)
-        block, (pairs, deltas) = find_twins(block, bound)
+        block, representatives, deltas = twins_last(block, bound)
         hidden = len(block.b1)
         self.matrix(block.w1, hidden, width, f"{name}.w1")
         self.vector(block.b1, hidden, f"{name}.b1")
         self.matrix(block.w2, width, hidden, f"{name}.w2")
         self.matrix(_column(block.b2), width, 1, f"{name}.b2")
-        self.header += [len(pairs), self._ints(pairs.reshape(-1)), self._floats(deltas),
-                        reads]  # fmt: skip
+        self.header += [len(representatives), self._ints(representatives),
+                        self._floats(deltas), reads]  # fmt: skip
 
     def finish(self) -> PackedModel:
         header = np.array([PACK_MAGIC, *self.header, PACK_END_MARK], dtype=np.int64)

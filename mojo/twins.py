@@ -161,3 +161,38 @@ def _equal_rows(pointers: np.ndarray, columns: np.ndarray, values: np.ndarray) -
     verified = np.logical_and.reduceat(equal, starts)
     pairs = np.stack([twins[verified], representatives[verified]], axis=1).astype(np.int64)
     return pairs[np.argsort(pairs[:, 0], kind="stable")]
+
+
+def twins_last(block: FeedForward, bound: np.ndarray | None):
+    """Return (block, representatives, deltas) for the packer.
+
+    The block loses the W1 entries of the twins of `find_twins`, and its hidden units
+    are renumbered so that the twins are the last units, in their order.
+    `representatives` gives each twin's representative by its new number and `deltas`
+    the differences of their biases. Without twins, or when the renumbering could change
+    a result, returns the block unchanged and empty arrays.
+
+    The engine then fills the twins eight at a time. Renumbering the units changes the
+    order in which W2 adds them into x. That is exact when every partial sum of that
+    product stays below LIMIT, which `bound` (the block's input bound) shows.
+    """
+    none = (block, np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float64))
+    reduced, (pairs, deltas) = find_twins(block, bound)
+    if len(pairs) == 0:
+        return none
+    # The growth of the whole block bounds the twins' units too.
+    if not np.all(bound + _block_growth(block, bound) < LIMIT):
+        return none
+    hidden = len(block.b1)
+    twins = pairs[:, 0]
+    is_twin = np.zeros(hidden, dtype=bool)
+    is_twin[twins] = True
+    order = np.concatenate([np.flatnonzero(~is_twin), twins])
+    renumber = np.empty(hidden, dtype=np.int64)
+    renumber[order] = np.arange(hidden)
+    w1 = SparseMatrix(reduced.w1.shape, renumber[reduced.w1.rows], reduced.w1.cols,
+                      reduced.w1.values)  # fmt: skip
+    w2 = SparseMatrix(block.w2.shape, block.w2.rows, renumber[block.w2.cols],
+                      block.w2.values)  # fmt: skip
+    b1 = np.asarray(block.b1, dtype=np.float64)[order]
+    return FeedForward(w1, b1, w2, block.b2), renumber[pairs[:, 1]], deltas

@@ -1,0 +1,86 @@
+"""The engine's unembedding keeps its logits at the bias between steps. It takes a new
+argmax only for the fields whose logits the product writes, and every other field gets
+the argmax of its bias. Tokens must match those of the numpy oracle, which computes
+every logit."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tlc.mojo import reference, runner, synthetic
+from tlc.mojo.synthetic import SyntheticSpec
+from tlc.mojo.weights import SparseMatrix, load_weights
+
+
+def _weights(spec: SyntheticSpec, seed: int, folder: str):
+    path = synthetic.write_model(Path(folder) / "model.safetensors", spec, seed, 10)
+    return load_weights(path)
+
+
+def _keep_rows(matrix: SparseMatrix, rows: set[int]) -> SparseMatrix:
+    """Return the matrix with the entries of the other rows removed."""
+    keep = np.isin(matrix.rows, sorted(rows))
+    return SparseMatrix(matrix.shape, matrix.rows[keep], matrix.cols[keep],
+                        matrix.values[keep])  # fmt: skip
+
+
+@st.composite
+def thinned_unembeddings(draw):
+    """Draw a synthetic model and, per field, which rows of its unembedding keep their
+    entries: all, none (its logits are always the bias) or a random subset."""
+    seed = draw(st.integers(0, 2**32 - 1))
+    byte_bits = draw(st.booleans())
+    data_vocab = draw(st.sampled_from([2, 3, 5, 9, 17]))
+    spec = SyntheticSpec(run_bias=30, layers=draw(st.integers(1, 2)), byte_bits=byte_bits,
+                         data_vocab=data_vocab, density=0.5)  # fmt: skip
+    choices = draw(st.lists(st.sampled_from(["all", "none", "some"]), min_size=20,
+                            max_size=20))  # fmt: skip
+    return spec, seed, choices, draw(st.randoms(use_true_random=False))
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case=thinned_unembeddings())
+def test_thinned_unembeddings_match_reference(mojo_extension, case):
+    spec, seed, choices, rng = case
+    with tempfile.TemporaryDirectory() as folder:
+        weights = _weights(spec, seed, folder)
+    kind = weights.kind_field
+    for f, matrix in enumerate(weights.unembed):
+        choice = choices[f % len(choices)]
+        if f == kind or choice == "all":
+            continue
+        vocab = matrix.shape[0]
+        rows = set() if choice == "none" else {r for r in range(vocab) if rng.random() < 0.3}
+        weights.unembed[f] = _keep_rows(matrix, rows)
+    expected = reference.run_reference(weights, weights.prompt, 80)
+    tokens, output = runner.run_tokens(weights, weights.prompt, 80)
+    assert np.array_equal(tokens, expected.tokens)
+    assert output == expected.output
+
+
+def test_silent_field_uses_bias_argmax(mojo_extension, tmp_path):
+    # out_byte has 256 values, so its logits span several mask words. Without entries
+    # its logits are its bias, and the tie goes to the lower value. Then one entry in
+    # row 200 lets the product write one logit of the field.
+    spec = SyntheticSpec(run_bias=30, layers=1, density=0.5)
+    weights = _weights(spec, 7, str(tmp_path))
+    byte_field = next(i for i, entry in enumerate(weights.fields) if entry.name == "out_byte")
+    bias = weights.unembed_bias[byte_field]
+    bias[:] = 0.0
+    bias[130] = 1.0
+    bias[200] = 1.0
+    weights.unembed[byte_field] = _keep_rows(weights.unembed[byte_field], set())
+    tokens, _ = runner.run_tokens(weights, weights.prompt, 40)
+    assert set(tokens[:, byte_field].tolist()) == {130}
+    matrix = weights.unembed[byte_field]
+    column = int(np.flatnonzero(weights.embed[0].to_dense().any(axis=0))[0])
+    weights.unembed[byte_field] = SparseMatrix(matrix.shape, np.array([200]),
+                                               np.array([column]), np.array([1.0]))  # fmt: skip
+    expected = reference.run_reference(weights, weights.prompt, 40)
+    tokens, _ = runner.run_tokens(weights, weights.prompt, 40)
+    assert np.array_equal(tokens, expected.tokens)
