@@ -35,7 +35,7 @@
 # their biases at an offset in `floats`.
 
 from std.bit import count_trailing_zeros
-from std.memory import unsafe_memcpy
+from std.memory import bitcast, unsafe_memcpy
 
 from cache import HeadCache
 from kernels import (
@@ -195,6 +195,9 @@ struct Engine(Movable):
     var ints: List[Int]
     var indices: List[Int32]
     var value_words: List[Float64]  # raw storage of the entry values
+    # Raw storage of Arrays.entries, which the engine builds at load from `indices` and
+    # `value_words`. The products read only it.
+    var entry_words: List[Float64]
     var narrow: Bool  # entry values are Float32, two per word of value_words
     var floats: List[Float64]
     var width: Int
@@ -333,6 +336,7 @@ struct Engine(Movable):
         self.ints = ints^
         self.indices = indices^
         self.value_words = value_words^
+        self.entry_words = List[Float64]()
         self.narrow = narrow
         self.floats = floats^
         if len(self.ints) == 0:
@@ -484,10 +488,12 @@ struct Engine(Movable):
         self.extra_weights = List[Float64]()
         self.extra_pointers = List[Int](length=projections + 1, fill=0)
         if self.narrow:
+            self._interleave_entries[DType.float32]()
             self._find_shared_projections[DType.float32]()
             self._index_embedding_deltas[DType.float32]()
             self._index_gathers[DType.float32]()
         else:
+            self._interleave_entries[DType.float64]()
             self._find_shared_projections[DType.float64]()
             self._index_embedding_deltas[DType.float64]()
             self._index_gathers[DType.float64]()
@@ -613,7 +619,48 @@ struct Engine(Movable):
                 unsafe_from_address=Int(self.value_words.unsafe_ptr())
             ),
             float_ptr(self.floats),
+            Pointer[Scalar[dtype], MutUntrackedOrigin](
+                unsafe_from_address=Int(self.entry_words.unsafe_ptr())
+            ),
         )
+
+    def _interleave_entries[dtype: DType](mut self):
+        """Fill entry_words with the (row, value) pair of every entry of every matrix."""
+        self.entry_words = List[Float64](length=2 * len(self.value_words) + 2, fill=0.0)
+        var matrices = List[Matrix]()
+        matrices.append(self.embed)
+        matrices.append(self.unembed)
+        if self.first_qkv_rows > 0:
+            matrices.append(self.first_qkv)
+        for head in self.heads:
+            matrices.append(head.wq)
+            matrices.append(head.wk)
+            matrices.append(head.wv)
+            matrices.append(head.wo)
+        for block in self.blocks:
+            matrices.append(block.w1)
+            matrices.append(block.w2)
+            matrices.append(block.b2)
+        for layer in self.layers:
+            if layer.expert_count > 0:
+                matrices.append(layer.router)
+        var arrays = self._arrays[dtype]()
+        for matrix in matrices:
+            var pointers = arrays.pointers.unsafe_offset(matrix.entry_pointers)
+            var entries = arrays.entries.unsafe_offset(2 * matrix.entries)
+            for entry in range(pointers[unsafe_offset=0], pointers[unsafe_offset=matrix.stored]):
+                var row = arrays.indices[unsafe_offset=matrix.row_ids + entry]
+                comptime if dtype == DType.float32:
+                    entries[unsafe_offset=2 * entry] = rebind[Scalar[dtype]](
+                        bitcast[DType.float32, 1](Int32(row))
+                    )
+                else:
+                    entries[unsafe_offset=2 * entry] = rebind[Scalar[dtype]](
+                        bitcast[DType.float64, 1](Int64(row))
+                    )
+                entries[unsafe_offset=2 * entry + 1] = arrays.values[
+                    unsafe_offset=matrix.entries + entry
+                ]
 
     def _masks(mut self) -> Tuple[MaskPtr, MaskPtr, MaskPtr]:
         """Return pointers to (embedded_mask, x_mask, written_mask)."""

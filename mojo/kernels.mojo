@@ -56,6 +56,23 @@ struct Arrays[dtype: DType](ImplicitlyCopyable, Movable):
     var indices: IndexPtr  # per matrix: stored column ids, then the row of every entry
     var values: Pointer[Scalar[Self.dtype], MutUntrackedOrigin]
     var floats: FloatPtr  # bias vectors
+    # Per entry e, at 2 e and 2 e + 1: the bits of its row as a signed integer of the
+    # values' width, then its value, so that a product reads both from one cache line.
+    var entries: Pointer[Scalar[Self.dtype], MutUntrackedOrigin]
+
+
+@always_inline
+def read_entry[
+    dtype: DType
+](entries: Pointer[Scalar[dtype], MutUntrackedOrigin], entry: Int) -> Tuple[Int, Float64]:
+    """Return the (row, value) of an entry of `Arrays.entries`."""
+    var value = entries[unsafe_offset=2 * entry + 1].cast[DType.float64]()
+    comptime if dtype == DType.float32:
+        var rows = Pointer[Int32, MutUntrackedOrigin](unsafe_from_address=Int(entries))
+        return (Int(rows[unsafe_offset=2 * entry]), value)
+    else:
+        var rows = Pointer[Int64, MutUntrackedOrigin](unsafe_from_address=Int(entries))
+        return (Int(rows[unsafe_offset=2 * entry]), value)
 
 
 @fieldwise_init
@@ -97,8 +114,7 @@ def accumulate_masked[
     the bit of every output component written in `output_mask` and, with
     `mark_written`, in `written_mask`."""
     var pointers = arrays.pointers.unsafe_offset(matrix.entry_pointers)
-    var row_ids = arrays.indices.unsafe_offset(matrix.row_ids)
-    var values = arrays.values.unsafe_offset(matrix.entries)
+    var entries = arrays.entries.unsafe_offset(2 * matrix.entries)
     var column_mask = arrays.pointers.unsafe_offset(matrix.column_mask)
     var column_rank = arrays.pointers.unsafe_offset(matrix.column_rank)
     for index in range(matrix.mask_words):
@@ -114,8 +130,7 @@ def accumulate_masked[
             var below = stored_bits & ((UInt64(1) << bit) - 1)
             var k = column_rank[unsafe_offset=index] + Int(pop_count(below))
             for entry in range(pointers[unsafe_offset=k], pointers[unsafe_offset=k + 1]):
-                var row = Int(row_ids[unsafe_offset=entry])
-                var weight = values[unsafe_offset=entry].cast[DType.float64]()
+                var row, weight = read_entry(entries, entry)
                 output[unsafe_offset=row] += weight * coefficient
                 comptime if mark_output:
                     var bit = mask_bit(row)
@@ -206,15 +221,13 @@ def accumulate_marking[
     """
     var pointers = arrays.pointers.unsafe_offset(matrix.entry_pointers)
     var column_ids = arrays.indices.unsafe_offset(matrix.column_ids)
-    var row_ids = arrays.indices.unsafe_offset(matrix.row_ids)
-    var values = arrays.values.unsafe_offset(matrix.entries)
+    var entries = arrays.entries.unsafe_offset(2 * matrix.entries)
     for k in range(matrix.stored):
         var coefficient = input[unsafe_offset=Int(column_ids[unsafe_offset=k])]
         if coefficient == 0.0:
             continue
         for entry in range(pointers[unsafe_offset=k], pointers[unsafe_offset=k + 1]):
-            var row = Int(row_ids[unsafe_offset=entry])
-            var weight = values[unsafe_offset=entry].cast[DType.float64]()
+            var row, weight = read_entry(entries, entry)
             output[unsafe_offset=row] += weight * coefficient
             var bit = mask_bit(row)
             output_mask[unsafe_offset=mask_word(row)] |= bit
@@ -267,13 +280,10 @@ def add_column[
     matrix that stores all of its columns), copy every written component to `mirror`
     and set or clear its mask bit by whether it is nonzero now."""
     var pointers = arrays.pointers.unsafe_offset(matrix.entry_pointers)
-    var row_ids = arrays.indices.unsafe_offset(matrix.row_ids)
-    var values = arrays.values.unsafe_offset(matrix.entries)
+    var entries = arrays.entries.unsafe_offset(2 * matrix.entries)
     for entry in range(pointers[unsafe_offset=column], pointers[unsafe_offset=column + 1]):
-        var row = Int(row_ids[unsafe_offset=entry])
-        var updated = output[unsafe_offset=row] + values[unsafe_offset=entry].cast[
-            DType.float64
-        ]() * scale
+        var row, weight = read_entry(entries, entry)
+        var updated = output[unsafe_offset=row] + weight * scale
         output[unsafe_offset=row] = updated
         mirror[unsafe_offset=row] = updated
         var bit = mask_bit(row)
@@ -290,11 +300,9 @@ def add_scaled_column[
     """Add scale times stored column `column` to output, for a matrix that stores all of
     its columns."""
     var pointers = arrays.pointers.unsafe_offset(matrix.entry_pointers)
-    var row_ids = arrays.indices.unsafe_offset(matrix.row_ids)
-    var values = arrays.values.unsafe_offset(matrix.entries)
+    var entries = arrays.entries.unsafe_offset(2 * matrix.entries)
     for entry in range(pointers[unsafe_offset=column], pointers[unsafe_offset=column + 1]):
-        var row = Int(row_ids[unsafe_offset=entry])
-        var weight = values[unsafe_offset=entry].cast[DType.float64]()
+        var row, weight = read_entry(entries, entry)
         output[unsafe_offset=row] += weight * scale
 
 
