@@ -221,3 +221,18 @@ def test_fractional_weights_use_plain_products(tmp_path):
         decoded = runner.decode(engine, MAX_TOKENS)
     assert np.array_equal(decoded.tokens, expected.tokens)
     assert decoded.output == expected.output
+
+
+def test_wide_weights_match_reference(tmp_path):
+    # 2^30 + 1 has no Float32 form, so the packer keeps every entry as Float64 and the
+    # engine stores rows as 64-bit integers beside the values.
+    spec = SyntheticSpec(run_bias=30, layers=2, shared_hidden=4, experts=2, twin_rows=True)
+    path = synthetic.write_model(tmp_path / "model.safetensors", spec, 9, 8)
+    weights = load_weights(path)
+    unembed = next(matrix for matrix in weights.unembed if len(matrix.values))
+    unembed.values[0] = 2.0**30 + 1
+    assert not runner.pack_model(weights).narrow
+    expected = reference.run_reference(weights, weights.prompt, MAX_TOKENS)
+    tokens, output = runner.run_tokens(weights, weights.prompt, MAX_TOKENS)
+    assert np.array_equal(tokens, expected.tokens)
+    assert output == expected.output
