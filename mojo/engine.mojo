@@ -10,6 +10,8 @@
 #   MAGIC, D, F, L, kind_field, run_value, out_valid_field (-1: none),
 #   byte_term_count, (field, weight) per byte term, vocab size per field,
 #   incremental (1 when the embedding may be updated field by field),
+#   nan_possible (0 when the packer proved that no logit of the unembedding or of a
+#   router can be a NaN, tlc.mojo.twins.cannot_produce_nan),
 #   embed^T (D x sum of V_f, every column stored; field f's value t is column
 #   V_0 + .. + V_(f-1) + t), unembed (sum of V_f x D, the fields' rows stacked), its
 #   bias and its head mask,
@@ -230,6 +232,8 @@ struct Engine(Movable):
     # The embedding of `embedded_token`, kept so that the next token's embedding only
     # changes the fields that differ. Exact because every embedding value is an integer.
     var incremental: Bool
+    # Whether a logit may be a NaN, so that each argmax must first look for one.
+    var nan_possible: Bool
     var embedded: List[Float64]
     var embedded_token: List[Int]
     var embedded_valid: Bool
@@ -365,6 +369,7 @@ struct Engine(Movable):
             self.field_offsets.append(total_vocab)
             total_vocab += vocab
         self.incremental = reader.next() != 0
+        self.nan_possible = reader.next() != 0
         self.embed = reader.matrix()
         self.unembed = reader.matrix()
         self.unembed_bias = reader.next()
@@ -386,7 +391,9 @@ struct Engine(Movable):
             for r in range(first, first + self.vocab[f]):
                 self.unembed_logits[r] = unembed_bias[unsafe_offset=r]
                 self.logit_fields[r] = Int32(f)
-            self.default_token[f] = first_argmax(unembed_bias.unsafe_offset(first), self.vocab[f])
+            self.default_token[f] = first_argmax(
+                unembed_bias.unsafe_offset(first), self.vocab[f], self.nan_possible
+            )
         self.logit_mask = List[UInt64](length=total_vocab // MASK_BITS + 1, fill=0)
         self.field_words = self.field_count // MASK_BITS + 1
         self.changed_fields = List[UInt64](length=self.field_words, fill=0)
@@ -401,7 +408,7 @@ struct Engine(Movable):
         for ref layer in self.layers:
             if layer.expert_count > 0:
                 var bias = float_ptr(self.floats).unsafe_offset(layer.router_bias)
-                layer.bias_expert = first_argmax(bias, layer.expert_count)
+                layer.bias_expert = first_argmax(bias, layer.expert_count, self.nan_possible)
         if reader.next() != END_MARK:
             raise Error("packed model header does not end where expected")
         if self.first_qkv_rows > 0 and (
@@ -976,7 +983,7 @@ struct Engine(Movable):
                     float_ptr(self.gather_weights),
                     self._extra(layer.router_gather),
                 )
-                chosen = first_argmax(logits, layer.expert_count)
+                chosen = first_argmax(logits, layer.expert_count, self.nan_possible)
             expert = layer.first_expert + chosen
             ref block = self.blocks.unsafe_get(expert)
             if block.w1.rows == 0 and block.b2.stored == 0:
@@ -1028,7 +1035,9 @@ struct Engine(Movable):
                 var f = Int(self.logit_fields.unsafe_get(r))
                 if f != last:
                     var segment = logits.unsafe_offset(offsets[unsafe_offset=f])
-                    pending[unsafe_offset=f] = first_argmax(segment, vocab[unsafe_offset=f])
+                    pending[unsafe_offset=f] = first_argmax(
+                        segment, vocab[unsafe_offset=f], self.nan_possible
+                    )
                     last = f
                 logits[unsafe_offset=r] = bias[unsafe_offset=r]
 

@@ -359,8 +359,25 @@ def relu(values: FloatPtr, length: Int, mask: MaskPtr):
 
 
 @always_inline
-def first_argmax(values: FloatPtr, length: Int) -> Int:
-    """Return the lowest index among the maximal entries of values[0 : length]."""
+def is_nan(value: Float64) -> Bool:
+    """Return True when value is a NaN. The test reads the bits, because `value != value`
+    was False for a NaN in this engine (Mojo 1.2.0, probably because float comparisons
+    are compiled on the assumption that no operand is a NaN). Without its sign bit a NaN
+    is above the bits of infinity."""
+    return (bitcast[DType.int64, 1](value) & 0x7FFFFFFFFFFFFFFF) > 0x7FF0000000000000
+
+
+@always_inline
+def first_argmax(values: FloatPtr, length: Int, nan_possible: Bool) -> Int:
+    """Return the lowest index among the maximal entries of values[0 : length].
+
+    A NaN counts as larger than every number, as in numpy.argmax and torch.argmax, so
+    the first NaN wins. Only when `nan_possible` are the values searched for one: the
+    comparisons below are compiled on the assumption that there is none."""
+    if nan_possible:
+        for i in range(length):
+            if is_nan(values[unsafe_offset=i]):
+                return i
     if length == 2:
         return 1 if values[unsafe_offset=1] > values[unsafe_offset=0] else 0
     if length == 3:
@@ -372,36 +389,29 @@ def first_argmax(values: FloatPtr, length: Int) -> Int:
         return 1 if second > first else 0
     comptime LANES = 8
     if length >= LANES:
-        # Without NaNs the answer is the first entry equal to the maximum (-0.0 equals
-        # 0.0 there as in the comparisons below), found eight entries at a time.
+        # The answer is the first entry equal to the maximum (-0.0 equals 0.0 there as
+        # in the comparisons below), found eight entries at a time.
         var top = values.unsafe_load[width=LANES](0)
-        var has_nan = top.ne(top)
         var i = LANES
         while i + LANES <= length:
-            var chunk = values.unsafe_load[width=LANES](i)
-            top = max(top, chunk)
-            has_nan |= chunk.ne(chunk)
+            top = max(top, values.unsafe_load[width=LANES](i))
             i += LANES
         var maximum = top.reduce_max()
-        var tail_nan = False
         while i < length:
-            var value = values[unsafe_offset=i]
-            maximum = max(maximum, value)
-            tail_nan = tail_nan or value != value
+            maximum = max(maximum, values[unsafe_offset=i])
             i += 1
-        if not (tail_nan or has_nan.reduce_or()):
-            var lane_bits = SIMD[DType.uint64, LANES](1, 2, 4, 8, 16, 32, 64, 128)
-            var j = 0
-            while j + LANES <= length:
-                var equal = values.unsafe_load[width=LANES](j).eq(maximum)
-                var bits = equal.select(lane_bits, 0).reduce_or()
-                if bits != 0:
-                    return j + Int(count_trailing_zeros(bits))
-                j += LANES
-            while j < length:
-                if values[unsafe_offset=j] == maximum:
-                    return j
-                j += 1
+        var lane_bits = SIMD[DType.uint64, LANES](1, 2, 4, 8, 16, 32, 64, 128)
+        var j = 0
+        while j + LANES <= length:
+            var equal = values.unsafe_load[width=LANES](j).eq(maximum)
+            var bits = equal.select(lane_bits, 0).reduce_or()
+            if bits != 0:
+                return j + Int(count_trailing_zeros(bits))
+            j += LANES
+        while j < length:
+            if values[unsafe_offset=j] == maximum:
+                return j
+            j += 1
     var best = 0
     for i in range(1, length):
         if values[unsafe_offset=i] > values[unsafe_offset=best]:

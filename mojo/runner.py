@@ -24,7 +24,7 @@ import numpy as np
 
 from tlc.mojo import build
 from tlc.mojo.deferred import Deferral
-from tlc.mojo.twins import input_bounds, twins_last
+from tlc.mojo.twins import cannot_produce_nan, input_bounds, twins_last
 from tlc.mojo.weights import (
     FeedForward,
     ModelWeights,
@@ -311,6 +311,7 @@ def pack_model(weights: ModelWeights) -> PackedModel:
     total_vocab = sum(entry.vocab for entry in fields)
     incremental = _integer_valued(weights.embed)
     packer.header.append(1 if incremental else 0)
+    packer.header.append(0 if cannot_produce_nan(weights) else 1)
     packer.matrix(_stack_rows(weights.embed).transpose(), width, total_vocab, "embed",
                   every_column=True)  # fmt: skip
     packer.matrix(_stack_rows(weights.unembed), total_vocab, width, "unembed")

@@ -22,6 +22,9 @@ from tlc.mojo.weights import FeedForward, ModelWeights, SparseMatrix
 # Bounds must stay below this. Float64 represents every integer up to 2^53, and the
 # margin covers the rounding of the bound arithmetic itself.
 LIMIT = 2.0**52
+# Bounds below this leave room for the rounding of the bound arithmetic before a sum
+# could reach the largest Float64, about 1.8e308.
+NAN_FREE_LIMIT = 1e300
 
 
 def _integral(values) -> bool:
@@ -60,12 +63,59 @@ def input_bounds(weights: ModelWeights) -> list[np.ndarray] | None:
     if not all(_integral(values) for values in tensors):
         return None
     try:
-        return _bounds(weights)
+        return _bounds(weights)[0]
     except (IndexError, ValueError):
         return None  # wrong shapes, which the packer reports with their names
 
 
-def _bounds(weights: ModelWeights) -> list[np.ndarray]:
+def cannot_produce_nan(weights: ModelWeights) -> bool:
+    """Return True when no logit of the unembedding or of a router can be a NaN.
+
+    That holds when every tensor is finite and the interval pass bounds every value the
+    model computes, and so every partial sum, far below the largest Float64. Then no sum
+    overflows to an infinity, and only infinities or NaN inputs make a NaN. The scores
+    of brute-force heads are not covered, only the logits whose argmax picks a token or
+    an expert.
+    """
+    tensors = [matrix.values for matrix in (*weights.embed, *weights.unembed)]
+    tensors += list(weights.unembed_bias)
+    for layer in weights.layers:
+        for head in layer.heads:
+            tensors += [head.wq.values, head.bq, head.wk.values, head.bk, head.wv.values,
+                        head.bv, head.wo.values]  # fmt: skip
+        blocks = ([layer.shared] if layer.shared is not None else []) + layer.experts
+        for block in blocks:
+            tensors += [block.w1.values, block.b1, block.w2.values, block.b2]
+        if layer.experts:
+            tensors += [layer.router_w.values, layer.router_b]
+    if not all(np.all(np.isfinite(np.asarray(values, dtype=np.float64))) for values in tensors):
+        return False
+    try:
+        # A bound that overflows to an infinity fails the check below, as it should.
+        with np.errstate(over="ignore", invalid="ignore"):
+            inputs, final, logits = _nan_free_bounds(weights)
+    except (IndexError, ValueError):
+        return False
+    return all(np.all(bound < NAN_FREE_LIMIT) for bound in [final, *inputs, *logits])
+
+
+def _nan_free_bounds(weights: ModelWeights):
+    """Return the bounds that `cannot_produce_nan` checks: of y per layer, of x after the
+    last layer, and of the logits, the routers' logits and every block's hidden units."""
+    inputs, final = _bounds(weights)
+    logits = [_abs_product(matrix, final) + np.abs(bias)
+              for matrix, bias in zip(weights.unembed, weights.unembed_bias, strict=True)]
+    for layer, y in zip(weights.layers, inputs, strict=True):
+        if layer.experts:
+            logits.append(_abs_product(layer.router_w, y) + np.abs(layer.router_b))
+        blocks = ([layer.shared] if layer.shared is not None else []) + layer.experts
+        logits += [_abs_product(block.w1, y) + np.abs(block.b1) for block in blocks]
+    return inputs, final, logits
+
+
+def _bounds(weights: ModelWeights) -> tuple[list[np.ndarray], np.ndarray]:
+    """Return per layer a bound of |y| (the feed-forward input) and a bound of |x| after
+    the last layer."""
     x = np.zeros(weights.width, dtype=np.float64)
     for table in weights.embed:
         # Each field adds one row of its table: the largest magnitude per component.
@@ -85,7 +135,7 @@ def _bounds(weights: ModelWeights) -> list[np.ndarray]:
             x = x + _block_growth(layer.shared, y)
         if layer.experts:
             x = x + np.max([_block_growth(expert, y) for expert in layer.experts], axis=0)
-    return bounds
+    return bounds, x
 
 
 def find_twins(block: FeedForward, bound: np.ndarray | None):

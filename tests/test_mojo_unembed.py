@@ -12,7 +12,7 @@ import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tlc.mojo import reference, runner, synthetic
+from tlc.mojo import reference, runner, synthetic, twins
 from tlc.mojo.synthetic import SyntheticSpec
 from tlc.mojo.weights import SparseMatrix, load_weights
 
@@ -84,3 +84,47 @@ def test_silent_field_uses_bias_argmax(mojo_extension, tmp_path):
     expected = reference.run_reference(weights, weights.prompt, 40)
     tokens, _ = runner.run_tokens(weights, weights.prompt, 40)
     assert np.array_equal(tokens, expected.tokens)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 2**32 - 1),
+       specials=st.lists(st.tuples(st.integers(1, 40), st.integers(0, 300),
+                                   st.sampled_from([np.nan, np.inf, -np.inf])),
+                         min_size=1, max_size=12))  # fmt: skip
+def test_nan_logits_pick_the_first_nan(mojo_extension, seed, specials):
+    # numpy and torch count a NaN as the largest value, so the first NaN of a field
+    # wins. A weight file cannot store a NaN, so the biases of the loaded weights get
+    # them here, in fields whose logits the product writes or not.
+    spec = SyntheticSpec(run_bias=30, layers=1, data_vocab=9, density=0.5)
+    with tempfile.TemporaryDirectory() as folder:
+        weights = _weights(spec, seed, folder)
+    kind = weights.kind_field
+    for field, value, special in specials:
+        f = field % len(weights.fields)
+        if f == kind:
+            continue
+        bias = weights.unembed_bias[f].copy()
+        bias[value % len(bias)] = special
+        weights.unembed_bias[f] = bias
+        if field % 2:
+            weights.unembed[f] = _keep_rows(weights.unembed[f], set())
+    expected = reference.run_reference(weights, weights.prompt, 60)
+    tokens, output = runner.run_tokens(weights, weights.prompt, 60)
+    assert np.array_equal(tokens, expected.tokens)
+    assert output == expected.output
+
+
+def test_nan_search_only_where_possible(tmp_path):
+    weights, _ = runner.load_universal()
+    assert twins.cannot_produce_nan(weights)
+    spec = SyntheticSpec(run_bias=30, layers=1, density=0.5)
+    small = _weights(spec, 3, str(tmp_path))
+    assert twins.cannot_produce_nan(small)
+    # Finite weights of 1e307 can overflow to infinities, whose difference is a NaN.
+    matrix = small.unembed[1]
+    small.unembed[1] = SparseMatrix(matrix.shape, matrix.rows, matrix.cols,
+                                    matrix.values * 1e307)  # fmt: skip
+    assert not twins.cannot_produce_nan(small)
+    small.unembed[1] = matrix
+    small.unembed_bias[1] = np.array([0.0, np.nan])
+    assert not twins.cannot_produce_nan(small)
