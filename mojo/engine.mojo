@@ -54,9 +54,9 @@ from kernels import (
     accumulate_marking,
     accumulate_masked,
     add_column,
-    copy_floats,
     add_scaled_column,
     affine_masked,
+    copy_floats,
     first_argmax,
     float_ptr,
     int_ptr,
@@ -317,7 +317,7 @@ struct Engine(Movable):
     var expert_hidden: List[Float64]
     var shared_mask: List[UInt64]  # positive units of shared_hidden after the ReLU
     var expert_mask: List[UInt64]
-    var logits: List[Float64]  # a router's
+    var logits: List[Float64]  # the logits of a router
     var winners: List[Int]
     var one: List[Float64]  # the input of the one-column b2 matrices
     # Decoding state.
