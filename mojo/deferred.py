@@ -47,8 +47,7 @@ class Deferral:
         block_rows, head_rows = [], []
         for index, layer in enumerate(weights.layers):
             written = np.zeros(width, dtype=bool)
-            blocks = ([layer.shared] if layer.shared is not None else []) + layer.experts
-            for block in blocks:
+            for block in layer.blocks:
                 rows = np.unique(block.w2.rows[block.w2.rows < width])
                 rows = np.union1d(rows, np.flatnonzero(np.asarray(block.b2)[:width]))
                 writers[rows] += 1

@@ -177,15 +177,31 @@ struct HeaderReader:
         var twin_deltas = self.next()
         var reads = UInt64(self.next())
         if twin_count < 0 or twin_count > w1.rows:
-            raise Error("packed model: a block has more twins than hidden units")
+            raise Error(
+                String(
+                    "packed model: a block has ", twin_count, " twins and ", w1.rows,
+                    " hidden units; repack the weights",
+                )
+            )
         if twin_count > 0 and (
             twin_representatives < 0 or twin_representatives + twin_count > self.length
         ):
-            raise Error("packed model: a block's twins lie outside the packed integers")
+            raise Error(
+                String(
+                    "packed model: a block's twins at offset ", twin_representatives,
+                    " lie outside the ", self.length, " packed integers; repack the weights",
+                )
+            )
         for i in range(twin_count):
             var representative = self.ints[unsafe_offset=twin_representatives + i]
             if representative < 0 or representative >= w1.rows - twin_count:
-                raise Error("packed model: a twin's representative is not a unit before the twins")
+                raise Error(
+                    String(
+                        "packed model: twin representative ", representative,
+                        " is not one of the ", w1.rows - twin_count,
+                        " units before the twins; repack the weights",
+                    )
+                )
         return BlockWeights(
             w1, b1, w2, b2, twin_count, twin_representatives, twin_deltas, reads
         )
@@ -381,7 +397,12 @@ struct Engine(Movable):
             self.first_qkv = reader.matrix()
             self.first_qkv_bias = reader.next()
         if self.unembed.rows != total_vocab:
-            raise Error("packed model: the unembedding has the wrong number of rows")
+            raise Error(
+                String(
+                    "packed model: the unembedding has ", self.unembed.rows,
+                    " rows but the fields have ", total_vocab, " values",
+                )
+            )
         var unembed_bias = float_ptr(self.floats).unsafe_offset(self.unembed_bias)
         self.unembed_logits = List[Float64](length=total_vocab + 1, fill=0.0)
         self.logit_fields = List[Int32](length=total_vocab + 1, fill=0)

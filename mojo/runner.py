@@ -420,7 +420,7 @@ def head_dependencies(weights: ModelWeights) -> list[list[tuple[TokenFields, ...
                              for head in layer.heads])  # fmt: skip
         for head in layer.heads:
             written[head.wo.rows] = True
-        for block in ([layer.shared] if layer.shared is not None else []) + layer.experts:
+        for block in layer.blocks:
             written[block.w2.rows] = True
             written[np.flatnonzero(block.b2)] = True
     return dependencies

@@ -11,6 +11,7 @@ such a row once. Its first unit (the representative) keeps the row, and each oth
 after the first product. That equals b1[twin] + row . y exactly when every value
 involved is an integer and every partial sum stays below 2^53. The packer checks that
 with `input_bounds`, an interval pass over the whole model, and finds no twins otherwise.
+The same pass shows, in `cannot_produce_nan`, whether a logit can be a NaN.
 """
 
 from __future__ import annotations
@@ -57,8 +58,7 @@ def input_bounds(weights: ModelWeights) -> list[np.ndarray] | None:
     for layer in weights.layers:
         for head in layer.heads:
             tensors += [head.wv.values, head.bv, head.wo.values]
-        blocks = ([layer.shared] if layer.shared is not None else []) + layer.experts
-        for block in blocks:
+        for block in layer.blocks:
             tensors += [block.w1.values, block.b1, block.w2.values, block.b2]
     if not all(_integral(values) for values in tensors):
         return None
@@ -83,8 +83,7 @@ def cannot_produce_nan(weights: ModelWeights) -> bool:
         for head in layer.heads:
             tensors += [head.wq.values, head.bq, head.wk.values, head.bk, head.wv.values,
                         head.bv, head.wo.values]  # fmt: skip
-        blocks = ([layer.shared] if layer.shared is not None else []) + layer.experts
-        for block in blocks:
+        for block in layer.blocks:
             tensors += [block.w1.values, block.b1, block.w2.values, block.b2]
         if layer.experts:
             tensors += [layer.router_w.values, layer.router_b]
@@ -108,8 +107,7 @@ def _nan_free_bounds(weights: ModelWeights):
     for layer, y in zip(weights.layers, inputs, strict=True):
         if layer.experts:
             logits.append(_abs_product(layer.router_w, y) + np.abs(layer.router_b))
-        blocks = ([layer.shared] if layer.shared is not None else []) + layer.experts
-        logits += [_abs_product(block.w1, y) + np.abs(block.b1) for block in blocks]
+        logits += [_abs_product(block.w1, y) + np.abs(block.b1) for block in layer.blocks]
     return inputs, final, logits
 
 

@@ -110,6 +110,11 @@ class Layer:
     router_b: np.ndarray | None
     experts: list[FeedForward]
 
+    @property
+    def blocks(self) -> list[FeedForward]:
+        """The shared block, when the layer has one, then the experts."""
+        return ([self.shared] if self.shared is not None else []) + self.experts
+
 
 @dataclass(frozen=True)
 class Field:

@@ -93,8 +93,8 @@ def test_silent_field_uses_bias_argmax(mojo_extension, tmp_path):
                          min_size=1, max_size=12))  # fmt: skip
 def test_nan_logits_pick_the_first_nan(mojo_extension, seed, specials):
     # numpy and torch count a NaN as the largest value, so the first NaN of a field
-    # wins. A weight file cannot store a NaN, so the biases of the loaded weights get
-    # them here, in fields whose logits the product writes or not.
+    # wins. A weight file cannot store a NaN, so the loaded biases get them here. The
+    # fields drawn with an odd number also lose their unembedding entries.
     spec = SyntheticSpec(run_bias=30, layers=1, data_vocab=9, density=0.5)
     with tempfile.TemporaryDirectory() as folder:
         weights = _weights(spec, seed, folder)
