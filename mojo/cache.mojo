@@ -21,7 +21,7 @@
 
 from std.memory import bitcast, unsafe_memcpy
 
-from kernels import FloatPtr, float_ptr, int_ptr
+from kernels import FloatPtr, float_ptr, int_ptr, lane_bits
 
 comptime EMPTY = -1
 comptime LANES = 8  # SIMD width for hashing and comparing keys
@@ -104,7 +104,6 @@ def encode_ternary(key: FloatPtr, width: Int, mut code: Code) -> Bool:
     var last = key[unsafe_offset=n] + 0.0  # -0.0 becomes +0.0
     if last != last:
         return False
-    var lane_bits = SIMD[DType.uint64, LANES](1, 2, 4, 8, 16, 32, 64, 128)
     var nonzero: UInt64 = 0
     var negative: UInt64 = 0
     var i = 0
@@ -115,8 +114,8 @@ def encode_ternary(key: FloatPtr, width: Int, mut code: Code) -> Bool:
         var is_negative = values.eq(-1.0)
         if not (is_zero | is_positive | is_negative).reduce_and():
             return False
-        nonzero |= (~is_zero).select(lane_bits, 0).reduce_or() << UInt64(i)
-        negative |= is_negative.select(lane_bits, 0).reduce_or() << UInt64(i)
+        nonzero |= lane_bits(~is_zero) << UInt64(i)
+        negative |= lane_bits(is_negative) << UInt64(i)
         i += LANES
     while i < n:
         var value = key[unsafe_offset=i]

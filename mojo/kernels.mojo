@@ -11,7 +11,7 @@
 # exactly, which halves the bytes read per entry; all arithmetic is in Float64.
 
 from std.bit import count_trailing_zeros, pop_count
-from std.memory import bitcast, unsafe_memcpy
+from std.memory import bitcast, pack_bits, unsafe_memcpy
 
 comptime FloatPtr = Pointer[Float64, MutUntrackedOrigin]
 comptime IntPtr = Pointer[Int, MutUntrackedOrigin]
@@ -27,6 +27,12 @@ def mask_word(index: Int) -> Int:
     """Return the mask word that holds the bit of a non-negative index. A shift, where
     `index // MASK_BITS` on a signed Int also compiles the rounding of negatives."""
     return index >> MASK_SHIFT
+
+
+@always_inline
+def lane_bits(lanes: SIMD[DType.bool, 8]) -> UInt64:
+    """Return the eight lanes as bits 0 to 7 of an integer, lane i in bit i."""
+    return UInt64(pack_bits[DType.uint8](lanes))
 
 
 @always_inline
@@ -310,7 +316,6 @@ def add_scaled_column[
 def nonzero_mask(values: FloatPtr, length: Int, mask: MaskPtr):
     """Set `mask` to the nonzero components of values[0 : length], eight at a time."""
     comptime LANES = 8
-    var lane_bits = SIMD[DType.uint64, LANES](1, 2, 4, 8, 16, 32, 64, 128)
     var word = 0
     var start = 0
     while start < length:
@@ -319,7 +324,7 @@ def nonzero_mask(values: FloatPtr, length: Int, mask: MaskPtr):
         var i = start
         while i + LANES <= end:
             var nonzero = values.unsafe_load[width=LANES](i).ne(0.0)
-            bits |= nonzero.select(lane_bits, 0).reduce_or() << UInt64(i - start)
+            bits |= lane_bits(nonzero) << UInt64(i - start)
             i += LANES
         while i < end:
             bits |= UInt64(Int(values[unsafe_offset=i] != 0.0)) << UInt64(i - start)
@@ -334,7 +339,6 @@ def relu(values: FloatPtr, length: Int, mask: MaskPtr):
     """Replace values[0 : length] by their ReLU and set `mask` to the positive ones,
     eight components at a time."""
     comptime LANES = 8
-    var lane_bits = SIMD[DType.uint64, LANES](1, 2, 4, 8, 16, 32, 64, 128)
     var word = 0
     var start = 0
     while start < length:
@@ -345,7 +349,7 @@ def relu(values: FloatPtr, length: Int, mask: MaskPtr):
             var chunk = values.unsafe_load[width=LANES](i)
             var positive = chunk.gt(0.0)
             values.unsafe_store(i, positive.select(chunk, 0.0))
-            bits |= positive.select(lane_bits, 0).reduce_or() << UInt64(i - start)
+            bits |= lane_bits(positive) << UInt64(i - start)
             i += LANES
         while i < end:
             var value = values[unsafe_offset=i]
