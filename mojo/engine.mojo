@@ -305,6 +305,7 @@ struct Engine(Movable):
     # the set bits of quiet_mask. See `_quiet`.
     var quiet_start: Int
     var quiet_mask: List[UInt64]
+    var quiet_words: List[Int]  # the indices of the nonzero words of quiet_mask
     var quiet_reads: UInt64  # the head masks of those routers
     # The deferrable heads of this position whose output x does not hold yet, by bit.
     var pending_heads: UInt64
@@ -496,6 +497,10 @@ struct Engine(Movable):
             self.quiet_reads |= layer.router_reads
             self.quiet_start = l
             l -= 1
+        self.quiet_words = List[Int]()
+        for w in range(len(self.quiet_mask)):
+            if self.quiet_mask[w] != 0:
+                self.quiet_words.append(w)
         self.position = 0
         self.token_pair = List[Int](length=2 * self.field_count, fill=0)
         self.pending_offset = 0
@@ -1066,7 +1071,8 @@ struct Engine(Movable):
         """Return True when x is zero in every column that the routers of the layers
         from quiet_start on read. Each of them then chooses an expert that adds
         nothing, x stays the same, and so those layers change nothing."""
-        for w in range(len(self.quiet_mask)):
+        for i in range(len(self.quiet_words)):
+            var w = self.quiet_words.unsafe_get(i)
             if self.quiet_mask.unsafe_get(w) & self.x_mask.unsafe_get(w) != 0:
                 return False
         return True
