@@ -61,8 +61,8 @@ from kernels import (
     float_ptr,
     int_ptr,
     nonzero_mask,
+    positive_mask,
     reads_input,
-    relu,
     same_affine,
 )
 
@@ -462,8 +462,9 @@ struct Engine(Movable):
                 raise Error("packed model: only the first 64 heads can be deferrable")
         self.value_mask = List[UInt64](length=value_width // MASK_BITS + 1, fill=0)
         var hidden = _max_hidden(self.blocks) + 1
-        self.shared_hidden = List[Float64](length=hidden, fill=0.0)
-        self.expert_hidden = List[Float64](length=hidden, fill=0.0)
+        # positive_mask reads up to seven components past a block's last unit.
+        self.shared_hidden = List[Float64](length=hidden + 8, fill=0.0)
+        self.expert_hidden = List[Float64](length=hidden + 8, fill=0.0)
         self.shared_mask = List[UInt64](length=hidden // MASK_BITS + 1, fill=0)
         self.expert_mask = List[UInt64](length=hidden // MASK_BITS + 1, fill=0)
         var logit_count = 1
@@ -990,7 +991,7 @@ struct Engine(Movable):
             self._settle[dtype](self.blocks.unsafe_get(layer.shared).reads)
             ref block = self.blocks.unsafe_get(layer.shared)
             pre_activations(block, arrays, x, x_mask, shared_hidden)
-            relu(shared_hidden, block.w1.rows, shared_mask)
+            positive_mask(shared_hidden, block.w1.rows, shared_mask)
         var expert = -1
         if layer.expert_count > 0:
             var chosen = layer.bias_expert
@@ -1019,7 +1020,7 @@ struct Engine(Movable):
                 self._settle[dtype](self.blocks.unsafe_get(expert).reads)
                 ref routed = self.blocks.unsafe_get(expert)
                 pre_activations(routed, arrays, x, x_mask, expert_hidden)
-                relu(expert_hidden, routed.w1.rows, expert_mask)
+                positive_mask(expert_hidden, routed.w1.rows, expert_mask)
         if layer.shared >= 0:
             ref block = self.blocks.unsafe_get(layer.shared)
             accumulate_masked[mark_output=True](

@@ -335,9 +335,13 @@ def nonzero_mask(values: FloatPtr, length: Int, mask: MaskPtr):
 
 
 @always_inline
-def relu(values: FloatPtr, length: Int, mask: MaskPtr):
-    """Replace values[0 : length] by their ReLU and set `mask` to the positive ones,
-    eight components at a time."""
+def positive_mask(values: FloatPtr, length: Int, mask: MaskPtr):
+    """Set `mask` to the positive components of values[0 : length], eight at a time.
+
+    This is the ReLU of a block: the second product reads only the components whose
+    bit is set, so the others need not be zeroed. The last group of eight may read
+    past `length`, so `values` must be readable up to the next multiple of 8; the bits
+    of those extra lanes are cleared."""
     comptime LANES = 8
     var word = 0
     var start = 0
@@ -345,18 +349,13 @@ def relu(values: FloatPtr, length: Int, mask: MaskPtr):
         var end = min(start + MASK_BITS, length)
         var bits: UInt64 = 0
         var i = start
-        while i + LANES <= end:
-            var chunk = values.unsafe_load[width=LANES](i)
-            var positive = chunk.gt(0.0)
-            values.unsafe_store(i, positive.select(chunk, 0.0))
+        while i < end:
+            var positive = values.unsafe_load[width=LANES](i).gt(0.0)
             bits |= lane_bits(positive) << UInt64(i - start)
             i += LANES
-        while i < end:
-            var value = values[unsafe_offset=i]
-            var positive = value > 0.0
-            values[unsafe_offset=i] = value if positive else 0.0
-            bits |= UInt64(Int(positive)) << UInt64(i - start)
-            i += 1
+        var used = end - start
+        if used < MASK_BITS:
+            bits &= (UInt64(1) << UInt64(used)) - 1
         mask[unsafe_offset=word] = bits
         word += 1
         start = end
