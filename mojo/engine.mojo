@@ -121,7 +121,6 @@ struct LayerWeights(ImplicitlyCopyable, Movable):
     # The router's argmax at a position where x is zero in every column it reads, so
     # that its logits are its bias.
     var bias_expert: Int
-    var router_gather: Int  # index of the router in Engine.gather_offsets
 
 
 struct HeaderReader:
@@ -282,16 +281,18 @@ struct Engine(Movable):
     var logit_mask: List[UInt64]
     var logit_fields: List[Int32]
     var default_token: List[Int]
-    # Head projections and routers with at most one entry per column and finite
-    # weights, stored by rows: the column of x and the weight of each row's first
+    # Head projections with at most one entry per column and finite weights, stored
+    # by rows: the column of x and the weight of each row's first
     # entry, with column `width` (a zero that pads x) and weight 0 for a row without an
     # entry. A row's further entries (row, column, weight) follow in column order in
     # the extra lists.
     # Such a projection is a gather and a multiply-add per row, in place of the masked
     # product. Per head, gather_offsets[3 h + p] is the offset of its query (p = 0), key
     # (1) or value (2) projection in the gather lists, or -1, and its extra entries are
-    # extra_pointers[3 h + p] .. extra_pointers[3 h + p + 1] - 1. The router of layer l
-    # has index 3 H + l, with H heads in all.
+    # extra_pointers[3 h + p] .. extra_pointers[3 h + p + 1] - 1.
+    # Routers take the masked product instead: they read one-hot codes such as the
+    # opcode's, of which one component is nonzero, so a gather per expert costs more
+    # than the one column the masked product visits.
     var gather_columns: List[Int]
     var gather_weights: List[Float64]
     var gather_offsets: List[Int]
@@ -515,7 +516,7 @@ struct Engine(Movable):
         self.qkv_delta_values = List[Float64]()
         self.gather_columns = List[Int]()
         self.gather_weights = List[Float64]()
-        var projections = 3 * len(self.heads) + len(self.layers)
+        var projections = 3 * len(self.heads)
         self.gather_offsets = List[Int](length=projections, fill=-1)
         self.extra_rows = List[Int]()
         self.extra_columns = List[Int]()
@@ -563,7 +564,7 @@ struct Engine(Movable):
         )
 
     def _index_gathers[dtype: DType](mut self):
-        """Fill the gather form of every head projection and router that has one."""
+        """Fill the gather form of every head projection that has one."""
         var arrays = self._arrays[dtype]()
         for h in range(len(self.heads)):
             var head = self.heads[h]
@@ -571,13 +572,6 @@ struct Engine(Movable):
                 var matrix = head.wq if p == 0 else (head.wk if p == 1 else head.wv)
                 self.gather_offsets[3 * h + p] = self._add_gather(matrix, arrays)
                 self.extra_pointers[3 * h + p + 1] = len(self.extra_rows)
-        for l in range(len(self.layers)):
-            var index = 3 * len(self.heads) + l
-            self.layers[l].router_gather = index
-            if self.layers[l].expert_count > 0:
-                var router = self.layers[l].router
-                self.gather_offsets[index] = self._add_gather(router, arrays)
-            self.extra_pointers[index + 1] = len(self.extra_rows)
 
     def _add_gather[dtype: DType](mut self, matrix: Matrix, arrays: Arrays[dtype]) -> Int:
         """Append the gather form of `matrix` and return its offset, or return -1 when a
@@ -998,18 +992,7 @@ struct Engine(Movable):
             self._settle[dtype](layer.router_reads)
             if reads_input(layer.router, arrays, x_mask):
                 var logits = float_ptr(self.logits)
-                project(
-                    layer.router,
-                    layer.router_bias,
-                    self.gather_offsets.unsafe_get(layer.router_gather),
-                    arrays,
-                    x,
-                    x_mask,
-                    logits,
-                    int_ptr(self.gather_columns),
-                    float_ptr(self.gather_weights),
-                    self._extra(layer.router_gather),
-                )
+                affine_masked(layer.router, layer.router_bias, arrays, x, x_mask, logits)
                 chosen = first_argmax(logits, layer.expert_count, self.nan_possible)
             expert = layer.first_expert + chosen
             ref block = self.blocks.unsafe_get(expert)
@@ -1326,7 +1309,6 @@ def _read_layer(
         first_expert,
         expert_count,
         0,
-        -1,
     )
 
 
