@@ -281,18 +281,18 @@ struct Engine(Movable):
     var logit_mask: List[UInt64]
     var logit_fields: List[Int32]
     var default_token: List[Int]
-    # Head projections with at most one entry per column and finite weights, stored
-    # by rows: the column of x and the weight of each row's first
-    # entry, with column `width` (a zero that pads x) and weight 0 for a row without an
-    # entry. A row's further entries (row, column, weight) follow in column order in
-    # the extra lists.
+    # Query and key projections with at most one entry per column and finite weights,
+    # stored by rows: the column of x and the weight of each row's first entry, with
+    # column `width` (a zero that pads x) and weight 0 for a row without an entry. A
+    # row's further entries (row, column, weight) follow in column order in the extra
+    # lists.
     # Such a projection is a gather and a multiply-add per row, in place of the masked
     # product. Per head, gather_offsets[3 h + p] is the offset of its query (p = 0), key
     # (1) or value (2) projection in the gather lists, or -1, and its extra entries are
     # extra_pointers[3 h + p] .. extra_pointers[3 h + p + 1] - 1.
-    # Routers take the masked product instead: they read one-hot codes such as the
-    # opcode's, of which one component is nonzero, so a gather per expert costs more
-    # than the one column the masked product visits.
+    # Value projections and routers take the masked product instead, which visits
+    # only the nonzero columns of x: routers read one-hot codes such as the opcode's,
+    # of which one component is nonzero, so a gather per expert costs more.
     var gather_columns: List[Int]
     var gather_weights: List[Float64]
     var gather_offsets: List[Int]
@@ -564,13 +564,15 @@ struct Engine(Movable):
         )
 
     def _index_gathers[dtype: DType](mut self):
-        """Fill the gather form of every head projection that has one."""
+        """Fill the gather form of every query and key projection that has one."""
         var arrays = self._arrays[dtype]()
         for h in range(len(self.heads)):
             var head = self.heads[h]
             for p in range(3):
-                var matrix = head.wq if p == 0 else (head.wk if p == 1 else head.wv)
-                self.gather_offsets[3 * h + p] = self._add_gather(matrix, arrays)
+                # Value projections keep the masked product, which measured cheaper.
+                if p < 2:
+                    var matrix = head.wq if p == 0 else head.wk
+                    self.gather_offsets[3 * h + p] = self._add_gather(matrix, arrays)
                 self.extra_pointers[3 * h + p + 1] = len(self.extra_rows)
 
     def _add_gather[dtype: DType](mut self, matrix: Matrix, arrays: Arrays[dtype]) -> Int:
