@@ -70,6 +70,7 @@ comptime MAGIC = 0x746C6301
 comptime FIELD_LANES = 8  # token fields compared at once
 # The largest field whose changes use the pair deltas (Engine.pair_fields).
 comptime PAIR_VOCAB = 8
+comptime EMBED_ENTRY_WORDS = 3  # the words of an embedding entry of Engine.pair_words
 comptime END_MARK = 0x746C63FF
 
 
@@ -252,16 +253,22 @@ struct Engine(Movable):
     var embedded_valid: Bool
     # For a field f of V_f <= PAIR_VOCAB values, the change of the embedding and of the
     # kept q, k and v when f goes from value `old` to value `new`. That change is pair
-    # p = pair_fields[2 f] + old V_f + new. Its embedding's (row, delta) entries are
-    # e = pair_pointers[2 p] .. pair_pointers[2 p + 1] - 1 and kept_qkv's are
-    # pair_pointers[2 p + 1] .. pair_pointers[2 p + 2] - 1, with the bits of entry e's
-    # row (an Int64) at pair_words[2 e] and its delta at pair_words[2 e + 1].
-    # pair_fields[2 f + 1] is V_f, and pair_fields[2 f] is -1 for a larger field, whose
-    # changes subtract and add whole columns. Adding a delta is exact for the same
-    # reason as the incremental embedding.
+    # p = pair_fields[2 f] + old V_f + new. Its embedding entries fill the words
+    # pair_pointers[2 p] .. pair_pointers[2 p + 1] - 1 of pair_words, EMBED_ENTRY_WORDS
+    # each: the bits of the row (an Int64), the delta, and the bits of a UInt64 that
+    # flips the row's bit in embedded_mask when the row turns zero or nonzero. The
+    # entries of kept_qkv follow up to pair_pointers[2 p + 2] - 1, two words each: the
+    # row's bits and the delta. pair_fields[2 f + 1] is V_f, and pair_fields[2 f] is -1
+    # for a larger field, whose changes subtract and add whole columns. Adding a delta
+    # is exact for the same reason as the incremental embedding.
     var pair_fields: List[Int]
     var pair_pointers: List[Int32]
     var pair_words: List[Float64]
+    # Whether each row of the embedding is written by the columns of one field only.
+    # Then a row's value depends on that field's value alone, so whether a pair makes
+    # it zero is known at load and the flips are valid. Otherwise the mask bits are set
+    # from the updated values.
+    var owned_rows: Bool
     # Bit masks, one bit per residual dimension: set where `embedded` is nonzero, and a
     # superset of the nonzero components of x.
     var embedded_mask: List[UInt64]
@@ -508,6 +515,7 @@ struct Engine(Movable):
             self.pair_fields[2 * f + 1] = self.vocab[f]
         self.pair_pointers = List[Int32]()
         self.pair_words = List[Float64]()
+        self.owned_rows = False
         self.gather_columns = List[Int]()
         self.gather_weights = List[Float64]()
         var projections = 3 * len(self.heads) + len(self.layers)
@@ -617,7 +625,10 @@ struct Engine(Movable):
         """Fill the pair deltas of the embedding and of the first layer's kept q, k and v
         for every field of at most PAIR_VOCAB values."""
         var arrays = self._arrays[dtype]()
-        var scratch = List[Float64](length=max(self.width, self.first_qkv_rows) + 1, fill=0.0)
+        self.owned_rows = _owned_rows(self.embed, self.width, arrays, self.vocab)
+        var rows = max(self.width, self.first_qkv_rows) + 1
+        var old_sums = List[Float64](length=rows, fill=0.0)
+        var new_sums = List[Float64](length=rows, fill=0.0)
         var touched = List[Int]()
         var pairs = 0
         for f in range(self.field_count):
@@ -629,24 +640,24 @@ struct Engine(Movable):
             var first = self.field_offsets[f]
             for old in range(vocab):
                 for new in range(vocab):
-                    self.pair_pointers.append(Int32(len(self.pair_words) // 2))
+                    self.pair_pointers.append(Int32(len(self.pair_words)))
                     if old != new:
                         _append_difference(
-                            self.embed, first + old, first + new, arrays,
-                            scratch, touched, self.pair_words,
+                            self.embed, first + old, first + new, arrays, True,
+                            old_sums, new_sums, touched, self.pair_words,
                         )
-                    self.pair_pointers.append(Int32(len(self.pair_words) // 2))
+                    self.pair_pointers.append(Int32(len(self.pair_words)))
                     if old != new and self.first_qkv_rows > 0:
                         _append_difference(
-                            self.first_qkv, first + old, first + new, arrays,
-                            scratch, touched, self.pair_words,
+                            self.first_qkv, first + old, first + new, arrays, False,
+                            old_sums, new_sums, touched, self.pair_words,
                         )
-        self.pair_pointers.append(Int32(len(self.pair_words) // 2))
-        if len(self.pair_words) // 2 > Int(Int32.MAX):
+        self.pair_pointers.append(Int32(len(self.pair_words)))
+        if len(self.pair_words) > Int(Int32.MAX):
             raise Error(
                 String(
-                    "packed model: the embedding has ", len(self.pair_words) // 2,
-                    " pair deltas, more than an Int32 can index",
+                    "packed model: the embedding's pair deltas take ", len(self.pair_words),
+                    " words, more than an Int32 can index",
                 )
             )
 
@@ -768,7 +779,8 @@ struct Engine(Movable):
         var pair_fields = int_ptr(self.pair_fields)
         var pair_pointers = IndexPtr(unsafe_from_address=Int(self.pair_pointers.unsafe_ptr()))
         var pair_words = float_ptr(self.pair_words)
-        var pair_rows = IntPtr(unsafe_from_address=Int(self.pair_words.unsafe_ptr()))
+        var pair_bits = IntPtr(unsafe_from_address=Int(self.pair_words.unsafe_ptr()))
+        var owned_rows = self.owned_rows
         for w in range(self.field_words):
             var bits = changed[unsafe_offset=w]
             while bits != 0:
@@ -785,25 +797,36 @@ struct Engine(Movable):
                 var e = Int(pair_pointers[unsafe_offset=pair])
                 var middle = Int(pair_pointers[unsafe_offset=pair + 1])
                 var end = Int(pair_pointers[unsafe_offset=pair + 2])
-                while e < middle:
-                    var row = pair_rows[unsafe_offset=2 * e]
-                    var updated = embedded[unsafe_offset=row] + pair_words[unsafe_offset=2 * e + 1]
-                    embedded[unsafe_offset=row] = updated
-                    x[unsafe_offset=row] = updated
-                    var bit = mask_bit(row)
-                    var word = embedded_mask[unsafe_offset=mask_word(row)]
-                    embedded_mask[unsafe_offset=mask_word(row)] = (
-                        word | bit
-                    ) if updated != 0.0 else (word & ~bit)
-                    e += 1
+                if owned_rows:
+                    # The row's value depends on field g alone, so the flip found at
+                    # load keeps its mask bit equal to "the row is nonzero".
+                    while e < middle:
+                        var row = pair_bits[unsafe_offset=e]
+                        var updated = embedded[unsafe_offset=row] + pair_words[unsafe_offset=e + 1]
+                        embedded[unsafe_offset=row] = updated
+                        x[unsafe_offset=row] = updated
+                        embedded_mask[unsafe_offset=mask_word(row)] ^= UInt64(
+                            pair_bits[unsafe_offset=e + 2]
+                        )
+                        e += EMBED_ENTRY_WORDS
+                else:
+                    while e < middle:
+                        var row = pair_bits[unsafe_offset=e]
+                        var updated = embedded[unsafe_offset=row] + pair_words[unsafe_offset=e + 1]
+                        embedded[unsafe_offset=row] = updated
+                        x[unsafe_offset=row] = updated
+                        var bit = mask_bit(row)
+                        var word = embedded_mask[unsafe_offset=mask_word(row)]
+                        embedded_mask[unsafe_offset=mask_word(row)] = (
+                            word | bit
+                        ) if updated != 0.0 else (word & ~bit)
+                        e += EMBED_ENTRY_WORDS
                 # The kept q, k and v stay exact: the packer checked that every partial
                 # sum of a row is an integer below 2^53, and a delta is the difference of
                 # two columns whose sum of magnitudes is below that bound too.
                 while e < end:
-                    kept[unsafe_offset=pair_rows[unsafe_offset=2 * e]] += pair_words[
-                        unsafe_offset=2 * e + 1
-                    ]
-                    e += 1
+                    kept[unsafe_offset=pair_bits[unsafe_offset=e]] += pair_words[unsafe_offset=e + 1]
+                    e += 2
 
     @no_inline
     def _change_columns(mut self, field: Int, old: Int, new: Int):
@@ -1491,27 +1514,63 @@ def _append_difference[
     old: Int,
     new: Int,
     arrays: Arrays[dtype],
-    mut scratch: List[Float64],
+    flips: Bool,
+    mut old_sums: List[Float64],
+    mut new_sums: List[Float64],
     mut touched: List[Int],
     mut words: List[Float64],
 ):
-    """Append to `words` the (row bits, value) of every nonzero entry of stored column
-    `new` minus stored column `old`, for a matrix that stores all of its columns.
-    `scratch` must be zero and at least as long as the matrix has rows; it stays zero."""
+    """Append to `words` the row bits and the value of every nonzero entry of stored
+    column `new` minus stored column `old`, for a matrix that stores all of its columns,
+    and with `flips` the bits of the row's mask bit when exactly one column is zero
+    there (else 0). The sums must be zero and at least as long as the matrix has rows;
+    they stay zero."""
     var entry_pointers = arrays.pointers.unsafe_offset(matrix.entry_pointers)
     var row_ids = arrays.indices.unsafe_offset(matrix.row_ids)
     var values = arrays.values.unsafe_offset(matrix.entries)
     touched.clear()
     for column in range(2):
         var stored = new if column == 1 else old
-        var sign = Float64(2 * column - 1)
         var end = entry_pointers[unsafe_offset=stored + 1]
         for entry in range(entry_pointers[unsafe_offset=stored], end):
             var row = Int(row_ids[unsafe_offset=entry])
-            scratch[row] += sign * values[unsafe_offset=entry].cast[DType.float64]()
+            var value = values[unsafe_offset=entry].cast[DType.float64]()
+            if column == 1:
+                new_sums[row] += value
+            else:
+                old_sums[row] += value
             touched.append(row)
     for row in touched:
-        if scratch[row] != 0.0:
+        var delta = new_sums[row] - old_sums[row]
+        if delta != 0.0:
             words.append(bitcast[DType.float64, 1](Int64(row)))
-            words.append(scratch[row])
-        scratch[row] = 0.0
+            words.append(delta)
+            if flips:
+                var flip = mask_bit(row) if (old_sums[row] != 0.0) != (
+                    new_sums[row] != 0.0
+                ) else UInt64(0)
+                words.append(bitcast[DType.float64, 1](flip))
+        # A row touched twice is appended once, because its delta is then zero.
+        old_sums[row] = 0.0
+        new_sums[row] = 0.0
+
+
+def _owned_rows[
+    dtype: DType
+](matrix: Matrix, rows: Int, arrays: Arrays[dtype], vocab: List[Int]) -> Bool:
+    """Return True when every row of the embedding matrix (a column per token value,
+    the fields' columns in order) has entries in the columns of one field only."""
+    var entry_pointers = arrays.pointers.unsafe_offset(matrix.entry_pointers)
+    var row_ids = arrays.indices.unsafe_offset(matrix.row_ids)
+    var owners = List[Int](length=rows, fill=-1)
+    var column = 0
+    for f in range(len(vocab)):
+        for _ in range(vocab[f]):
+            var end = entry_pointers[unsafe_offset=column + 1]
+            for entry in range(entry_pointers[unsafe_offset=column], end):
+                var row = Int(row_ids[unsafe_offset=entry])
+                if owners[row] >= 0 and owners[row] != f:
+                    return False
+                owners[row] = f
+            column += 1
+    return True
