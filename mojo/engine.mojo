@@ -37,7 +37,7 @@
 # their biases at an offset in `floats`.
 
 from std.bit import count_trailing_zeros
-from std.memory import bitcast, unsafe_memcpy
+from std.memory import bitcast, pack_bits, unsafe_memcpy
 
 from cache import HeadCache
 from kernels import (
@@ -68,6 +68,9 @@ from kernels import (
 
 comptime MAGIC = 0x746C6301
 comptime FIELD_LANES = 8  # token fields compared at once
+# The largest field whose changes use the pair deltas (Engine.pair_fields).
+comptime PAIR_VOCAB = 8
+comptime EMBED_ENTRY_WORDS = 3  # the words of an embedding entry of Engine.pair_words
 comptime END_MARK = 0x746C63FF
 
 
@@ -239,11 +242,6 @@ struct Engine(Movable):
     var first_qkv_bias: Int
     var kept_qkv: List[Float64]
     var kept_offsets: List[Int]
-    # The differences of first_qkv's two columns of each field of two values, laid out
-    # as delta_pointers, delta_rows and delta_values are for the embedding.
-    var qkv_delta_pointers: List[Int]
-    var qkv_delta_rows: List[Int32]
-    var qkv_delta_values: List[Float64]
     # The embedding of `embedded_token`, kept so that the next token's embedding only
     # changes the fields that differ. Exact because every embedding value is an integer.
     var incremental: Bool
@@ -252,13 +250,24 @@ struct Engine(Movable):
     var embedded: List[Float64]
     var embedded_token: List[Int]
     var embedded_valid: Bool
-    # For a field of two values, the nonzero entries of its embedding column of value 1
-    # minus that of value 0, at delta_pointers[f] .. delta_pointers[f + 1] - 1. Going
-    # from one value to the other adds or subtracts them, which is exact for the same
-    # reason as the incremental embedding.
-    var delta_pointers: List[Int]
-    var delta_rows: List[Int32]
-    var delta_values: List[Float64]
+    # For a field f of V_f <= PAIR_VOCAB values, the change of the embedding and of the
+    # kept q, k and v when f goes from value `old` to value `new`. That change is pair
+    # p = pair_fields[2 f] + old V_f + new. Its embedding entries fill the words
+    # pair_pointers[2 p] .. pair_pointers[2 p + 1] - 1 of pair_words, EMBED_ENTRY_WORDS
+    # each: the bits of the row (an Int64), the delta, and the bits of a UInt64 that
+    # flips the row's bit in embedded_mask when the row turns zero or nonzero. The
+    # entries of kept_qkv follow up to pair_pointers[2 p + 2] - 1, two words each: the
+    # row's bits and the delta. pair_fields[2 f + 1] is V_f, and pair_fields[2 f] is -1
+    # for a larger field, whose changes subtract and add whole columns. Adding a delta
+    # is exact for the same reason as the incremental embedding.
+    var pair_fields: List[Int]
+    var pair_pointers: List[Int32]
+    var pair_words: List[Float64]
+    # Whether each row of the embedding is written by the columns of one field only.
+    # Then a row's value depends on that field's value alone, so whether a pair makes
+    # it zero is known at load and the flips are valid. Otherwise the mask bits are set
+    # from the updated values.
+    var owned_rows: Bool
     # Bit masks, one bit per residual dimension: set where `embedded` is nonzero, and a
     # superset of the nonzero components of x.
     var embedded_mask: List[UInt64]
@@ -508,12 +517,12 @@ struct Engine(Movable):
         self.pending_offset = 0
         self.need_step = False
         self.stopped = False
-        self.delta_pointers = List[Int](length=self.field_count + 1, fill=0)
-        self.delta_rows = List[Int32]()
-        self.delta_values = List[Float64]()
-        self.qkv_delta_pointers = List[Int](length=self.field_count + 1, fill=0)
-        self.qkv_delta_rows = List[Int32]()
-        self.qkv_delta_values = List[Float64]()
+        self.pair_fields = List[Int](length=2 * self.field_count, fill=-1)
+        for f in range(self.field_count):
+            self.pair_fields[2 * f + 1] = self.vocab[f]
+        self.pair_pointers = List[Int32]()
+        self.pair_words = List[Float64]()
+        self.owned_rows = False
         self.gather_columns = List[Int]()
         self.gather_weights = List[Float64]()
         var projections = 3 * len(self.heads)
@@ -614,29 +623,44 @@ struct Engine(Movable):
             self.gather_weights.append(weights[row])
         return offset
 
-    def _index_embedding_deltas[dtype: DType](mut self):
-        """Fill the deltas of the embedding and of the first layer's kept q, k and v."""
+    def _index_embedding_deltas[dtype: DType](mut self) raises:
+        """Fill the pair deltas of the embedding and of the first layer's kept q, k and v
+        for every field of at most PAIR_VOCAB values."""
         var arrays = self._arrays[dtype]()
-        _binary_deltas(
-            self.embed,
-            self.width,
-            arrays,
-            self.vocab,
-            self.field_offsets,
-            self.delta_pointers,
-            self.delta_rows,
-            self.delta_values,
-        )
-        if self.first_qkv_rows > 0:
-            _binary_deltas(
-                self.first_qkv,
-                self.first_qkv_rows,
-                arrays,
-                self.vocab,
-                self.field_offsets,
-                self.qkv_delta_pointers,
-                self.qkv_delta_rows,
-                self.qkv_delta_values,
+        self.owned_rows = _owned_rows(self.embed, self.width, arrays, self.vocab)
+        var rows = max(self.width, self.first_qkv_rows) + 1
+        var old_sums = List[Float64](length=rows, fill=0.0)
+        var new_sums = List[Float64](length=rows, fill=0.0)
+        var touched = List[Int]()
+        var pairs = 0
+        for f in range(self.field_count):
+            var vocab = self.vocab[f]
+            if vocab > PAIR_VOCAB:
+                continue
+            self.pair_fields[2 * f] = pairs
+            pairs += vocab * vocab
+            var first = self.field_offsets[f]
+            for old in range(vocab):
+                for new in range(vocab):
+                    self.pair_pointers.append(Int32(len(self.pair_words)))
+                    if old != new:
+                        _append_difference(
+                            self.embed, first + old, first + new, arrays, True,
+                            old_sums, new_sums, touched, self.pair_words,
+                        )
+                    self.pair_pointers.append(Int32(len(self.pair_words)))
+                    if old != new and self.first_qkv_rows > 0:
+                        _append_difference(
+                            self.first_qkv, first + old, first + new, arrays, False,
+                            old_sums, new_sums, touched, self.pair_words,
+                        )
+        self.pair_pointers.append(Int32(len(self.pair_words)))
+        if len(self.pair_words) > Int(Int32.MAX):
+            raise Error(
+                String(
+                    "packed model: the embedding's pair deltas take ", len(self.pair_words),
+                    " words, more than an Int32 can index",
+                )
             )
 
     # ---- one position ------------------------------------------------------------
@@ -740,80 +764,128 @@ struct Engine(Movable):
             for w in range(len(self.written_mask)):
                 written[unsafe_offset=w] = 0
         else:
-            var vocab = int_ptr(self.vocab)
-            var delta_pointers = int_ptr(self.delta_pointers)
-            var delta_rows = IndexPtr(unsafe_from_address=Int(self.delta_rows.unsafe_ptr()))
-            var delta_values = float_ptr(self.delta_values)
-            for w in range(self.field_words):
-                var bits = changed[unsafe_offset=w]
-                while bits != 0:
-                    var g = w * MASK_BITS + Int(count_trailing_zeros(bits))
-                    bits &= bits - 1
-                    var value = token[unsafe_offset=g]
-                    var old = embedded_token[unsafe_offset=g]
-                    embedded_token[unsafe_offset=g] = value
-                    var base = offsets[unsafe_offset=g]
-                    # The kept q, k and v stay exact, because the packer checked that
-                    # every partial sum is an integer below 2^53.
-                    var kept = float_ptr(self.kept_qkv)
-                    if vocab[unsafe_offset=g] == 2:
-                        var sign = Float64(value - old)
-                        var qkv_end = self.qkv_delta_pointers.unsafe_get(g + 1)
-                        for e in range(self.qkv_delta_pointers.unsafe_get(g), qkv_end):
-                            var row = Int(self.qkv_delta_rows.unsafe_get(e))
-                            kept[unsafe_offset=row] += sign * self.qkv_delta_values.unsafe_get(e)
-                        var end = delta_pointers[unsafe_offset=g + 1]
-                        for e in range(delta_pointers[unsafe_offset=g], end):
-                            var row = Int(delta_rows[unsafe_offset=e])
-                            var change = sign * delta_values[unsafe_offset=e]
-                            var updated = embedded[unsafe_offset=row] + change
-                            embedded[unsafe_offset=row] = updated
-                            x[unsafe_offset=row] = updated
-                            var bit = mask_bit(row)
-                            var word = embedded_mask[unsafe_offset=mask_word(row)]
-                            embedded_mask[unsafe_offset=mask_word(row)] = (
-                                word | bit
-                            ) if updated != 0.0 else (word & ~bit)
-                        continue
-                    add_column(self.embed, base + old, arrays, embedded, -1.0, embedded_mask, x)
-                    add_column(self.embed, base + value, arrays, embedded, 1.0, embedded_mask, x)
-                    if self.first_qkv_rows > 0:
-                        add_scaled_column(self.first_qkv, base + value, arrays, kept, 1.0)
-                        add_scaled_column(self.first_qkv, base + old, arrays, kept, -1.0)
+            self._apply_changes(token)
             # x equals the embedding except where the layers wrote at the last position.
-            for w in range(len(self.written_mask)):
-                var bits = written[unsafe_offset=w]
-                written[unsafe_offset=w] = 0
-                while bits != 0:
-                    var i = w * MASK_BITS + Int(count_trailing_zeros(bits))
-                    bits &= bits - 1
-                    x[unsafe_offset=i] = embedded[unsafe_offset=i]
-        unsafe_memcpy(dest=masks[1], src=embedded_mask, count=len(self.x_mask))
+            _restore_written(x, embedded, written, len(self.written_mask))
+        _copy_mask(masks[1], embedded_mask, len(self.x_mask))
+
+    def _apply_changes(mut self, token: IntPtr):
+        """Update `embedded`, x, `embedded_mask` and the kept q, k and v from the fields
+        set in `changed_fields`, and copy those fields of `token` to `embedded_token`."""
+        var embedded = float_ptr(self.embedded)
+        var embedded_token = int_ptr(self.embedded_token)
+        var embedded_mask = MaskPtr(unsafe_from_address=Int(self.embedded_mask.unsafe_ptr()))
+        var x = float_ptr(self.x)
+        var kept = float_ptr(self.kept_qkv)
+        var changed = MaskPtr(unsafe_from_address=Int(self.changed_fields.unsafe_ptr()))
+        var pair_fields = int_ptr(self.pair_fields)
+        var pair_pointers = IndexPtr(unsafe_from_address=Int(self.pair_pointers.unsafe_ptr()))
+        var pair_words = float_ptr(self.pair_words)
+        var pair_bits = IntPtr(unsafe_from_address=Int(self.pair_words.unsafe_ptr()))
+        var owned_rows = self.owned_rows
+        for w in range(self.field_words):
+            var bits = changed[unsafe_offset=w]
+            while bits != 0:
+                var g = w * MASK_BITS + Int(count_trailing_zeros(bits))
+                bits &= bits - 1
+                var value = token[unsafe_offset=g]
+                var old = embedded_token[unsafe_offset=g]
+                embedded_token[unsafe_offset=g] = value
+                var pair_base = pair_fields[unsafe_offset=2 * g]
+                if pair_base < 0:
+                    self._change_columns(g, old, value)
+                    continue
+                var pair = 2 * (pair_base + old * pair_fields[unsafe_offset=2 * g + 1] + value)
+                var e = Int(pair_pointers[unsafe_offset=pair])
+                var middle = Int(pair_pointers[unsafe_offset=pair + 1])
+                var end = Int(pair_pointers[unsafe_offset=pair + 2])
+                if owned_rows:
+                    # The row's value depends on field g alone, so the flip found at
+                    # load keeps its mask bit equal to "the row is nonzero".
+                    while e < middle:
+                        var row = pair_bits[unsafe_offset=e]
+                        var updated = embedded[unsafe_offset=row] + pair_words[unsafe_offset=e + 1]
+                        embedded[unsafe_offset=row] = updated
+                        x[unsafe_offset=row] = updated
+                        embedded_mask[unsafe_offset=mask_word(row)] ^= UInt64(
+                            pair_bits[unsafe_offset=e + 2]
+                        )
+                        e += EMBED_ENTRY_WORDS
+                else:
+                    while e < middle:
+                        var row = pair_bits[unsafe_offset=e]
+                        var updated = embedded[unsafe_offset=row] + pair_words[unsafe_offset=e + 1]
+                        embedded[unsafe_offset=row] = updated
+                        x[unsafe_offset=row] = updated
+                        var bit = mask_bit(row)
+                        var word = embedded_mask[unsafe_offset=mask_word(row)]
+                        embedded_mask[unsafe_offset=mask_word(row)] = (
+                            word | bit
+                        ) if updated != 0.0 else (word & ~bit)
+                        e += EMBED_ENTRY_WORDS
+                # The kept q, k and v stay exact: the packer checked that every partial
+                # sum of a row is an integer below 2^53, and a delta is the difference of
+                # two columns whose sum of magnitudes is below that bound too.
+                while e < end:
+                    kept[unsafe_offset=pair_bits[unsafe_offset=e]] += pair_words[unsafe_offset=e + 1]
+                    e += 2
+
+    @no_inline
+    def _change_columns(mut self, field: Int, old: Int, new: Int):
+        """Move field `field` of the embedding and the kept q, k and v from value `old` to
+        value `new` by subtracting and adding whole columns, for a field with more than
+        PAIR_VOCAB values."""
+        if self.narrow:
+            self._change_columns_of[DType.float32](field, old, new)
+        else:
+            self._change_columns_of[DType.float64](field, old, new)
+
+    def _change_columns_of[dtype: DType](mut self, field: Int, old: Int, new: Int):
+        var arrays = self._arrays[dtype]()
+        var embedded = float_ptr(self.embedded)
+        var embedded_mask = self._masks()[0]
+        var x = float_ptr(self.x)
+        var kept = float_ptr(self.kept_qkv)
+        var base = self.field_offsets.unsafe_get(field)
+        add_column(self.embed, base + old, arrays, embedded, -1.0, embedded_mask, x)
+        add_column(self.embed, base + new, arrays, embedded, 1.0, embedded_mask, x)
+        if self.first_qkv_rows > 0:
+            add_scaled_column(self.first_qkv, base + new, arrays, kept, 1.0)
+            add_scaled_column(self.first_qkv, base + old, arrays, kept, -1.0)
 
     def _mark_changed(mut self, token: IntPtr):
         """Set the bit of every field where `token` differs from `embedded_token`,
-        comparing eight fields at a time."""
+        comparing FIELD_LANES fields at a time."""
         var embedded_token = int_ptr(self.embedded_token)
         var changed = MaskPtr(unsafe_from_address=Int(self.changed_fields.unsafe_ptr()))
-        var lane_bits = SIMD[DType.uint64, FIELD_LANES](1, 2, 4, 8, 16, 32, 64, 128)
-        # Each mask word is built in a register, so consecutive groups do not wait on
-        # one another's stores.
-        for w in range(self.field_words):
+        # A full mask word is built in a register from its equal fields by an unrolled
+        # loop with constant shifts, and then inverted.
+        var full_words = self.field_count // MASK_BITS
+        for w in range(full_words):
             var start = w * MASK_BITS
-            var end = min(start + MASK_BITS, self.field_count)
-            var bits: UInt64 = 0
-            var f = start
-            while f + FIELD_LANES <= end:
+            var same: UInt64 = 0
+            comptime for group in range(MASK_BITS // FIELD_LANES):
+                var f = start + group * FIELD_LANES
                 var new_values = token.unsafe_load[width=FIELD_LANES](f)
                 var old_values = embedded_token.unsafe_load[width=FIELD_LANES](f)
-                var differ = new_values.ne(old_values).select(lane_bits, 0).reduce_or()
-                bits |= differ << UInt64(f - start)
-                f += FIELD_LANES
-            while f < end:
-                if token[unsafe_offset=f] != embedded_token[unsafe_offset=f]:
-                    bits |= UInt64(1) << UInt64(f - start)
-                f += 1
-            changed[unsafe_offset=w] = bits
+                var equal = pack_bits[DType.uint8](new_values.eq(old_values))
+                same |= UInt64(equal) << UInt64(group * FIELD_LANES)
+            changed[unsafe_offset=w] = ~same
+        # The last word (field_words = full_words + 1) holds the remaining fields.
+        var start = full_words * MASK_BITS
+        var bits: UInt64 = 0
+        var f = start
+        while f + FIELD_LANES <= self.field_count:
+            var new_values = token.unsafe_load[width=FIELD_LANES](f)
+            var old_values = embedded_token.unsafe_load[width=FIELD_LANES](f)
+            var differ = pack_bits[DType.uint8](new_values.ne(old_values))
+            bits |= UInt64(differ) << UInt64(f - start)
+            f += FIELD_LANES
+        while f < self.field_count:
+            if token[unsafe_offset=f] != embedded_token[unsafe_offset=f]:
+                bits |= UInt64(1) << UInt64(f - start)
+            f += 1
+        changed[unsafe_offset=full_words] = bits
 
     @always_inline
     def _unchanged(self, fields: Int) -> Bool:
@@ -1359,6 +1431,43 @@ def _max_hidden(blocks: List[BlockWeights]) -> Int:
     return widest
 
 
+@always_inline
+def _copy_mask(dest: MaskPtr, src: MaskPtr, words: Int):
+    """Copy `words` mask words from src to dest, four at a time."""
+    var w = 0
+    while w + 4 <= words:
+        dest.unsafe_store(w, src.unsafe_load[width=4](w))
+        w += 4
+    while w < words:
+        dest[unsafe_offset=w] = src[unsafe_offset=w]
+        w += 1
+
+
+@always_inline
+def _restore_written(x: FloatPtr, embedded: FloatPtr, written: MaskPtr, words: Int):
+    """Copy `embedded` to x at the bits set in `written` and clear them. Four mask words
+    are tested at once, because most of them are zero."""
+    var w = 0
+    while w + 4 <= words:
+        if written.unsafe_load[width=4](w).reduce_or() != 0:
+            comptime for lane in range(4):
+                _restore_word(x, embedded, written[unsafe_offset=w + lane], w + lane)
+            written.unsafe_store(w, SIMD[DType.uint64, 4](0))
+        w += 4
+    while w < words:
+        _restore_word(x, embedded, written[unsafe_offset=w], w)
+        written[unsafe_offset=w] = 0
+        w += 1
+
+
+@always_inline
+def _restore_word(x: FloatPtr, embedded: FloatPtr, var bits: UInt64, word: Int):
+    while bits != 0:
+        var i = word * MASK_BITS + Int(count_trailing_zeros(bits))
+        bits &= bits - 1
+        x[unsafe_offset=i] = embedded[unsafe_offset=i]
+
+
 def _kept_offsets(
     layers: List[LayerWeights], heads: List[HeadWeights], rows: Int
 ) raises -> List[Int]:
@@ -1389,42 +1498,70 @@ def _kept_offsets(
     return offsets^
 
 
-def _binary_deltas[
+def _append_difference[
     dtype: DType
 ](
     matrix: Matrix,
-    rows: Int,
+    old: Int,
+    new: Int,
     arrays: Arrays[dtype],
-    vocab: List[Int],
-    field_offsets: List[Int],
-    mut pointers: List[Int],
-    mut delta_rows: List[Int32],
-    mut delta_values: List[Float64],
+    flips: Bool,
+    mut old_sums: List[Float64],
+    mut new_sums: List[Float64],
+    mut touched: List[Int],
+    mut words: List[Float64],
 ):
-    """Fill `pointers` (one per field, plus the end) and the nonzero entries of column
-    "value 1" minus column "value 0" of every field of two values, for a matrix that
-    stores one column per token value."""
+    """Append to `words` the row bits and the value of every nonzero entry of stored
+    column `new` minus stored column `old`, for a matrix that stores all of its columns,
+    and with `flips` the bits of the row's mask bit when exactly one column is zero
+    there (else 0). The sums must be zero and at least as long as the matrix has rows;
+    they stay zero."""
     var entry_pointers = arrays.pointers.unsafe_offset(matrix.entry_pointers)
     var row_ids = arrays.indices.unsafe_offset(matrix.row_ids)
     var values = arrays.values.unsafe_offset(matrix.entries)
-    var difference = List[Float64](length=rows, fill=0.0)
-    var touched = List[Int]()
+    touched.clear()
+    for column in range(2):
+        var stored = new if column == 1 else old
+        var end = entry_pointers[unsafe_offset=stored + 1]
+        for entry in range(entry_pointers[unsafe_offset=stored], end):
+            var row = Int(row_ids[unsafe_offset=entry])
+            var value = values[unsafe_offset=entry].cast[DType.float64]()
+            if column == 1:
+                new_sums[row] += value
+            else:
+                old_sums[row] += value
+            touched.append(row)
+    for row in touched:
+        var delta = new_sums[row] - old_sums[row]
+        if delta != 0.0:
+            words.append(bitcast[DType.float64, 1](Int64(row)))
+            words.append(delta)
+            if flips:
+                var flip = mask_bit(row) if (old_sums[row] != 0.0) != (
+                    new_sums[row] != 0.0
+                ) else UInt64(0)
+                words.append(bitcast[DType.float64, 1](flip))
+        # A row touched twice is appended once, because its delta is then zero.
+        old_sums[row] = 0.0
+        new_sums[row] = 0.0
+
+
+def _owned_rows[
+    dtype: DType
+](matrix: Matrix, rows: Int, arrays: Arrays[dtype], vocab: List[Int]) -> Bool:
+    """Return True when every row of the embedding matrix (a column per token value,
+    the fields' columns in order) has entries in the columns of one field only."""
+    var entry_pointers = arrays.pointers.unsafe_offset(matrix.entry_pointers)
+    var row_ids = arrays.indices.unsafe_offset(matrix.row_ids)
+    var owners = List[Int](length=rows, fill=-1)
+    var column = 0
     for f in range(len(vocab)):
-        pointers[f] = len(delta_rows)
-        if vocab[f] != 2:
-            continue
-        touched.clear()
-        for value in range(2):
-            var column = field_offsets[f] + value
-            var sign = Float64(2 * value - 1)
+        for _ in range(vocab[f]):
             var end = entry_pointers[unsafe_offset=column + 1]
             for entry in range(entry_pointers[unsafe_offset=column], end):
                 var row = Int(row_ids[unsafe_offset=entry])
-                difference[row] += sign * values[unsafe_offset=entry].cast[DType.float64]()
-                touched.append(row)
-        for row in touched:
-            if difference[row] != 0.0:
-                delta_rows.append(Int32(row))
-                delta_values.append(difference[row])
-            difference[row] = 0.0
-    pointers[len(vocab)] = len(delta_rows)
+                if owners[row] >= 0 and owners[row] != f:
+                    return False
+                owners[row] = f
+            column += 1
+    return True
