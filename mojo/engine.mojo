@@ -53,6 +53,7 @@ from kernels import (
     mask_word,
     accumulate_marking,
     accumulate_masked,
+    accumulate_masked_groups,
     add_column,
     add_scaled_column,
     affine_masked,
@@ -274,12 +275,12 @@ struct Engine(Movable):
     var field_words: Int
     var field_masks: List[UInt64]
     # The unembedding's logits, equal to its bias between steps: a step adds the
-    # product into them, marks the logits it writes in logit_mask, takes the argmax of
-    # those fields and restores the bias there. logit_fields[r] is the field of logit r
-    # and default_token the argmax of each field's bias, the answer for every field
-    # whose logits the product does not write.
+    # product into them, marks the fields whose logits it writes in written_fields,
+    # takes the argmax of those fields and restores their bias. logit_fields[r] is the
+    # field of logit r and default_token the argmax of each field's bias, the answer
+    # for every field whose logits the product does not write.
     var unembed_logits: List[Float64]
-    var logit_mask: List[UInt64]
+    var written_fields: List[UInt64]
     var logit_fields: List[Int32]
     var default_token: List[Int]
     # Head projections and routers with at most one entry per column and finite
@@ -415,8 +416,8 @@ struct Engine(Movable):
             self.default_token[f] = first_argmax(
                 unembed_bias.unsafe_offset(first), self.vocab[f], self.nan_possible
             )
-        self.logit_mask = List[UInt64](length=total_vocab // MASK_BITS + 1, fill=0)
         self.field_words = self.field_count // MASK_BITS + 1
+        self.written_fields = List[UInt64](length=self.field_words, fill=0)
         self.changed_fields = List[UInt64](length=self.field_words, fill=0)
         self.field_masks = List[UInt64]()
         self.layers = List[LayerWeights]()
@@ -1035,32 +1036,51 @@ struct Engine(Movable):
         self._settle[dtype](self.unembed_reads)
         var arrays = self._arrays[dtype]()
         var logits = float_ptr(self.unembed_logits)
-        var logit_mask = MaskPtr(unsafe_from_address=Int(self.logit_mask.unsafe_ptr()))
-        accumulate_masked[mark_output=True, mark_written=False](
-            self.unembed, arrays, float_ptr(self.x), self._masks()[1], logits, logit_mask, logit_mask
+        var written = MaskPtr(unsafe_from_address=Int(self.written_fields.unsafe_ptr()))
+        accumulate_masked_groups(
+            self.unembed,
+            arrays,
+            float_ptr(self.x),
+            self._masks()[1],
+            logits,
+            IndexPtr(unsafe_from_address=Int(self.logit_fields.unsafe_ptr())),
+            written,
         )
         var pending = self._pending()
         unsafe_memcpy(dest=pending, src=int_ptr(self.default_token), count=self.field_count)
         var offsets = int_ptr(self.field_offsets)
         var vocab = int_ptr(self.vocab)
         var bias = arrays.floats.unsafe_offset(self.unembed_bias)
-        var last = -1
-        for w in range(len(self.logit_mask)):
-            var bits = logit_mask[unsafe_offset=w]
-            logit_mask[unsafe_offset=w] = 0
-            while bits != 0:
-                var r = w * MASK_BITS + Int(count_trailing_zeros(bits))
-                bits &= bits - 1
-                # The rows of a field are consecutive, so its first written row comes
-                # after every write to it and before the bias returns to any of them.
-                var f = Int(self.logit_fields.unsafe_get(r))
-                if f != last:
-                    var segment = logits.unsafe_offset(offsets[unsafe_offset=f])
-                    pending[unsafe_offset=f] = first_argmax(
-                        segment, vocab[unsafe_offset=f], self.nan_possible
-                    )
-                    last = f
-                logits[unsafe_offset=r] = bias[unsafe_offset=r]
+        var nan_possible = self.nan_possible
+        for w in range(self.field_words):
+            var fresh = written[unsafe_offset=w]
+            written[unsafe_offset=w] = 0
+            while fresh != 0:
+                var f = w * MASK_BITS + Int(count_trailing_zeros(fresh))
+                fresh &= fresh - 1
+                var first = offsets[unsafe_offset=f]
+                var length = vocab[unsafe_offset=f]
+                var segment = logits.unsafe_offset(first)
+                var source = bias.unsafe_offset(first)
+                # Fields of two and three values, most of them, compare their logits
+                # directly. first_argmax handles the others and the search for NaNs.
+                if length == 2 and not nan_possible:
+                    var second_wins = segment[unsafe_offset=1] > segment[unsafe_offset=0]
+                    pending[unsafe_offset=f] = Int(second_wins)
+                    segment[unsafe_offset=0] = source[unsafe_offset=0]
+                    segment[unsafe_offset=1] = source[unsafe_offset=1]
+                elif length == 3 and not nan_possible:
+                    var a = segment[unsafe_offset=0]
+                    var b = segment[unsafe_offset=1]
+                    var c = segment[unsafe_offset=2]
+                    var best = 2 if c > a and c > b else (1 if b > a else 0)
+                    pending[unsafe_offset=f] = best
+                    segment[unsafe_offset=0] = source[unsafe_offset=0]
+                    segment[unsafe_offset=1] = source[unsafe_offset=1]
+                    segment[unsafe_offset=2] = source[unsafe_offset=2]
+                else:
+                    pending[unsafe_offset=f] = first_argmax(segment, length, nan_possible)
+                    copy_floats(segment, source, length)
 
     def _quiet(self) -> Bool:
         """Return True when x is zero in every column that the routers of the layers

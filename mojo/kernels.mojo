@@ -139,6 +139,43 @@ def accumulate_masked[
                         written_mask[unsafe_offset=mask_word(row)] |= bit
 
 
+@always_inline
+def accumulate_masked_groups[
+    dtype: DType
+](
+    matrix: Matrix,
+    arrays: Arrays[dtype],
+    input: FloatPtr,
+    input_mask: MaskPtr,
+    output: FloatPtr,
+    row_groups: IndexPtr,
+    group_mask: MaskPtr,
+):
+    """Add matrix @ input to output as `accumulate_masked` does, and set the bit of
+    group row_groups[row] in `group_mask` for every output row written."""
+    var pointers = arrays.pointers.unsafe_offset(matrix.entry_pointers)
+    var entries = arrays.entries.unsafe_offset(2 * matrix.entries)
+    var column_mask = arrays.pointers.unsafe_offset(matrix.column_mask)
+    var column_rank = arrays.pointers.unsafe_offset(matrix.column_rank)
+    for index in range(matrix.mask_words):
+        var word = matrix.first_word + index
+        var stored_bits = UInt64(column_mask[unsafe_offset=index])
+        var bits = stored_bits & input_mask[unsafe_offset=word]
+        while bits != 0:
+            var bit = count_trailing_zeros(bits)
+            bits &= bits - 1
+            var coefficient = input[unsafe_offset=word * MASK_BITS + Int(bit)]
+            if coefficient == 0.0:
+                continue
+            var below = stored_bits & ((UInt64(1) << bit) - 1)
+            var k = column_rank[unsafe_offset=index] + Int(pop_count(below))
+            for entry in range(pointers[unsafe_offset=k], pointers[unsafe_offset=k + 1]):
+                var row, weight = read_entry(entries, entry)
+                output[unsafe_offset=row] += weight * coefficient
+                var group = Int(row_groups[unsafe_offset=row])
+                group_mask[unsafe_offset=mask_word(group)] |= mask_bit(group)
+
+
 def same_affine[
     dtype: DType
 ](
