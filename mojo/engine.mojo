@@ -283,6 +283,10 @@ struct Engine(Movable):
     var written_fields: List[UInt64]
     var logit_fields: List[Int32]
     var default_token: List[Int]
+    # Per half of token_pair (field_words words each, the half at offset 0 first): a
+    # superset of the fields where that token differs from default_token, so that a
+    # new prediction rewrites only those and the fields the product writes.
+    var token_fields: List[UInt64]
     # Head projections and routers with at most one entry per column and finite
     # weights, stored by rows: the column of x and the weight of each row's first
     # entry, with column `width` (a zero that pads x) and weight 0 for a row without an
@@ -499,6 +503,7 @@ struct Engine(Movable):
             l -= 1
         self.position = 0
         self.token_pair = List[Int](length=2 * self.field_count, fill=0)
+        self.token_fields = List[UInt64](length=2 * self.field_words, fill=0)
         self.pending_offset = 0
         self.need_step = False
         self.stopped = False
@@ -526,6 +531,8 @@ struct Engine(Movable):
             self._find_shared_projections[DType.float64]()
             self._index_embedding_deltas[DType.float64]()
             self._index_gathers[DType.float64]()
+        self._find_token_fields(0)
+        self._find_token_fields(self.field_count)
 
     def _find_shared_projections[dtype: DType](mut self):
         """Fill `key_leaders` and `value_leaders` by comparing the heads' weights."""
@@ -1047,7 +1054,9 @@ struct Engine(Movable):
             written,
         )
         var pending = self._pending()
-        unsafe_memcpy(dest=pending, src=int_ptr(self.default_token), count=self.field_count)
+        var token_fields = MaskPtr(unsafe_from_address=Int(self.token_fields.unsafe_ptr()))
+        var differing = token_fields.unsafe_offset(self._half_words())
+        var default_token = int_ptr(self.default_token)
         var offsets = int_ptr(self.field_offsets)
         var vocab = int_ptr(self.vocab)
         var bias = arrays.floats.unsafe_offset(self.unembed_bias)
@@ -1055,6 +1064,15 @@ struct Engine(Movable):
         for w in range(self.field_words):
             var fresh = written[unsafe_offset=w]
             written[unsafe_offset=w] = 0
+            # The pending half still holds an earlier token (while generating, the
+            # prediction of two steps ago), which differs from default_token only in
+            # the fields set in `differing`.
+            var stale = differing[unsafe_offset=w] & ~fresh
+            differing[unsafe_offset=w] = fresh
+            while stale != 0:
+                var f = w * MASK_BITS + Int(count_trailing_zeros(stale))
+                stale &= stale - 1
+                pending[unsafe_offset=f] = default_token[unsafe_offset=f]
             while fresh != 0:
                 var f = w * MASK_BITS + Int(count_trailing_zeros(fresh))
                 fresh &= fresh - 1
@@ -1081,6 +1099,20 @@ struct Engine(Movable):
                 else:
                     pending[unsafe_offset=f] = first_argmax(segment, length, nan_possible)
                     copy_floats(segment, source, length)
+
+    def _half_words(self) -> Int:
+        """Return the offset in token_fields of the pending half's field mask."""
+        return self.field_words if self.pending_offset != 0 else 0
+
+    def _find_token_fields(mut self, offset: Int):
+        """Set the field mask in token_fields of the half of token_pair at `offset`
+        to the fields where its token differs from default_token."""
+        var words = self.field_words if offset != 0 else 0
+        for w in range(self.field_words):
+            self.token_fields[words + w] = 0
+        for f in range(self.field_count):
+            if self.token_pair[offset + f] != self.default_token[f]:
+                self.token_fields[words + mask_word(f)] |= mask_bit(f)
 
     def _quiet(self) -> Bool:
         """Return True when x is zero in every column that the routers of the layers
@@ -1144,6 +1176,7 @@ struct Engine(Movable):
         var previous = self._previous()
         for f in range(self.field_count):
             previous[unsafe_offset=f] = prompt[unsafe_offset=(length - 1) * self.field_count + f]
+        self._find_token_fields(self.field_count - self.pending_offset)
         self.need_step = False
         self.stopped = False
 
