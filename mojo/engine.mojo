@@ -287,6 +287,11 @@ struct Engine(Movable):
     # superset of the fields where that token differs from default_token, so that a
     # new prediction rewrites only those and the fields the product writes.
     var token_fields: List[UInt64]
+    # The fields of two and of three values, whose argmax the unembedding takes with
+    # inline comparisons. Both are empty when nan_possible, so that every field then
+    # goes through first_argmax and its search for a NaN.
+    var two_value_fields: List[UInt64]
+    var three_value_fields: List[UInt64]
     # Head projections and routers with at most one entry per column and finite
     # weights, stored by rows: the column of x and the weight of each row's first
     # entry, with column `width` (a zero that pads x) and weight 0 for a row without an
@@ -422,6 +427,14 @@ struct Engine(Movable):
             )
         self.field_words = self.field_count // MASK_BITS + 1
         self.written_fields = List[UInt64](length=self.field_words, fill=0)
+        self.two_value_fields = List[UInt64](length=self.field_words, fill=0)
+        self.three_value_fields = List[UInt64](length=self.field_words, fill=0)
+        if not self.nan_possible:
+            for f in range(self.field_count):
+                if self.vocab[f] == 2:
+                    self.two_value_fields[mask_word(f)] |= mask_bit(f)
+                elif self.vocab[f] == 3:
+                    self.three_value_fields[mask_word(f)] |= mask_bit(f)
         self.changed_fields = List[UInt64](length=self.field_words, fill=0)
         self.field_masks = List[UInt64]()
         self.layers = List[LayerWeights]()
@@ -1060,7 +1073,6 @@ struct Engine(Movable):
         var offsets = int_ptr(self.field_offsets)
         var vocab = int_ptr(self.vocab)
         var bias = arrays.floats.unsafe_offset(self.unembed_bias)
-        var nan_possible = self.nan_possible
         for w in range(self.field_words):
             var fresh = written[unsafe_offset=w]
             written[unsafe_offset=w] = 0
@@ -1073,32 +1085,36 @@ struct Engine(Movable):
                 var f = w * MASK_BITS + Int(count_trailing_zeros(stale))
                 stale &= stale - 1
                 pending[unsafe_offset=f] = default_token[unsafe_offset=f]
-            while fresh != 0:
-                var f = w * MASK_BITS + Int(count_trailing_zeros(fresh))
-                fresh &= fresh - 1
+            var twos = fresh & self.two_value_fields.unsafe_get(w)
+            var threes = fresh & self.three_value_fields.unsafe_get(w)
+            var others = fresh & ~(twos | threes)
+            while twos != 0:
+                var f = w * MASK_BITS + Int(count_trailing_zeros(twos))
+                twos &= twos - 1
+                var first = offsets[unsafe_offset=f]
+                var segment = logits.unsafe_offset(first)
+                var second_wins = segment[unsafe_offset=1] > segment[unsafe_offset=0]
+                pending[unsafe_offset=f] = Int(second_wins)
+                segment.unsafe_store(0, bias.unsafe_load[width=2](first))
+            while threes != 0:
+                var f = w * MASK_BITS + Int(count_trailing_zeros(threes))
+                threes &= threes - 1
+                var first = offsets[unsafe_offset=f]
+                var segment = logits.unsafe_offset(first)
+                var a = segment[unsafe_offset=0]
+                var b = segment[unsafe_offset=1]
+                var c = segment[unsafe_offset=2]
+                pending[unsafe_offset=f] = 2 if c > a and c > b else (1 if b > a else 0)
+                segment.unsafe_store(0, bias.unsafe_load[width=2](first))
+                segment[unsafe_offset=2] = bias[unsafe_offset=first + 2]
+            while others != 0:
+                var f = w * MASK_BITS + Int(count_trailing_zeros(others))
+                others &= others - 1
                 var first = offsets[unsafe_offset=f]
                 var length = vocab[unsafe_offset=f]
                 var segment = logits.unsafe_offset(first)
-                var source = bias.unsafe_offset(first)
-                # Fields of two and three values, most of them, compare their logits
-                # directly. first_argmax handles the others and the search for NaNs.
-                if length == 2 and not nan_possible:
-                    var second_wins = segment[unsafe_offset=1] > segment[unsafe_offset=0]
-                    pending[unsafe_offset=f] = Int(second_wins)
-                    segment[unsafe_offset=0] = source[unsafe_offset=0]
-                    segment[unsafe_offset=1] = source[unsafe_offset=1]
-                elif length == 3 and not nan_possible:
-                    var a = segment[unsafe_offset=0]
-                    var b = segment[unsafe_offset=1]
-                    var c = segment[unsafe_offset=2]
-                    var best = 2 if c > a and c > b else (1 if b > a else 0)
-                    pending[unsafe_offset=f] = best
-                    segment[unsafe_offset=0] = source[unsafe_offset=0]
-                    segment[unsafe_offset=1] = source[unsafe_offset=1]
-                    segment[unsafe_offset=2] = source[unsafe_offset=2]
-                else:
-                    pending[unsafe_offset=f] = first_argmax(segment, length, nan_possible)
-                    copy_floats(segment, source, length)
+                pending[unsafe_offset=f] = first_argmax(segment, length, self.nan_possible)
+                copy_floats(segment, bias.unsafe_offset(first), length)
 
     def _half_words(self) -> Int:
         """Return the offset in token_fields of the pending half's field mask."""
