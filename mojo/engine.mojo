@@ -58,6 +58,7 @@ from kernels import (
     add_scaled_column,
     affine_masked,
     copy_floats,
+    copy_floats_overlapping,
     first_argmax,
     float_ptr,
     int_ptr,
@@ -1114,7 +1115,7 @@ struct Engine(Movable):
                 var length = vocab[unsafe_offset=f]
                 var segment = logits.unsafe_offset(first)
                 pending[unsafe_offset=f] = first_argmax(segment, length, self.nan_possible)
-                copy_floats(segment, bias.unsafe_offset(first), length)
+                copy_floats_overlapping(segment, bias.unsafe_offset(first), length)
 
     def _half_words(self) -> Int:
         """Return the offset in token_fields of the pending half's field mask."""

@@ -302,6 +302,26 @@ def copy_floats(dest: FloatPtr, src: FloatPtr, count: Int):
 
 
 @always_inline
+def copy_floats_overlapping(dest: FloatPtr, src: FloatPtr, count: Int):
+    """Copy count values from src to dest, eight or four at a time. When count is not a
+    multiple of the chunk, the last chunk ends at count and so copies some values a
+    second time, in place of a loop over the rest. The ranges must not overlap."""
+    if count >= 8:
+        var i = 0
+        while i + 8 <= count:
+            dest.unsafe_store(i, src.unsafe_load[width=8](i))
+            i += 8
+        if i < count:
+            dest.unsafe_store(count - 8, src.unsafe_load[width=8](count - 8))
+    elif count >= 4:
+        dest.unsafe_store(0, src.unsafe_load[width=4](0))
+        dest.unsafe_store(count - 4, src.unsafe_load[width=4](count - 4))
+    else:
+        for i in range(count):
+            dest[unsafe_offset=i] = src[unsafe_offset=i]
+
+
+@always_inline
 def add_column[
     dtype: DType
 ](
@@ -427,16 +447,19 @@ def first_argmax(values: FloatPtr, length: Int, nan_possible: Bool) -> Int:
     comptime LANES = 8
     if length >= LANES:
         # The answer is the first entry equal to the maximum (-0.0 equals 0.0 there as
-        # in the comparisons below), found eight entries at a time.
+        # in the comparisons below), found eight entries at a time. When length is not
+        # a multiple of eight, the last eight entries are read as one more chunk. The
+        # search reaches that chunk only when the entries before it hold no maximum, so
+        # its first match is still the first one.
         var top = values.unsafe_load[width=LANES](0)
         var i = LANES
         while i + LANES <= length:
             top = max(top, values.unsafe_load[width=LANES](i))
             i += LANES
+        var last = length - LANES
+        if i < length:
+            top = max(top, values.unsafe_load[width=LANES](last))
         var maximum = top.reduce_max()
-        while i < length:
-            maximum = max(maximum, values[unsafe_offset=i])
-            i += 1
         var lane_bits = SIMD[DType.uint64, LANES](1, 2, 4, 8, 16, 32, 64, 128)
         var j = 0
         while j + LANES <= length:
@@ -445,10 +468,11 @@ def first_argmax(values: FloatPtr, length: Int, nan_possible: Bool) -> Int:
             if bits != 0:
                 return j + Int(count_trailing_zeros(bits))
             j += LANES
-        while j < length:
-            if values[unsafe_offset=j] == maximum:
-                return j
-            j += 1
+        if j < length:
+            var equal = values.unsafe_load[width=LANES](last).eq(maximum)
+            var bits = equal.select(lane_bits, 0).reduce_or()
+            if bits != 0:
+                return last + Int(count_trailing_zeros(bits))
     var best = 0
     for i in range(1, length):
         if values[unsafe_offset=i] > values[unsafe_offset=best]:
