@@ -1102,10 +1102,10 @@ struct Engine(Movable):
                 threes &= threes - 1
                 var first = offsets[unsafe_offset=f]
                 var segment = logits.unsafe_offset(first)
-                var a = segment[unsafe_offset=0]
-                var b = segment[unsafe_offset=1]
-                var c = segment[unsafe_offset=2]
-                pending[unsafe_offset=f] = 2 if c > a and c > b else (1 if b > a else 0)
+                # Value 2 wins only when above both others, as in first_argmax.
+                var winner = 1 if segment[unsafe_offset=1] > segment[unsafe_offset=0] else 0
+                var top = max(segment[unsafe_offset=0], segment[unsafe_offset=1])
+                pending[unsafe_offset=f] = 2 if segment[unsafe_offset=2] > top else winner
                 segment.unsafe_store(0, bias.unsafe_load[width=2](first))
                 segment[unsafe_offset=2] = bias[unsafe_offset=first + 2]
             while others != 0:
