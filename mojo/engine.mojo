@@ -283,6 +283,11 @@ struct Engine(Movable):
     var unembed_logits: List[Float64]
     var written_fields: List[UInt64]
     var logit_fields: List[Int32]
+    # Per stored column of the unembedding, the field of every logit it writes, or
+    # -1 - i when they belong to several fields: column_field_lists[i] is the count of
+    # those fields and they follow it (see accumulate_masked_groups).
+    var column_fields: List[Int32]
+    var column_field_lists: List[Int32]
     var default_token: List[Int]
     # Per half of token_pair (field_words words each, the half at offset 0 first): a
     # superset of the fields where that token differs from default_token, so that a
@@ -428,6 +433,8 @@ struct Engine(Movable):
             )
         self.field_words = self.field_count // MASK_BITS + 1
         self.written_fields = List[UInt64](length=self.field_words, fill=0)
+        self.column_fields = List[Int32]()
+        self.column_field_lists = List[Int32]()
         self.two_value_fields = List[UInt64](length=self.field_words, fill=0)
         self.three_value_fields = List[UInt64](length=self.field_words, fill=0)
         if not self.nan_possible:
@@ -545,6 +552,7 @@ struct Engine(Movable):
             self._find_shared_projections[DType.float64]()
             self._index_embedding_deltas[DType.float64]()
             self._index_gathers[DType.float64]()
+        self._index_column_fields()
         self._find_token_fields(0)
         self._find_token_fields(self.field_count)
 
@@ -1064,7 +1072,8 @@ struct Engine(Movable):
             float_ptr(self.x),
             self._masks()[1],
             logits,
-            IndexPtr(unsafe_from_address=Int(self.logit_fields.unsafe_ptr())),
+            IndexPtr(unsafe_from_address=Int(self.column_fields.unsafe_ptr())),
+            IndexPtr(unsafe_from_address=Int(self.column_field_lists.unsafe_ptr())),
             written,
         )
         var pending = self._pending()
@@ -1116,6 +1125,29 @@ struct Engine(Movable):
                 var segment = logits.unsafe_offset(first)
                 pending[unsafe_offset=f] = first_argmax(segment, length, self.nan_possible)
                 copy_floats_overlapping(segment, bias.unsafe_offset(first), length)
+
+    def _index_column_fields(mut self):
+        """Fill column_fields and column_field_lists from the unembedding's rows."""
+        var pointers = int_ptr(self.ints).unsafe_offset(self.unembed.entry_pointers)
+        # The column that last listed each field, so that a column lists it once.
+        var listed_by = List[Int](length=self.field_count, fill=-1)
+        self.column_fields = List[Int32](length=self.unembed.stored, fill=0)
+        var fields = List[Int32]()
+        for k in range(self.unembed.stored):
+            fields.clear()
+            for entry in range(pointers[unsafe_offset=k], pointers[unsafe_offset=k + 1]):
+                var row = Int(self.indices[self.unembed.row_ids + entry])
+                var field = self.logit_fields[row]
+                if listed_by[Int(field)] != k:
+                    listed_by[Int(field)] = k
+                    fields.append(field)
+            if len(fields) == 1:
+                self.column_fields[k] = fields[0]
+            else:
+                self.column_fields[k] = Int32(-1 - len(self.column_field_lists))
+                self.column_field_lists.append(Int32(len(fields)))
+                for field in fields:
+                    self.column_field_lists.append(field)
 
     def _half_words(self) -> Int:
         """Return the offset in token_fields of the pending half's field mask."""

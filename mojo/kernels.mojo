@@ -148,11 +148,14 @@ def accumulate_masked_groups[
     input: FloatPtr,
     input_mask: MaskPtr,
     output: FloatPtr,
-    row_groups: IndexPtr,
+    column_groups: IndexPtr,
+    group_lists: IndexPtr,
     group_mask: MaskPtr,
 ):
-    """Add matrix @ input to output as `accumulate_masked` does, and set the bit of
-    group row_groups[row] in `group_mask` for every output row written."""
+    """Add matrix @ input to output as `accumulate_masked` does, and set in `group_mask`
+    the bits of the groups of the rows it writes. column_groups[k] is the group of
+    every row that stored column k writes, or -1 - i when they have more than one
+    group: group_lists[i] is their count and the groups follow it."""
     var pointers = arrays.pointers.unsafe_offset(matrix.entry_pointers)
     var entries = arrays.entries.unsafe_offset(2 * matrix.entries)
     var column_mask = arrays.pointers.unsafe_offset(matrix.column_mask)
@@ -172,8 +175,15 @@ def accumulate_masked_groups[
             for entry in range(pointers[unsafe_offset=k], pointers[unsafe_offset=k + 1]):
                 var row, weight = read_entry(entries, entry)
                 output[unsafe_offset=row] += weight * coefficient
-                var group = Int(row_groups[unsafe_offset=row])
+            var group = Int(column_groups[unsafe_offset=k])
+            if group >= 0:
                 group_mask[unsafe_offset=mask_word(group)] |= mask_bit(group)
+            else:
+                var start = -1 - group
+                var count = Int(group_lists[unsafe_offset=start])
+                for i in range(start + 1, start + 1 + count):
+                    var listed = Int(group_lists[unsafe_offset=i])
+                    group_mask[unsafe_offset=mask_word(listed)] |= mask_bit(listed)
 
 
 def same_affine[
