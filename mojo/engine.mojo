@@ -53,10 +53,12 @@ from kernels import (
     mask_word,
     accumulate_marking,
     accumulate_masked,
+    accumulate_masked_groups,
     add_column,
     add_scaled_column,
     affine_masked,
     copy_floats,
+    copy_floats_overlapping,
     first_argmax,
     float_ptr,
     int_ptr,
@@ -282,14 +284,28 @@ struct Engine(Movable):
     var field_words: Int
     var field_masks: List[UInt64]
     # The unembedding's logits, equal to its bias between steps: a step adds the
-    # product into them, marks the logits it writes in logit_mask, takes the argmax of
-    # those fields and restores the bias there. logit_fields[r] is the field of logit r
-    # and default_token the argmax of each field's bias, the answer for every field
-    # whose logits the product does not write.
+    # product into them, marks the fields whose logits it writes in written_fields,
+    # takes the argmax of those fields and restores their bias. logit_fields[r] is the
+    # field of logit r and default_token the argmax of each field's bias, the answer
+    # for every field whose logits the product does not write.
     var unembed_logits: List[Float64]
-    var logit_mask: List[UInt64]
+    var written_fields: List[UInt64]
     var logit_fields: List[Int32]
+    # Per stored column of the unembedding, the field of every logit it writes, or
+    # -1 - i when they belong to several fields: column_field_lists[i] is the count of
+    # those fields and they follow it (see accumulate_masked_groups).
+    var column_fields: List[Int32]
+    var column_field_lists: List[Int32]
     var default_token: List[Int]
+    # Per half of token_pair (field_words words each, the half at offset 0 first): a
+    # superset of the fields where that token differs from default_token, so that a
+    # new prediction rewrites only those and the fields the product writes.
+    var token_fields: List[UInt64]
+    # The fields of two and of three values, whose argmax the unembedding takes with
+    # inline comparisons. Both are empty when nan_possible, so that every field then
+    # goes through first_argmax and its search for a NaN.
+    var two_value_fields: List[UInt64]
+    var three_value_fields: List[UInt64]
     # Query and key projections with at most one entry per column and finite weights,
     # stored by rows: the column of x and the weight of each row's first entry, with
     # column `width` (a zero that pads x) and weight 0 for a row without an entry. A
@@ -426,8 +442,18 @@ struct Engine(Movable):
             self.default_token[f] = first_argmax(
                 unembed_bias.unsafe_offset(first), self.vocab[f], self.nan_possible
             )
-        self.logit_mask = List[UInt64](length=total_vocab // MASK_BITS + 1, fill=0)
         self.field_words = self.field_count // MASK_BITS + 1
+        self.written_fields = List[UInt64](length=self.field_words, fill=0)
+        self.column_fields = List[Int32]()
+        self.column_field_lists = List[Int32]()
+        self.two_value_fields = List[UInt64](length=self.field_words, fill=0)
+        self.three_value_fields = List[UInt64](length=self.field_words, fill=0)
+        if not self.nan_possible:
+            for f in range(self.field_count):
+                if self.vocab[f] == 2:
+                    self.two_value_fields[mask_word(f)] |= mask_bit(f)
+                elif self.vocab[f] == 3:
+                    self.three_value_fields[mask_word(f)] |= mask_bit(f)
         self.changed_fields = List[UInt64](length=self.field_words, fill=0)
         self.field_masks = List[UInt64]()
         self.layers = List[LayerWeights]()
@@ -514,6 +540,7 @@ struct Engine(Movable):
                 self.quiet_words.append(w)
         self.position = 0
         self.token_pair = List[Int](length=2 * self.field_count, fill=0)
+        self.token_fields = List[UInt64](length=2 * self.field_words, fill=0)
         self.pending_offset = 0
         self.need_step = False
         self.stopped = False
@@ -541,6 +568,9 @@ struct Engine(Movable):
             self._find_shared_projections[DType.float64]()
             self._index_embedding_deltas[DType.float64]()
             self._index_gathers[DType.float64]()
+        self._index_column_fields()
+        self._find_token_fields(0)
+        self._find_token_fields(self.field_count)
 
     def _find_shared_projections[dtype: DType](mut self):
         """Fill `key_leaders` and `value_leaders` by comparing the heads' weights."""
@@ -1098,32 +1128,103 @@ struct Engine(Movable):
         self._settle[dtype](self.unembed_reads)
         var arrays = self._arrays[dtype]()
         var logits = float_ptr(self.unembed_logits)
-        var logit_mask = MaskPtr(unsafe_from_address=Int(self.logit_mask.unsafe_ptr()))
-        accumulate_masked[mark_output=True, mark_written=False](
-            self.unembed, arrays, float_ptr(self.x), self._masks()[1], logits, logit_mask, logit_mask
+        var written = MaskPtr(unsafe_from_address=Int(self.written_fields.unsafe_ptr()))
+        accumulate_masked_groups(
+            self.unembed,
+            arrays,
+            float_ptr(self.x),
+            self._masks()[1],
+            logits,
+            IndexPtr(unsafe_from_address=Int(self.column_fields.unsafe_ptr())),
+            IndexPtr(unsafe_from_address=Int(self.column_field_lists.unsafe_ptr())),
+            written,
         )
         var pending = self._pending()
-        unsafe_memcpy(dest=pending, src=int_ptr(self.default_token), count=self.field_count)
+        var token_fields = MaskPtr(unsafe_from_address=Int(self.token_fields.unsafe_ptr()))
+        var differing = token_fields.unsafe_offset(self._half_words())
+        var default_token = int_ptr(self.default_token)
         var offsets = int_ptr(self.field_offsets)
         var vocab = int_ptr(self.vocab)
         var bias = arrays.floats.unsafe_offset(self.unembed_bias)
-        var last = -1
-        for w in range(len(self.logit_mask)):
-            var bits = logit_mask[unsafe_offset=w]
-            logit_mask[unsafe_offset=w] = 0
-            while bits != 0:
-                var r = w * MASK_BITS + Int(count_trailing_zeros(bits))
-                bits &= bits - 1
-                # The rows of a field are consecutive, so its first written row comes
-                # after every write to it and before the bias returns to any of them.
-                var f = Int(self.logit_fields.unsafe_get(r))
-                if f != last:
-                    var segment = logits.unsafe_offset(offsets[unsafe_offset=f])
-                    pending[unsafe_offset=f] = first_argmax(
-                        segment, vocab[unsafe_offset=f], self.nan_possible
-                    )
-                    last = f
-                logits[unsafe_offset=r] = bias[unsafe_offset=r]
+        for w in range(self.field_words):
+            var fresh = written[unsafe_offset=w]
+            written[unsafe_offset=w] = 0
+            # The pending half still holds an earlier token (while generating, the
+            # prediction of two steps ago), which differs from default_token only in
+            # the fields set in `differing`.
+            var stale = differing[unsafe_offset=w] & ~fresh
+            differing[unsafe_offset=w] = fresh
+            while stale != 0:
+                var f = w * MASK_BITS + Int(count_trailing_zeros(stale))
+                stale &= stale - 1
+                pending[unsafe_offset=f] = default_token[unsafe_offset=f]
+            var twos = fresh & self.two_value_fields.unsafe_get(w)
+            var threes = fresh & self.three_value_fields.unsafe_get(w)
+            var others = fresh & ~(twos | threes)
+            while twos != 0:
+                var f = w * MASK_BITS + Int(count_trailing_zeros(twos))
+                twos &= twos - 1
+                var first = offsets[unsafe_offset=f]
+                var segment = logits.unsafe_offset(first)
+                var second_wins = segment[unsafe_offset=1] > segment[unsafe_offset=0]
+                pending[unsafe_offset=f] = Int(second_wins)
+                segment.unsafe_store(0, bias.unsafe_load[width=2](first))
+            while threes != 0:
+                var f = w * MASK_BITS + Int(count_trailing_zeros(threes))
+                threes &= threes - 1
+                var first = offsets[unsafe_offset=f]
+                var segment = logits.unsafe_offset(first)
+                # Value 2 wins only when above both others, as in first_argmax.
+                var winner = 1 if segment[unsafe_offset=1] > segment[unsafe_offset=0] else 0
+                var top = max(segment[unsafe_offset=0], segment[unsafe_offset=1])
+                pending[unsafe_offset=f] = 2 if segment[unsafe_offset=2] > top else winner
+                segment.unsafe_store(0, bias.unsafe_load[width=2](first))
+                segment[unsafe_offset=2] = bias[unsafe_offset=first + 2]
+            while others != 0:
+                var f = w * MASK_BITS + Int(count_trailing_zeros(others))
+                others &= others - 1
+                var first = offsets[unsafe_offset=f]
+                var length = vocab[unsafe_offset=f]
+                var segment = logits.unsafe_offset(first)
+                pending[unsafe_offset=f] = first_argmax(segment, length, self.nan_possible)
+                copy_floats_overlapping(segment, bias.unsafe_offset(first), length)
+
+    def _index_column_fields(mut self):
+        """Fill column_fields and column_field_lists from the unembedding's rows."""
+        var pointers = int_ptr(self.ints).unsafe_offset(self.unembed.entry_pointers)
+        # The column that last listed each field, so that a column lists it once.
+        var listed_by = List[Int](length=self.field_count, fill=-1)
+        self.column_fields = List[Int32](length=self.unembed.stored, fill=0)
+        var fields = List[Int32]()
+        for k in range(self.unembed.stored):
+            fields.clear()
+            for entry in range(pointers[unsafe_offset=k], pointers[unsafe_offset=k + 1]):
+                var row = Int(self.indices[self.unembed.row_ids + entry])
+                var field = self.logit_fields[row]
+                if listed_by[Int(field)] != k:
+                    listed_by[Int(field)] = k
+                    fields.append(field)
+            if len(fields) == 1:
+                self.column_fields[k] = fields[0]
+            else:
+                self.column_fields[k] = Int32(-1 - len(self.column_field_lists))
+                self.column_field_lists.append(Int32(len(fields)))
+                for field in fields:
+                    self.column_field_lists.append(field)
+
+    def _half_words(self) -> Int:
+        """Return the offset in token_fields of the pending half's field mask."""
+        return self.field_words if self.pending_offset != 0 else 0
+
+    def _find_token_fields(mut self, offset: Int):
+        """Set the field mask in token_fields of the half of token_pair at `offset`
+        to the fields where its token differs from default_token."""
+        var words = self.field_words if offset != 0 else 0
+        for w in range(self.field_words):
+            self.token_fields[words + w] = 0
+        for f in range(self.field_count):
+            if self.token_pair[offset + f] != self.default_token[f]:
+                self.token_fields[words + mask_word(f)] |= mask_bit(f)
 
     def _quiet(self) -> Bool:
         """Return True when x is zero in every column that the routers of the layers
@@ -1188,6 +1289,7 @@ struct Engine(Movable):
         var previous = self._previous()
         for f in range(self.field_count):
             previous[unsafe_offset=f] = prompt[unsafe_offset=(length - 1) * self.field_count + f]
+        self._find_token_fields(self.field_count - self.pending_offset)
         self.need_step = False
         self.stopped = False
 

@@ -145,6 +145,53 @@ def accumulate_masked[
                         written_mask[unsafe_offset=mask_word(row)] |= bit
 
 
+@always_inline
+def accumulate_masked_groups[
+    dtype: DType
+](
+    matrix: Matrix,
+    arrays: Arrays[dtype],
+    input: FloatPtr,
+    input_mask: MaskPtr,
+    output: FloatPtr,
+    column_groups: IndexPtr,
+    group_lists: IndexPtr,
+    group_mask: MaskPtr,
+):
+    """Add matrix @ input to output as `accumulate_masked` does, and set in `group_mask`
+    the bits of the groups of the rows it writes. column_groups[k] is the group of
+    every row that stored column k writes, or -1 - i when they have more than one
+    group: group_lists[i] is their count and the groups follow it."""
+    var pointers = arrays.pointers.unsafe_offset(matrix.entry_pointers)
+    var entries = arrays.entries.unsafe_offset(2 * matrix.entries)
+    var column_mask = arrays.pointers.unsafe_offset(matrix.column_mask)
+    var column_rank = arrays.pointers.unsafe_offset(matrix.column_rank)
+    for index in range(matrix.mask_words):
+        var word = matrix.first_word + index
+        var stored_bits = UInt64(column_mask[unsafe_offset=index])
+        var bits = stored_bits & input_mask[unsafe_offset=word]
+        while bits != 0:
+            var bit = count_trailing_zeros(bits)
+            bits &= bits - 1
+            var coefficient = input[unsafe_offset=word * MASK_BITS + Int(bit)]
+            if coefficient == 0.0:
+                continue
+            var below = stored_bits & ((UInt64(1) << bit) - 1)
+            var k = column_rank[unsafe_offset=index] + Int(pop_count(below))
+            for entry in range(pointers[unsafe_offset=k], pointers[unsafe_offset=k + 1]):
+                var row, weight = read_entry(entries, entry)
+                output[unsafe_offset=row] += weight * coefficient
+            var group = Int(column_groups[unsafe_offset=k])
+            if group >= 0:
+                group_mask[unsafe_offset=mask_word(group)] |= mask_bit(group)
+            else:
+                var start = -1 - group
+                var count = Int(group_lists[unsafe_offset=start])
+                for i in range(start + 1, start + 1 + count):
+                    var listed = Int(group_lists[unsafe_offset=i])
+                    group_mask[unsafe_offset=mask_word(listed)] |= mask_bit(listed)
+
+
 def same_affine[
     dtype: DType
 ](
@@ -271,6 +318,26 @@ def copy_floats(dest: FloatPtr, src: FloatPtr, count: Int):
 
 
 @always_inline
+def copy_floats_overlapping(dest: FloatPtr, src: FloatPtr, count: Int):
+    """Copy count values from src to dest, eight or four at a time. When count is not a
+    multiple of the chunk, the last chunk ends at count and so copies some values a
+    second time, in place of a loop over the rest. The ranges must not overlap."""
+    if count >= 8:
+        var i = 0
+        while i + 8 <= count:
+            dest.unsafe_store(i, src.unsafe_load[width=8](i))
+            i += 8
+        if i < count:
+            dest.unsafe_store(count - 8, src.unsafe_load[width=8](count - 8))
+    elif count >= 4:
+        dest.unsafe_store(0, src.unsafe_load[width=4](0))
+        dest.unsafe_store(count - 4, src.unsafe_load[width=4](count - 4))
+    else:
+        for i in range(count):
+            dest[unsafe_offset=i] = src[unsafe_offset=i]
+
+
+@always_inline
 def add_column[
     dtype: DType
 ](
@@ -393,16 +460,19 @@ def first_argmax(values: FloatPtr, length: Int, nan_possible: Bool) -> Int:
     comptime LANES = 8
     if length >= LANES:
         # The answer is the first entry equal to the maximum (-0.0 equals 0.0 there as
-        # in the comparisons below), found eight entries at a time.
+        # in the comparisons below), found eight entries at a time. When length is not
+        # a multiple of eight, the last eight entries are read as one more chunk. The
+        # search reaches that chunk only when the entries before it hold no maximum, so
+        # its first match is still the first one.
         var top = values.unsafe_load[width=LANES](0)
         var i = LANES
         while i + LANES <= length:
             top = max(top, values.unsafe_load[width=LANES](i))
             i += LANES
+        var last = length - LANES
+        if i < length:
+            top = max(top, values.unsafe_load[width=LANES](last))
         var maximum = top.reduce_max()
-        while i < length:
-            maximum = max(maximum, values[unsafe_offset=i])
-            i += 1
         var lane_bits = SIMD[DType.uint64, LANES](1, 2, 4, 8, 16, 32, 64, 128)
         var j = 0
         while j + LANES <= length:
@@ -411,10 +481,11 @@ def first_argmax(values: FloatPtr, length: Int, nan_possible: Bool) -> Int:
             if bits != 0:
                 return j + Int(count_trailing_zeros(bits))
             j += LANES
-        while j < length:
-            if values[unsafe_offset=j] == maximum:
-                return j
-            j += 1
+        if j < length:
+            var equal = values.unsafe_load[width=LANES](last).eq(maximum)
+            var bits = equal.select(lane_bits, 0).reduce_or()
+            if bits != 0:
+                return last + Int(count_trailing_zeros(bits))
     var best = 0
     for i in range(1, length):
         if values[unsafe_offset=i] > values[unsafe_offset=best]:
