@@ -1089,7 +1089,7 @@ struct Engine(Movable):
             self._settle[dtype](self.blocks.unsafe_get(layer.shared).reads)
             ref block = self.blocks.unsafe_get(layer.shared)
             pre_activations(block, arrays, x, x_mask, shared_hidden)
-            positive_mask(shared_hidden, block.w1.rows, shared_mask)
+            positive_mask(shared_hidden, block.w1.rows, shared_mask, self.nan_possible)
         var expert = -1
         if layer.expert_count > 0:
             var chosen = layer.bias_expert
@@ -1107,7 +1107,7 @@ struct Engine(Movable):
                 self._settle[dtype](self.blocks.unsafe_get(expert).reads)
                 ref routed = self.blocks.unsafe_get(expert)
                 pre_activations(routed, arrays, x, x_mask, expert_hidden)
-                positive_mask(expert_hidden, routed.w1.rows, expert_mask)
+                positive_mask(expert_hidden, routed.w1.rows, expert_mask, self.nan_possible)
         if layer.shared >= 0:
             ref block = self.blocks.unsafe_get(layer.shared)
             accumulate_masked[mark_output=True](

@@ -402,13 +402,14 @@ def nonzero_mask(values: FloatPtr, length: Int, mask: MaskPtr):
 
 
 @always_inline
-def positive_mask(values: FloatPtr, length: Int, mask: MaskPtr):
+def positive_mask(values: FloatPtr, length: Int, mask: MaskPtr, nan_possible: Bool):
     """Set `mask` to the positive components of values[0 : length], eight at a time.
 
     This is the ReLU of a block: the second product reads only the components whose
-    bit is set, so the others need not be zeroed. The last group of eight may read
-    past `length`, so `values` must be readable up to the next multiple of 8; the bits
-    of those extra lanes are cleared."""
+    bit is set, so the others need not be zeroed. A NaN is kept, as numpy and torch
+    keep it, so its bit is set too, found from the bits only when `nan_possible`. The
+    last group of eight may read past `length`, so `values` must be readable up to the
+    next multiple of 8; the bits of those extra lanes are cleared."""
     comptime LANES = 8
     var word = 0
     var start = 0
@@ -417,8 +418,12 @@ def positive_mask(values: FloatPtr, length: Int, mask: MaskPtr):
         var bits: UInt64 = 0
         var i = start
         while i < end:
-            var positive = values.unsafe_load[width=LANES](i).gt(0.0)
-            bits |= lane_bits(positive) << UInt64(i - start)
+            var chunk = values.unsafe_load[width=LANES](i)
+            var kept = chunk.gt(0.0)
+            if nan_possible:
+                var magnitude = bitcast[DType.int64, LANES](chunk) & 0x7FFFFFFFFFFFFFFF
+                kept = kept | magnitude.gt(0x7FF0000000000000)
+            bits |= lane_bits(kept) << UInt64(i - start)
             i += LANES
         var used = end - start
         if used < MASK_BITS:

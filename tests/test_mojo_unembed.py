@@ -114,6 +114,31 @@ def test_nan_logits_pick_the_first_nan(mojo_extension, seed, specials):
     assert output == expected.output
 
 
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 2**32 - 1), experts=st.integers(0, 2),
+       specials=st.lists(st.tuples(st.integers(0, 200),
+                                   st.sampled_from([np.nan, np.inf, -np.inf])),
+                         min_size=1, max_size=6))  # fmt: skip
+def test_nan_hidden_units_pass_the_relu(mojo_extension, seed, experts, specials):
+    # np.maximum(NaN, 0) and torch.relu(NaN) are NaN, so a hidden unit whose bias is a
+    # NaN adds NaN to every row its W2 column writes; an infinite bias gives inf or 0.
+    spec = SyntheticSpec(run_bias=30, layers=1, shared_hidden=12, experts=experts,
+                         expert_hidden=9, density=0.5)  # fmt: skip
+    with tempfile.TemporaryDirectory() as folder:
+        weights = _weights(spec, seed, folder)
+    blocks = weights.layers[0].blocks
+    for unit, special in specials:
+        block = blocks[unit % len(blocks)]
+        bias = np.asarray(block.b1, dtype=np.float64).copy()
+        bias[unit % len(bias)] = special
+        object.__setattr__(block, "b1", bias)
+    assert not twins.cannot_produce_nan(weights)
+    expected = reference.run_reference(weights, weights.prompt, 30)
+    tokens, output = runner.run_tokens(weights, weights.prompt, 30)
+    assert np.array_equal(tokens, expected.tokens)
+    assert output == expected.output
+
+
 def test_nan_search_only_where_possible(tmp_path):
     weights, _ = runner.load_universal()
     assert twins.cannot_produce_nan(weights)
