@@ -478,17 +478,14 @@ def first_argmax(values: FloatPtr, length: Int, nan_possible: Bool) -> Int:
         if i < length:
             top = max(top, values.unsafe_load[width=LANES](last))
         var maximum = top.reduce_max()
-        var lane_bits = SIMD[DType.uint64, LANES](1, 2, 4, 8, 16, 32, 64, 128)
         var j = 0
         while j + LANES <= length:
-            var equal = values.unsafe_load[width=LANES](j).eq(maximum)
-            var bits = equal.select(lane_bits, 0).reduce_or()
+            var bits = lane_bits(values.unsafe_load[width=LANES](j).eq(maximum))
             if bits != 0:
                 return j + Int(count_trailing_zeros(bits))
             j += LANES
         if j < length:
-            var equal = values.unsafe_load[width=LANES](last).eq(maximum)
-            var bits = equal.select(lane_bits, 0).reduce_or()
+            var bits = lane_bits(values.unsafe_load[width=LANES](last).eq(maximum))
             if bits != 0:
                 return last + Int(count_trailing_zeros(bits))
     var best = 0
