@@ -274,10 +274,12 @@ struct HeadCache(Movable):
         self.code_table_codes[position] = self.codes[slot]
 
     def _insert(mut self, slot: Int, ternary: Bool):
-        """Index a new slot, doubling its table when that becomes more than half full."""
+        """Index a new slot, doubling its table when that becomes more than half full,
+        or a quarter full for `code_table`, where every query of an exact-match head
+        looks up a code and a sparser table shortens the probes of misses."""
         if ternary:
             self.code_count += 1
-            if 2 * self.code_count > len(self.code_table):
+            if 4 * self.code_count > len(self.code_table):
                 var size = 2 * len(self.code_table)
                 self.code_table = List[Int](length=size, fill=EMPTY)
                 self.code_table_codes = List[Code](length=size, fill=Code(0, 0, 0))
