@@ -19,9 +19,9 @@
 # mix and three integer compares instead of hashing and comparing the Float64s. Whether
 # a key is ternary depends only on the key, so equal keys always meet in the same table.
 
-from std.memory import bitcast, unsafe_memcpy
+from std.memory import bitcast
 
-from kernels import FloatPtr, float_ptr, int_ptr, lane_bits
+from kernels import FloatPtr, copy_floats_overlapping, float_ptr, int_ptr, lane_bits
 
 comptime EMPTY = -1
 comptime LANES = 8  # SIMD width for hashing and comparing keys
@@ -117,6 +117,19 @@ def encode_ternary(key: FloatPtr, width: Int, mut code: Code) -> Bool:
         nonzero |= lane_bits(~is_zero) << UInt64(i)
         negative |= lane_bits(is_negative) << UInt64(i)
         i += LANES
+    if i < n and n >= LANES:
+        # The last eight components end at n. The first LANES - (n - i) of them were
+        # encoded above, so their bits are shifted out.
+        var values = key.unsafe_load[width=LANES](n - LANES)
+        var is_zero = values.eq(0.0)
+        var is_positive = values.eq(1.0)
+        var is_negative = values.eq(-1.0)
+        if not (is_zero | is_positive | is_negative).reduce_and():
+            return False
+        var encoded = UInt64(LANES - (n - i))
+        nonzero |= (lane_bits(~is_zero) >> encoded) << UInt64(i)
+        negative |= (lane_bits(is_negative) >> encoded) << UInt64(i)
+        i = n
     while i < n:
         var value = key[unsafe_offset=i]
         if value == 1.0:
@@ -261,10 +274,12 @@ struct HeadCache(Movable):
         self.code_table_codes[position] = self.codes[slot]
 
     def _insert(mut self, slot: Int, ternary: Bool):
-        """Index a new slot, doubling its table when that becomes more than half full."""
+        """Index a new slot, doubling its table when that becomes more than half full,
+        or a quarter full for `code_table`, where every query of an exact-match head
+        looks up a code and a sparser table shortens the probes of misses."""
         if ternary:
             self.code_count += 1
-            if 2 * self.code_count > len(self.code_table):
+            if 4 * self.code_count > len(self.code_table):
                 var size = 2 * len(self.code_table)
                 self.code_table = List[Int](length=size, fill=EMPTY)
                 self.code_table_codes = List[Code](length=size, fill=Code(0, 0, 0))
@@ -307,14 +322,14 @@ struct HeadCache(Movable):
             if self.exact:
                 self._check_key_form(key, slot)
             return slot
-        unsafe_memcpy(dest=self.value_ptr(slot), src=value, count=self.value_width)
+        copy_floats_overlapping(self.value_ptr(slot), value, self.value_width)
         self.stamps.unsafe_get(slot) = stamp
         return slot
 
     def rewrite(mut self, slot: Int, value: FloatPtr, stamp: Int):
         """Append a key equal to the key of `slot`, with this value, at position
         `stamp`: what `append` does for a cached key, without looking the key up."""
-        unsafe_memcpy(dest=self.value_ptr(slot), src=value, count=self.value_width)
+        copy_floats_overlapping(self.value_ptr(slot), value, self.value_width)
         self.stamps.unsafe_get(slot) = stamp
 
     def store_value(mut self, slot: Int, value: FloatPtr, stamp: Int):

@@ -923,11 +923,16 @@ struct Engine(Movable):
         fields changed at this position."""
         if fields < 0:
             return False
-        var end = fields + 1 + 2 * Int(self.field_masks.unsafe_get(fields))
-        for i in range(fields + 1, end, 2):
-            var word = Int(self.field_masks.unsafe_get(i))
-            if self.field_masks.unsafe_get(i + 1) & self.changed_fields.unsafe_get(word) != 0:
+        var masks = self.field_masks.unsafe_ptr()
+        var changed = self.changed_fields.unsafe_ptr()
+        # A while loop, because a strided range computes its length with a division.
+        var i = fields + 1
+        var end = i + 2 * Int(masks[unsafe_offset=fields])
+        while i < end:
+            var word = Int(masks[unsafe_offset=i])
+            if masks[unsafe_offset=i + 1] & changed[unsafe_offset=word] != 0:
                 return False
+            i += 2
         return True
 
     @always_inline
