@@ -121,7 +121,7 @@ def test_nan_logits_pick_the_first_nan(mojo_extension, seed, specials):
                          min_size=1, max_size=6))  # fmt: skip
 def test_nan_hidden_units_pass_the_relu(mojo_extension, seed, experts, specials):
     # np.maximum(NaN, 0) and torch.relu(NaN) are NaN, so a hidden unit whose bias is a
-    # NaN adds NaN to every row its W2 column writes; an infinite bias gives inf or 0.
+    # NaN adds NaN to every row its W2 column writes. An infinite bias gives inf or 0.
     spec = SyntheticSpec(run_bias=30, layers=1, shared_hidden=12, experts=experts,
                          expert_hidden=9, density=0.5)  # fmt: skip
     with tempfile.TemporaryDirectory() as folder:
