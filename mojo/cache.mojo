@@ -21,7 +21,7 @@
 
 from std.memory import bitcast
 
-from kernels import FloatPtr, copy_floats_overlapping, float_ptr, int_ptr, lane_bits
+from kernels import FloatPtr, copy_floats, float_ptr, int_ptr, lane_bits
 
 comptime EMPTY = -1
 comptime LANES = 8  # SIMD width for hashing and comparing keys
@@ -322,14 +322,14 @@ struct HeadCache(Movable):
             if self.exact:
                 self._check_key_form(key, slot)
             return slot
-        copy_floats_overlapping(self.value_ptr(slot), value, self.value_width)
+        copy_floats(self.value_ptr(slot), value, self.value_width)
         self.stamps.unsafe_get(slot) = stamp
         return slot
 
     def rewrite(mut self, slot: Int, value: FloatPtr, stamp: Int):
         """Append a key equal to the key of `slot`, with this value, at position
         `stamp`: what `append` does for a cached key, without looking the key up."""
-        copy_floats_overlapping(self.value_ptr(slot), value, self.value_width)
+        copy_floats(self.value_ptr(slot), value, self.value_width)
         self.stamps.unsafe_get(slot) = stamp
 
     def store_value(mut self, slot: Int, value: FloatPtr, stamp: Int):

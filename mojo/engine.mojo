@@ -58,7 +58,6 @@ from kernels import (
     add_scaled_column,
     affine_masked,
     copy_floats,
-    copy_floats_overlapping,
     first_argmax,
     float_ptr,
     int_ptr,
@@ -1192,7 +1191,7 @@ struct Engine(Movable):
                 var length = vocab[unsafe_offset=f]
                 var segment = logits.unsafe_offset(first)
                 pending[unsafe_offset=f] = first_argmax(segment, length, self.nan_possible)
-                copy_floats_overlapping(segment, bias.unsafe_offset(first), length)
+                copy_floats(segment, bias.unsafe_offset(first), length)
 
     def _index_column_fields(mut self):
         """Fill column_fields and column_field_lists from the unembedding's rows."""

@@ -105,7 +105,7 @@ struct Matrix(ImplicitlyCopyable, Movable):
 
 @always_inline
 def accumulate_masked[
-    dtype: DType, mark_output: Bool = False, mark_written: Bool = True
+    dtype: DType, mark_output: Bool = False
 ](
     matrix: Matrix,
     arrays: Arrays[dtype],
@@ -117,8 +117,7 @@ def accumulate_masked[
 ):
     """Add matrix @ input to output, visiting only the stored columns whose bit is set
     in `input_mask`, a superset of input's nonzero components. With `mark_output`, set
-    the bit of every output component written in `output_mask` and, with
-    `mark_written`, in `written_mask`."""
+    the bit of every output component written in `output_mask` and in `written_mask`."""
     var pointers = arrays.pointers.unsafe_offset(matrix.entry_pointers)
     var entries = arrays.entries.unsafe_offset(2 * matrix.entries)
     var column_mask = arrays.pointers.unsafe_offset(matrix.column_mask)
@@ -141,8 +140,7 @@ def accumulate_masked[
                 comptime if mark_output:
                     var bit = mask_bit(row)
                     output_mask[unsafe_offset=mask_word(row)] |= bit
-                    comptime if mark_written:
-                        written_mask[unsafe_offset=mask_word(row)] |= bit
+                    written_mask[unsafe_offset=mask_word(row)] |= bit
 
 
 @always_inline
@@ -306,19 +304,6 @@ def affine_masked[
 
 @always_inline
 def copy_floats(dest: FloatPtr, src: FloatPtr, count: Int):
-    """Copy count values from src to dest, eight at a time."""
-    comptime LANES = 8
-    var i = 0
-    while i + LANES <= count:
-        dest.unsafe_store(i, src.unsafe_load[width=LANES](i))
-        i += LANES
-    while i < count:
-        dest[unsafe_offset=i] = src[unsafe_offset=i]
-        i += 1
-
-
-@always_inline
-def copy_floats_overlapping(dest: FloatPtr, src: FloatPtr, count: Int):
     """Copy count values from src to dest, eight or four at a time. When count is not a
     multiple of the chunk, the last chunk ends at count and so copies some values a
     second time, in place of a loop over the rest. The ranges must not overlap."""
