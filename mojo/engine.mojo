@@ -30,7 +30,8 @@
 # it, before the first product that does.
 # A matrix is the 10 Ints of a `Matrix`; a bias is one offset into `floats`; a block is
 # (w1, b1, w2, b2 as a D x 1 matrix, twin count, twin representatives, twin deltas, the
-# head mask of w1). b2 is a matrix because it is added to the whole residual, where most
+# head mask of w1, exact: 1 when every sum of the block is an integer below 2^52 in any
+# order, tlc.mojo.twins.layer_sums_exact). b2 is a matrix because it is added to the whole residual, where most
 # of its components are zero. The twins (tlc.mojo.twins) are hidden units whose W1 rows
 # the packer removed because they equal an earlier unit's. They are the block's last
 # units; each one's representative is at an offset in `ints` and the differences of
@@ -73,6 +74,15 @@ comptime FIELD_LANES = 8  # token fields compared at once
 comptime PAIR_VOCAB = 8
 comptime EMBED_ENTRY_WORDS = 3  # the words of an embedding entry of Engine.pair_words
 comptime END_MARK = 0x746C63FF
+# The block memo (Engine.memo_table): its hash slots, a power of two, and the limits
+# that make the next feed-forward pass clear it: records (at most half the slots, so
+# that probes stay short) and words of records (8 bytes each, 8 MiB in all).
+comptime MEMO_SLOTS = 1 << 15
+comptime MEMO_SHIFT = 49  # 64 - log2(MEMO_SLOTS): a hash's slot is its top bits
+comptime MEMO_RECORDS = MEMO_SLOTS // 2
+comptime MEMO_WORDS = 1 << 20
+comptime MEMO_RECORD_WORDS = 2  # the words before a record's key in Engine.memo_words
+comptime HASH_MULTIPLIER: UInt64 = 0x9E3779B97F4A7C15  # odd, from the golden ratio
 
 
 @fieldwise_init
@@ -110,6 +120,9 @@ struct BlockWeights(ImplicitlyCopyable, Movable):
     var twin_representatives: Int  # each twin's representative, in `ints`
     var twin_deltas: Int  # b1[twin] - b1[representative] in `floats`
     var reads: UInt64  # the head mask of w1
+    # Whether every sum of the block is an integer below 2^52 in any order, so that the
+    # engine may remember its output (see Engine.memo_table).
+    var exact: Bool
 
 
 @fieldwise_init
@@ -179,6 +192,7 @@ struct HeaderReader:
         var twin_representatives = self.next()
         var twin_deltas = self.next()
         var reads = UInt64(self.next())
+        var exact = self.next() != 0
         if twin_count < 0 or twin_count > w1.rows:
             raise Error(
                 String(
@@ -206,7 +220,7 @@ struct HeaderReader:
                     )
                 )
         return BlockWeights(
-            w1, b1, w2, b2, twin_count, twin_representatives, twin_deltas, reads
+            w1, b1, w2, b2, twin_count, twin_representatives, twin_deltas, reads, exact
         )
 
 
@@ -362,6 +376,34 @@ struct Engine(Movable):
     var logits: List[Float64]  # the logits of a router
     var winners: List[Int]
     var one: List[Float64]  # the input of the one-column b2 matrices
+    # The block memo. A block whose sums are exact (BlockWeights.exact) computes its
+    # output W2 ReLU(W1 y + b1) + b2 from the nonzero components of y in the columns W1
+    # stores, and adding that output to x in one sum per row gives the same x as adding
+    # its terms one by one, because every partial sum is an integer below 2^52. So the
+    # engine remembers the output of each input it has seen. A record in memo_words is
+    # the key's word count, the record's end, the key (the block's index, then the
+    # column and the value bits of every nonzero input, in column order) and the row
+    # and the value bits of every output component that the block writes. memo_table
+    # holds two words per slot, the key's hash (0: empty) and the first word of its
+    # record, probed linearly from the slot of the hash. memo_records counts the
+    # records. When a limit (memo_record_limit, MEMO_WORDS) is reached, memo_full makes
+    # the next feed-forward pass start from an empty memo.
+    var memo_table: List[UInt64]
+    var memo_records: Int
+    var memo_words: List[UInt64]
+    var memo_full: Bool
+    # The record limit (at most MEMO_RECORDS; tests lower it to clear the memo often),
+    # and counts of the outputs taken from the memo and of the times it was cleared.
+    var memo_record_limit: Int
+    var memo_hits: Int
+    var memo_clears: Int
+    # The keys of this layer's shared block (words 0 ..) and expert (key_words ..).
+    var memo_keys: List[UInt64]
+    var key_words: Int
+    # A recorded block's output before it is added to x, zero between blocks, and the
+    # bits of the components it writes.
+    var delta: List[Float64]
+    var delta_mask: List[UInt64]
     # Decoding state.
     var position: Int
     # Two tokens: the latest predicted one ("pending") at pending_offset and the one
@@ -508,6 +550,17 @@ struct Engine(Movable):
         self.logits = List[Float64](length=logit_count, fill=0.0)
         self.winners = List[Int](length=len(self.heads) + 1, fill=0)
         self.one = List[Float64](length=1, fill=1.0)
+        self.memo_table = List[UInt64](length=2 * MEMO_SLOTS, fill=0)
+        self.memo_records = 0
+        self.memo_words = List[UInt64]()
+        self.memo_full = False
+        self.memo_record_limit = MEMO_RECORDS
+        self.memo_hits = 0
+        self.memo_clears = 0
+        self.key_words = 2 * self.width + 2
+        self.memo_keys = List[UInt64](length=2 * self.key_words, fill=0)
+        self.delta = List[Float64](length=self.width + 1, fill=0.0)
+        self.delta_mask = List[UInt64](length=self.width // MASK_BITS + 1, fill=0)
         self.embedded = List[Float64](length=self.width, fill=0.0)
         self.embedded_token = List[Int](length=self.field_count, fill=0)
         self.embedded_valid = False
@@ -1079,22 +1132,37 @@ struct Engine(Movable):
             self.winner_reusable.unsafe_get(h) = False
 
     def _feed_forward[dtype: DType](mut self, layer: LayerWeights):
-        """Add the shared block and the routed expert, both computed from the same y."""
+        """Add the shared block and the routed expert, both computed from the same y,
+        or taken from the block memo."""
         var arrays = self._arrays[dtype]()
         var x = float_ptr(self.x)
         var shared_hidden = float_ptr(self.shared_hidden)
         var expert_hidden = float_ptr(self.expert_hidden)
-        var one = float_ptr(self.one)
         var x_mask = self._masks()[1]
-        var written = self._masks()[2]
         var shared_mask = MaskPtr(unsafe_from_address=Int(self.shared_mask.unsafe_ptr()))
         var expert_mask = MaskPtr(unsafe_from_address=Int(self.expert_mask.unsafe_ptr()))
+        var keys = MaskPtr(unsafe_from_address=Int(self.memo_keys.unsafe_ptr()))
+        if self.memo_full:
+            self._clear_memo()
+        # Per block: the memo's record of this input (-1: none), and the key's hash and
+        # word count, with 0 words when the block does not use the memo.
+        var shared_record = -1
+        var shared_hash: UInt64 = 0
+        var shared_words = 0
         if layer.shared >= 0:
             self._settle[dtype](self.blocks.unsafe_get(layer.shared).reads)
             ref block = self.blocks.unsafe_get(layer.shared)
-            pre_activations(block, arrays, x, x_mask, shared_hidden)
-            positive_mask(shared_hidden, block.w1.rows, shared_mask, self.nan_possible)
+            if _remembers(block):
+                shared_hash, shared_words = _memo_key(layer.shared, block, arrays, x, x_mask, keys)
+                shared_record = self._find_record(shared_hash, keys, shared_words)
+            if shared_record < 0:
+                pre_activations(block, arrays, x, x_mask, shared_hidden)
+                positive_mask(shared_hidden, block.w1.rows, shared_mask, self.nan_possible)
         var expert = -1
+        var expert_record = -1
+        var expert_hash: UInt64 = 0
+        var expert_words = 0
+        var expert_key = keys.unsafe_offset(self.key_words)
         if layer.expert_count > 0:
             var chosen = layer.bias_expert
             self._settle[dtype](layer.router_reads)
@@ -1110,20 +1178,159 @@ struct Engine(Movable):
             else:
                 self._settle[dtype](self.blocks.unsafe_get(expert).reads)
                 ref routed = self.blocks.unsafe_get(expert)
-                pre_activations(routed, arrays, x, x_mask, expert_hidden)
-                positive_mask(expert_hidden, routed.w1.rows, expert_mask, self.nan_possible)
+                if _remembers(routed):
+                    expert_hash, expert_words = _memo_key(
+                        expert, routed, arrays, x, x_mask, expert_key
+                    )
+                    expert_record = self._find_record(expert_hash, expert_key, expert_words)
+                if expert_record < 0:
+                    pre_activations(routed, arrays, x, x_mask, expert_hidden)
+                    positive_mask(expert_hidden, routed.w1.rows, expert_mask, self.nan_possible)
         if layer.shared >= 0:
-            ref block = self.blocks.unsafe_get(layer.shared)
-            accumulate_masked[mark_output=True](
-                block.w2, arrays, shared_hidden, shared_mask, x, x_mask, written
+            self._add_block[dtype](
+                layer.shared, shared_record, shared_hash, keys, shared_words,
+                shared_hidden, shared_mask,
             )
-            accumulate_marking(block.b2, arrays, one, x, x_mask, written)
         if expert >= 0:
-            ref block = self.blocks.unsafe_get(expert)
-            accumulate_masked[mark_output=True](
-                block.w2, arrays, expert_hidden, expert_mask, x, x_mask, written
+            self._add_block[dtype](
+                expert, expert_record, expert_hash, expert_key, expert_words,
+                expert_hidden, expert_mask,
             )
-            accumulate_marking(block.b2, arrays, one, x, x_mask, written)
+
+    @always_inline
+    def _add_block[
+        dtype: DType
+    ](
+        mut self,
+        index: Int,
+        record: Int,
+        hash: UInt64,
+        key: MaskPtr,
+        words: Int,
+        hidden: FloatPtr,
+        hidden_mask: MaskPtr,
+    ):
+        """Add block `index`'s output to x: from memo record `record` when it is not -1,
+        else from `hidden` (its activations and their positive-unit mask), recording it
+        under the key key[0 .. words - 1] when `words` is not 0."""
+        var arrays = self._arrays[dtype]()
+        var masks = self._masks()
+        var x = float_ptr(self.x)
+        var one = float_ptr(self.one)
+        ref block = self.blocks.unsafe_get(index)
+        if record >= 0:
+            self._add_record(record)
+            self.memo_hits += 1
+        elif words == 0:
+            accumulate_masked[mark_output=True](
+                block.w2, arrays, hidden, hidden_mask, x, masks[1], masks[2]
+            )
+            accumulate_marking(block.b2, arrays, one, x, masks[1], masks[2])
+        else:
+            var delta = float_ptr(self.delta)
+            var delta_mask = MaskPtr(unsafe_from_address=Int(self.delta_mask.unsafe_ptr()))
+            accumulate_masked[mark_output=True](
+                block.w2, arrays, hidden, hidden_mask, delta, delta_mask, delta_mask
+            )
+            accumulate_marking(block.b2, arrays, one, delta, delta_mask, delta_mask)
+            self._record_delta(hash, key, words)
+
+    # ---- the block memo ----------------------------------------------------------
+
+    def _clear_memo(mut self):
+        for i in range(2 * MEMO_SLOTS):
+            self.memo_table.unsafe_get(i) = 0
+        self.memo_records = 0
+        self.memo_words.clear()
+        self.memo_full = False
+        self.memo_clears += 1
+
+    def limit_memo(mut self, records: Int):
+        """Clear the memo whenever it holds `records` records (1 to MEMO_RECORDS)."""
+        self.memo_record_limit = max(1, min(records, MEMO_RECORDS))
+
+    @always_inline
+    def _find_record(self, hash: UInt64, key: MaskPtr, words: Int) -> Int:
+        """Return the first word of the memo record whose key is key[0 .. words - 1],
+        or -1."""
+        var table = self.memo_table.unsafe_ptr()
+        var stored = self.memo_words.unsafe_ptr()
+        var slot = _memo_slot(hash)
+        while True:
+            var tag = table[unsafe_offset=2 * slot]
+            if tag == 0:
+                return -1
+            if tag == hash:
+                var first = Int(table[unsafe_offset=2 * slot + 1])
+                if Int(stored[unsafe_offset=first]) == words:
+                    var record_key = stored.unsafe_offset(first + MEMO_RECORD_WORDS)
+                    var i = 0
+                    while i < words and record_key[unsafe_offset=i] == key[unsafe_offset=i]:
+                        i += 1
+                    if i == words:
+                        return first
+            slot = (slot + 1) & (MEMO_SLOTS - 1)
+
+    @always_inline
+    def _add_record(mut self, first: Int):
+        """Add the output that the memo record at word `first` holds to x, marking its
+        rows in x_mask and written_mask."""
+        var masks = self._masks()
+        var x = float_ptr(self.x)
+        var stored = self.memo_words.unsafe_ptr()
+        var e = first + MEMO_RECORD_WORDS + Int(stored[unsafe_offset=first])
+        var end = Int(stored[unsafe_offset=first + 1])
+        while e < end:
+            var row = Int(stored[unsafe_offset=e])
+            x[unsafe_offset=row] += bitcast[DType.float64, 1](stored[unsafe_offset=e + 1])
+            var bit = mask_bit(row)
+            masks[1][unsafe_offset=mask_word(row)] |= bit
+            masks[2][unsafe_offset=mask_word(row)] |= bit
+            e += 2
+
+    def _record_delta(mut self, hash: UInt64, key: MaskPtr, words: Int):
+        """Add `delta` to x at the rows set in delta_mask, marking them, return both to
+        zero, and remember the output under the key key[0 .. words - 1] unless the memo
+        is full."""
+        var masks = self._masks()
+        var x = float_ptr(self.x)
+        var delta = float_ptr(self.delta)
+        var delta_mask = MaskPtr(unsafe_from_address=Int(self.delta_mask.unsafe_ptr()))
+        var keep = not self.memo_full
+        var first = len(self.memo_words)
+        if keep:
+            self.memo_words.append(UInt64(words))
+            self.memo_words.append(0)  # the end, set below
+            for i in range(words):
+                self.memo_words.append(key[unsafe_offset=i])
+        for w in range(len(self.delta_mask)):
+            var bits = delta_mask[unsafe_offset=w]
+            delta_mask[unsafe_offset=w] = 0
+            masks[1][unsafe_offset=w] |= bits
+            masks[2][unsafe_offset=w] |= bits
+            while bits != 0:
+                var row = w * MASK_BITS + Int(count_trailing_zeros(bits))
+                bits &= bits - 1
+                var value = delta[unsafe_offset=row]
+                delta[unsafe_offset=row] = 0.0
+                x[unsafe_offset=row] += value
+                if keep:
+                    self.memo_words.append(UInt64(row))
+                    self.memo_words.append(bitcast[DType.uint64, 1](value))
+        if not keep:
+            return
+        self.memo_words.unsafe_get(first + 1) = UInt64(len(self.memo_words))
+        var table = self.memo_table.unsafe_ptr()
+        var slot = _memo_slot(hash)
+        while table[unsafe_offset=2 * slot] != 0:
+            slot = (slot + 1) & (MEMO_SLOTS - 1)
+        table[unsafe_offset=2 * slot] = hash
+        table[unsafe_offset=2 * slot + 1] = UInt64(first)
+        self.memo_records += 1
+        if self.memo_records >= self.memo_record_limit or len(
+            self.memo_words
+        ) + 4 * self.width + 4 > MEMO_WORDS:
+            self.memo_full = True
 
     def _unembed[dtype: DType](mut self):
         """Set `pending` to the argmax token. A field whose logits the product does not
@@ -1337,6 +1544,52 @@ struct Engine(Movable):
             if pending[unsafe_offset=self.kind_field] != self.run_value:
                 self.stopped = True
         return (emitted, written)
+
+
+@always_inline
+def _remembers(block: BlockWeights) -> Bool:
+    """Return True when the engine takes the block's output from the block memo."""
+    return block.exact and block.w1.rows > 0
+
+
+@always_inline
+def _memo_key[
+    dtype: DType
+](
+    index: Int, block: BlockWeights, arrays: Arrays[dtype], x: FloatPtr, x_mask: MaskPtr, key: MaskPtr
+) -> Tuple[UInt64, Int]:
+    """Write the memo key of block `index` for input x to `key` (see Engine.memo_table)
+    and return its hash and word count. A zero in a column that x_mask marks is left
+    out, as the masked product skips it; -0.0 counts as zero too."""
+    var column_mask = arrays.pointers.unsafe_offset(block.w1.column_mask)
+    key[unsafe_offset=0] = UInt64(index)
+    var hash = UInt64(index + 1) * HASH_MULTIPLIER
+    var words = 1
+    for i in range(block.w1.mask_words):
+        var word = block.w1.first_word + i
+        var bits = UInt64(column_mask[unsafe_offset=i]) & x_mask[unsafe_offset=word]
+        while bits != 0:
+            var column = word * MASK_BITS + Int(count_trailing_zeros(bits))
+            bits &= bits - 1
+            var value = x[unsafe_offset=column]
+            if value == 0.0:
+                continue
+            var value_bits = bitcast[DType.uint64, 1](value)
+            key[unsafe_offset=words] = UInt64(column)
+            key[unsafe_offset=words + 1] = value_bits
+            # The terms are independent, so their multiplications overlap; a collision
+            # costs only a comparison of the keys.
+            hash += (value_bits ^ UInt64(column)) * HASH_MULTIPLIER
+            words += 2
+    # Bit 0 set, because a zero tag marks an empty slot of memo_table.
+    return (hash | 1, words)
+
+
+@always_inline
+def _memo_slot(hash: UInt64) -> Int:
+    """Return the first slot of memo_table to probe for a key's hash."""
+    var mixed = (hash ^ (hash >> 29)) * HASH_MULTIPLIER
+    return Int(mixed >> MEMO_SHIFT)
 
 
 @always_inline

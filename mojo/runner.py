@@ -24,7 +24,7 @@ import numpy as np
 
 from tlc.mojo import build
 from tlc.mojo.deferred import Deferral
-from tlc.mojo.twins import cannot_produce_nan, input_bounds, twins_last
+from tlc.mojo.twins import cannot_produce_nan, input_bounds, layer_sums_exact, twins_last
 from tlc.mojo.weights import (
     FeedForward,
     ModelWeights,
@@ -118,10 +118,11 @@ class _Packer:
         self.header.append(self._floats(values))
 
     def block(self, block: FeedForward, width: int, name: str,
-              bound: np.ndarray | None, deferral: Deferral) -> None:  # fmt: skip
-        """Add a block with its twin rows (tlc.mojo.twins) and the mask of the deferred
-        heads its first layer reads. `bound` bounds the block's input, or is None where
-        twins are not allowed."""
+              bound: np.ndarray | None, deferral: Deferral, exact: bool) -> None:  # fmt: skip
+        """Add a block with its twin rows (tlc.mojo.twins), the mask of the deferred
+        heads its first layer reads and whether its sums are exact in any order
+        (`layer_sums_exact`). `bound` bounds the block's input, or is None where twins
+        are not allowed."""
         _check_block(block, width, name)
         reads = deferral.reads(block.w1)
         block, representatives, deltas = twins_last(block, bound)
@@ -131,7 +132,7 @@ class _Packer:
         self.matrix(block.w2, width, hidden, f"{name}.w2")
         self.matrix(_column(block.b2), width, 1, f"{name}.b2")
         self.header += [len(representatives), self._ints(representatives),
-                        self._floats(deltas), reads]  # fmt: skip
+                        self._floats(deltas), reads, int(exact)]  # fmt: skip
 
     def finish(self) -> PackedModel:
         header = np.array([PACK_MAGIC, *self.header, PACK_END_MARK], dtype=np.int64)
@@ -459,9 +460,10 @@ def _pack_layer(packer: _Packer, layer, width: int, name: str,
         if all(_integer_vector(block.b2) for block in [shared, *experts]):
             experts = [_fuse_blocks(shared, expert) for expert in experts]
             shared = None
+    exact = layer_sums_exact(shared, experts, bound)
     packer.header.append(0 if shared is None else 1)
     if shared is not None:
-        packer.block(shared, width, f"{name}.shared", bound, deferral)
+        packer.block(shared, width, f"{name}.shared", bound, deferral, exact)
     packer.header.append(len(experts))
     if experts:
         count = len(experts)
@@ -469,10 +471,18 @@ def _pack_layer(packer: _Packer, layer, width: int, name: str,
         packer.vector(layer.router_b, count, f"{name}.router.b")
         packer.header.append(deferral.reads(layer.router_w))
         for e, expert in enumerate(experts):
-            packer.block(expert, width, f"{name}.experts.{e}", bound, deferral)
+            packer.block(expert, width, f"{name}.experts.{e}", bound, deferral, exact)
 
 
 # ---- the engine -----------------------------------------------------------------------
+
+
+class MemoCounts(NamedTuple):
+    """The block memo of one engine: records held, outputs taken from it, clears."""
+
+    records: int
+    hits: int
+    clears: int
 
 
 class Chunk(NamedTuple):
@@ -559,6 +569,17 @@ class MojoEngine:
         only one token was generated."""
         count = len(self.weights.fields)
         return tuple(int(value) for value in self._status[3 + count : 3 + 2 * count])
+
+    def memo_counts(self) -> MemoCounts:
+        """Return the block memo's record count, hits and clears (engine.mojo)."""
+        counts = np.zeros(3, dtype=np.int64)
+        self._extension.memo_counts(self._handle, counts.ctypes.data)
+        return MemoCounts(*(int(count) for count in counts))
+
+    def limit_memo(self, records: int) -> None:
+        """Clear the block memo whenever it holds `records` records. The default is the
+        engine's largest limit; tests lower it so that runs clear the memo often."""
+        self._extension.limit_memo(self._handle, int(records))
 
     def cache_sizes(self) -> list[int]:
         """Return the number of cached entries of every head, layer by layer."""

@@ -36,6 +36,13 @@ def PyInit_tlc_mojo_engine() abi("C") -> PythonObject:
         module.def_function[cache_sizes](
             "cache_sizes", docstring="cache_sizes(handle, sizes) -> head count"
         )
+        module.def_function[memo_counts](
+            "memo_counts",
+            docstring="memo_counts(handle, counts): write (records, hits, clears)",
+        )
+        module.def_function[limit_memo](
+            "limit_memo", docstring="limit_memo(handle, records): clear the memo at that size"
+        )
         module.def_function[destroy]("destroy", docstring="destroy(handle)")
         module.def_function[probe_exact](
             "probe_exact",
@@ -127,6 +134,23 @@ def cache_sizes(handle: PythonObject, sizes_out: PythonObject) raises -> PythonO
     for h in range(len(engine[].caches)):
         sizes[unsafe_offset=h] = engine[].caches[h].count()
     return len(engine[].caches)
+
+
+def memo_counts(handle: PythonObject, counts_out: PythonObject) raises -> PythonObject:
+    """Write the block memo's record count, the outputs taken from it and the times it
+    was cleared."""
+    var engine = _engine(handle)
+    var counts = IntPtr(unsafe_from_address=Int(py=counts_out))
+    counts[unsafe_offset=0] = engine[].memo_records
+    counts[unsafe_offset=1] = engine[].memo_hits
+    counts[unsafe_offset=2] = engine[].memo_clears
+    return PythonObject(None)
+
+
+def limit_memo(handle: PythonObject, records: PythonObject) raises -> PythonObject:
+    var engine = _engine(handle)
+    engine[].limit_memo(Int(py=records))
+    return PythonObject(None)
 
 
 def destroy(handle: PythonObject) raises -> PythonObject:

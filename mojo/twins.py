@@ -136,6 +136,32 @@ def _bounds(weights: ModelWeights) -> tuple[list[np.ndarray], np.ndarray]:
     return bounds, x
 
 
+def layer_sums_exact(shared: FeedForward | None, experts: list[FeedForward],
+                     bound: np.ndarray | None) -> bool:
+    """Return True when every sum that a layer's feed-forward blocks compute is an integer
+    below LIMIT in any order of its terms.
+
+    That covers the hidden units, each block's output W2 ReLU(h) + b2 summed from zero,
+    and x plus the shared block's and the expert's outputs. `bound` bounds |y| (from
+    `input_bounds`, None when some weight is not an integer). The engine then may
+    remember a block's output for its input and add it later in one sum per row
+    (engine.mojo, the block memo).
+    """
+    if bound is None:
+        return False
+    blocks = ([] if shared is None else [shared]) + list(experts)
+    for block in blocks:
+        units = _abs_product(block.w1, bound) + np.abs(block.b1)
+        if not np.all(units < LIMIT):
+            return False
+    total = bound.copy()
+    if shared is not None:
+        total = total + _block_growth(shared, bound)
+    if experts:
+        total = total + np.max([_block_growth(expert, bound) for expert in experts], axis=0)
+    return bool(np.all(total < LIMIT))
+
+
 def find_twins(block: FeedForward, bound: np.ndarray | None):
     """Return (block, twins): the block with the W1 entries of every twin row removed,
     and an int64 array of (twin, representative) pairs with a float64 array of their

@@ -1,0 +1,149 @@
+"""The block memo of the Mojo runtime (engine.mojo): a block whose sums are exact adds
+the output it remembered for an input it has seen, which must change no token."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tlc.cli import load_program
+from tlc.model import tokens as model_tokens
+from tlc.mojo import reference, runner, synthetic, twins
+from tlc.mojo.synthetic import SyntheticSpec
+from tlc.mojo.weights import FeedForward, SparseMatrix, load_weights
+from tlc.runtime import reference as interpreter
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def _block(w1: list[list[float]], w2: list[list[float]]) -> FeedForward:
+    def sparse(values: list[list[float]]) -> SparseMatrix:
+        dense = np.array(values, dtype=np.float64)
+        rows, cols = np.nonzero(dense)
+        return SparseMatrix(dense.shape, rows, cols, dense[rows, cols])
+
+    hidden = len(w1)
+    return FeedForward(sparse(w1), np.zeros(hidden), sparse(w2), np.zeros(len(w2)))
+
+
+def test_layer_sums_exact_needs_a_bound():
+    block = _block([[1.0, 2.0]], [[1.0], [0.0]])
+    assert twins.layer_sums_exact(None, [block], np.ones(2))
+    assert not twins.layer_sums_exact(None, [block], None)
+
+
+def test_layer_sums_exact_bounds_the_hidden_units():
+    block = _block([[2.0, 0.0]], [[0.0], [0.0]])
+    assert twins.layer_sums_exact(None, [block], np.array([2.0**50, 1.0]))
+    # 2 * 2^51 = 2^52 reaches the limit.
+    assert not twins.layer_sums_exact(None, [block], np.array([2.0**51, 1.0]))
+
+
+def test_layer_sums_exact_with_shared_block_and_expert():
+    # Each block adds up to 2^51 to row 0, where x is at most 1.
+    block = _block([[1.0]], [[2.0**51]])
+    small = _block([[1.0]], [[1.0]])
+    bound = np.ones(1)
+    assert twins.layer_sums_exact(None, [block, small], bound)
+    assert twins.layer_sums_exact(block, [small], bound)
+    # 1 + 2^51 + 2^51 passes 2^52: x plus both outputs could round.
+    assert not twins.layer_sums_exact(block, [small, block], bound)
+
+
+def _synthetic(spec: SyntheticSpec, seed: int, folder: str):
+    path = synthetic.write_model(Path(folder) / "model.safetensors", spec, seed, 8)
+    return load_weights(path)
+
+
+def _engine_run(weights, steps: int, limit: int | None = None):
+    """Return (tokens, output, memo counts) of a Mojo run of the model's prompt."""
+    with runner.MojoEngine(weights) as engine:
+        if limit is not None:
+            engine.limit_memo(limit)
+        engine.feed(weights.prompt)
+        chunk = engine.generate(steps, record=True)
+        return chunk.tokens, chunk.output, engine.memo_counts()
+
+
+# A small model that never halts and whose blocks see the same input again within
+# 200 steps.
+REPEATING = SyntheticSpec(run_bias=30, layers=2, data_vocab=2, key_bits=1, never_halt=True)
+
+
+def test_engine_takes_outputs_from_the_memo(mojo_extension, tmp_path):
+    weights = _synthetic(REPEATING, 7, str(tmp_path))
+    expected = reference.run_reference(weights, weights.prompt, 200)
+    tokens, output, counts = _engine_run(weights, 200)
+    assert np.array_equal(tokens, expected.tokens)
+    assert output == expected.output
+    assert counts.hits > 0
+    assert counts.records > 0
+    assert counts.clears == 0
+
+
+def test_memo_cleared_when_full(mojo_extension, tmp_path):
+    weights = _synthetic(REPEATING, 7, str(tmp_path))
+    expected = reference.run_reference(weights, weights.prompt, 200)
+    tokens, output, counts = _engine_run(weights, 200, limit=2)
+    assert np.array_equal(tokens, expected.tokens)
+    assert output == expected.output
+    assert counts.clears > 0
+    assert counts.records <= 2
+
+
+def test_no_memo_for_fractional_weights(mojo_extension, tmp_path):
+    weights = _synthetic(REPEATING, 7, str(tmp_path))
+    for layer in weights.layers:
+        for block in layer.blocks:
+            block.w2.values[:] = block.w2.values + 0.25
+    assert twins.input_bounds(weights) is None
+    expected = reference.run_reference(weights, weights.prompt, 120)
+    tokens, output, counts = _engine_run(weights, 120)
+    assert np.array_equal(tokens, expected.tokens)
+    assert output == expected.output
+    assert counts.records == 0
+    assert counts.hits == 0
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 2**32 - 1), layers=st.integers(1, 3),
+       shared_hidden=st.integers(0, 6), experts=st.integers(0, 3),
+       twin_rows=st.booleans(), limit=st.sampled_from([None, 1, 2, 5]))  # fmt: skip
+def test_memo_runs_match_reference(mojo_extension, seed, layers, shared_hidden, experts,
+                                   twin_rows, limit):  # fmt: skip
+    spec = SyntheticSpec(run_bias=30, layers=layers, shared_hidden=shared_hidden,
+                         experts=experts, data_vocab=3, key_bits=2, twin_rows=twin_rows,
+                         never_halt=True)  # fmt: skip
+    with tempfile.TemporaryDirectory() as folder:
+        weights = _synthetic(spec, seed, folder)
+    expected = reference.run_reference(weights, weights.prompt, 150)
+    tokens, output, _ = _engine_run(weights, 150, limit)
+    assert len(tokens) == 150
+    assert np.array_equal(tokens, expected.tokens)
+    assert output == expected.output
+
+
+def test_program_with_a_small_memo_matches_the_interpreter(mojo_extension):
+    """Collatz through the universal model, with the engine's memo and with one
+    cleared every 3 records."""
+    program = load_program(str(EXAMPLES / "collatz.tl"))
+    expected = interpreter.run_program(program)
+    weights, packed = runner.load_universal()
+    prompt = model_tokens.encode_prompt(weights.metadata, program, b"")
+    clears = []
+    for limit in (None, 3):
+        with runner.MojoEngine(weights, packed) as engine:
+            if limit is not None:
+                engine.limit_memo(limit)
+            engine.feed(prompt)
+            decoded = runner.decode(engine, None, record=False)
+            counts = engine.memo_counts()
+        assert decoded.output == expected.output
+        assert decoded.token_count == expected.steps
+        assert counts.hits > 0
+        clears.append(counts.clears)
+    assert clears[1] > clears[0]
