@@ -714,6 +714,8 @@ struct Engine(Movable):
         var old_sums = List[Float64](length=rows, fill=0.0)
         var new_sums = List[Float64](length=rows, fill=0.0)
         var touched = List[Int]()
+        var every_row = List[Bool](length=rows, fill=False)
+        var unread = self._unread_kept_rows(rows)
         var pairs = 0
         for f in range(self.field_count):
             var vocab = self.vocab[f]
@@ -728,13 +730,13 @@ struct Engine(Movable):
                     if old != new:
                         _append_difference(
                             self.embed, first + old, first + new, arrays, True,
-                            old_sums, new_sums, touched, self.pair_words,
+                            old_sums, new_sums, touched, every_row, self.pair_words,
                         )
                     self.pair_pointers.append(Int32(len(self.pair_words)))
                     if old != new and self.first_qkv_rows > 0:
                         _append_difference(
                             self.first_qkv, first + old, first + new, arrays, False,
-                            old_sums, new_sums, touched, self.pair_words,
+                            old_sums, new_sums, touched, unread, self.pair_words,
                         )
         self.pair_pointers.append(Int32(len(self.pair_words)))
         if len(self.pair_words) > Int(Int32.MAX):
@@ -744,6 +746,24 @@ struct Engine(Movable):
                     " words, more than an Int32 can index",
                 )
             )
+
+    def _unread_kept_rows(self, rows: Int) -> List[Bool]:
+        """Return, per row of kept_qkv (and False past them up to `rows`), whether no
+        step reads it: the key of a head whose key leader is another head, and the value
+        of a head whose value leader is another head. The pair deltas leave such rows
+        out, so they hold stale values after the first position."""
+        var unread = List[Bool](length=rows, fill=False)
+        for h in range(len(self.heads)):
+            ref head = self.heads[h]
+            var key = self.kept_offsets[3 * h + 1]
+            if key >= 0 and self.key_leaders[h] != h:
+                for row in range(key, key + head.wk.rows):
+                    unread[row] = True
+            var value = self.kept_offsets[3 * h + 2]
+            if value >= 0 and self.value_leaders[h] != h:
+                for row in range(value, value + head.wv.rows):
+                    unread[row] = True
+        return unread^
 
     # ---- one position ------------------------------------------------------------
 
@@ -1868,13 +1888,14 @@ def _append_difference[
     mut old_sums: List[Float64],
     mut new_sums: List[Float64],
     mut touched: List[Int],
+    skipped: List[Bool],
     mut words: List[Float64],
 ):
     """Append to `words` the row bits and the value of every nonzero entry of stored
     column `new` minus stored column `old`, for a matrix that stores all of its columns,
     and with `flips` the bits of the row's mask bit when exactly one column is zero
-    there (else 0). The sums must be zero and at least as long as the matrix has rows;
-    they stay zero."""
+    there (else 0). Rows set in `skipped` are left out. The sums must be zero and at
+    least as long as the matrix has rows; they stay zero."""
     var entry_pointers = arrays.pointers.unsafe_offset(matrix.entry_pointers)
     var row_ids = arrays.indices.unsafe_offset(matrix.row_ids)
     var values = arrays.values.unsafe_offset(matrix.entries)
@@ -1892,7 +1913,7 @@ def _append_difference[
             touched.append(row)
     for row in touched:
         var delta = new_sums[row] - old_sums[row]
-        if delta != 0.0:
+        if delta != 0.0 and not skipped[row]:
             words.append(bitcast[DType.float64, 1](Int64(row)))
             words.append(delta)
             if flips:
