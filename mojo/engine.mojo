@@ -552,7 +552,9 @@ struct Engine(Movable):
         self.one = List[Float64](length=1, fill=1.0)
         self.memo_table = List[UInt64](length=2 * MEMO_SLOTS, fill=0)
         self.memo_records = 0
-        self.memo_words = List[UInt64]()
+        # Reserved whole, so that growing it never copies it. The pages it does not
+        # use yet are not touched.
+        self.memo_words = List[UInt64](capacity=MEMO_WORDS)
         self.memo_full = False
         self.memo_record_limit = MEMO_RECORDS
         self.memo_hits = 0
