@@ -69,7 +69,9 @@ from kernels import (
 )
 
 comptime MAGIC = 0x746C6301
-comptime FIELD_LANES = 8  # token fields compared at once
+comptime FIELD_LANES = 16  # token fields compared at once
+# A token's fields as the engine stores them: Int32, so that a cache line holds 16.
+comptime TokenPtr = Pointer[Int32, MutUntrackedOrigin]
 # The largest field whose changes use the pair deltas (Engine.pair_fields).
 comptime PAIR_VOCAB = 8
 comptime EMBED_ENTRY_WORDS = 3  # the words of an embedding entry of Engine.pair_words
@@ -263,7 +265,7 @@ struct Engine(Movable):
     # Whether a logit may be a NaN, so that each argmax must first look for one.
     var nan_possible: Bool
     var embedded: List[Float64]
-    var embedded_token: List[Int]
+    var embedded_token: List[Int32]
     var embedded_valid: Bool
     # For a field f of V_f <= PAIR_VOCAB values, the change of the embedding and of the
     # kept q, k and v when f goes from value `old` to value `new`. That change is pair
@@ -309,7 +311,7 @@ struct Engine(Movable):
     # those fields and they follow it (see accumulate_masked_groups).
     var column_fields: List[Int32]
     var column_field_lists: List[Int32]
-    var default_token: List[Int]
+    var default_token: List[Int32]
     # Per half of token_pair (field_words words each, the half at offset 0 first): a
     # superset of the fields where that token differs from default_token, so that a
     # new prediction rewrites only those and the fields the product writes.
@@ -408,7 +410,8 @@ struct Engine(Movable):
     var position: Int
     # Two tokens: the latest predicted one ("pending") at pending_offset and the one
     # emitted before it ("previous", or the last prompt token) at F - pending_offset.
-    var token_pair: List[Int]
+    var token_pair: List[Int32]
+    var prompt_token: List[Int32]  # a prompt token, converted from Int
     var pending_offset: Int
     var need_step: Bool  # pending was emitted and must be fed back before the next one
     var stopped: Bool
@@ -449,6 +452,13 @@ struct Engine(Movable):
         var total_vocab = 0
         for _ in range(self.field_count):
             var vocab = reader.next()
+            if vocab < 1 or vocab > Int(Int32.MAX):
+                raise Error(
+                    String(
+                        "packed model: a token field has ", vocab,
+                        " values, outside 1 to 2^31 - 1; repack the weights",
+                    )
+                )
             self.vocab.append(vocab)
             self.field_offsets.append(total_vocab)
             total_vocab += vocab
@@ -474,14 +484,14 @@ struct Engine(Movable):
         var unembed_bias = float_ptr(self.floats).unsafe_offset(self.unembed_bias)
         self.unembed_logits = List[Float64](length=total_vocab + 1, fill=0.0)
         self.logit_fields = List[Int32](length=total_vocab + 1, fill=0)
-        self.default_token = List[Int](length=self.field_count, fill=0)
+        self.default_token = List[Int32](length=self.field_count, fill=0)
         for f in range(self.field_count):
             var first = self.field_offsets[f]
             for r in range(first, first + self.vocab[f]):
                 self.unembed_logits[r] = unembed_bias[unsafe_offset=r]
                 self.logit_fields[r] = Int32(f)
-            self.default_token[f] = first_argmax(
-                unembed_bias.unsafe_offset(first), self.vocab[f], self.nan_possible
+            self.default_token[f] = Int32(
+                first_argmax(unembed_bias.unsafe_offset(first), self.vocab[f], self.nan_possible)
             )
         self.field_words = self.field_count // MASK_BITS + 1
         self.written_fields = List[UInt64](length=self.field_words, fill=0)
@@ -564,7 +574,7 @@ struct Engine(Movable):
         self.delta = List[Float64](length=self.width + 1, fill=0.0)
         self.delta_mask = List[UInt64](length=self.width // MASK_BITS + 1, fill=0)
         self.embedded = List[Float64](length=self.width, fill=0.0)
-        self.embedded_token = List[Int](length=self.field_count, fill=0)
+        self.embedded_token = List[Int32](length=self.field_count, fill=0)
         self.embedded_valid = False
         var mask_words = (self.width + MASK_BITS - 1) // MASK_BITS
         self.embedded_mask = List[UInt64](length=max(mask_words, 1), fill=0)
@@ -593,7 +603,8 @@ struct Engine(Movable):
             if self.quiet_mask[w] != 0:
                 self.quiet_words.append(w)
         self.position = 0
-        self.token_pair = List[Int](length=2 * self.field_count, fill=0)
+        self.token_pair = List[Int32](length=2 * self.field_count, fill=0)
+        self.prompt_token = List[Int32](length=self.field_count, fill=0)
         self.token_fields = List[UInt64](length=2 * self.field_words, fill=0)
         self.pending_offset = 0
         self.need_step = False
@@ -828,12 +839,12 @@ struct Engine(Movable):
             MaskPtr(unsafe_from_address=Int(self.written_mask.unsafe_ptr())),
         )
 
-    def _embed[dtype: DType](mut self, token: IntPtr):
+    def _embed[dtype: DType](mut self, token: TokenPtr):
         """Set x to the embedding of `token`, the sum of one column per field, and
         `changed_fields` to the fields that differ from the previous token's."""
         var arrays = self._arrays[dtype]()
         var embedded = float_ptr(self.embedded)
-        var embedded_token = int_ptr(self.embedded_token)
+        var embedded_token = token_ptr(self.embedded_token)
         var offsets = int_ptr(self.field_offsets)
         var masks = self._masks()
         var embedded_mask = masks[0]
@@ -858,7 +869,7 @@ struct Engine(Movable):
             )
             for f in range(self.field_count):
                 var value = token[unsafe_offset=f]
-                var column = offsets[unsafe_offset=f] + value
+                var column = offsets[unsafe_offset=f] + Int(value)
                 add_column(self.embed, column, arrays, embedded, 1.0, embedded_mask, embedded)
                 if self.first_qkv_rows > 0:
                     add_scaled_column(self.first_qkv, column, arrays, kept, 1.0)
@@ -873,11 +884,11 @@ struct Engine(Movable):
             _restore_written(x, embedded, written, len(self.written_mask))
         _copy_mask(masks[1], embedded_mask, len(self.x_mask))
 
-    def _apply_changes(mut self, token: IntPtr):
+    def _apply_changes(mut self, token: TokenPtr):
         """Update `embedded`, x, `embedded_mask` and the kept q, k and v from the fields
         set in `changed_fields`, and copy those fields of `token` to `embedded_token`."""
         var embedded = float_ptr(self.embedded)
-        var embedded_token = int_ptr(self.embedded_token)
+        var embedded_token = token_ptr(self.embedded_token)
         var embedded_mask = MaskPtr(unsafe_from_address=Int(self.embedded_mask.unsafe_ptr()))
         var x = float_ptr(self.x)
         var kept = float_ptr(self.kept_qkv)
@@ -892,9 +903,9 @@ struct Engine(Movable):
             while bits != 0:
                 var g = w * MASK_BITS + Int(count_trailing_zeros(bits))
                 bits &= bits - 1
-                var value = token[unsafe_offset=g]
-                var old = embedded_token[unsafe_offset=g]
-                embedded_token[unsafe_offset=g] = value
+                var value = Int(token[unsafe_offset=g])
+                var old = Int(embedded_token[unsafe_offset=g])
+                embedded_token[unsafe_offset=g] = Int32(value)
                 var pair_base = pair_fields[unsafe_offset=2 * g]
                 if pair_base < 0:
                     self._change_columns(g, old, value)
@@ -957,10 +968,10 @@ struct Engine(Movable):
             add_scaled_column(self.first_qkv, base + new, arrays, kept, 1.0)
             add_scaled_column(self.first_qkv, base + old, arrays, kept, -1.0)
 
-    def _mark_changed(mut self, token: IntPtr):
+    def _mark_changed(mut self, token: TokenPtr):
         """Set the bit of every field where `token` differs from `embedded_token`,
         comparing FIELD_LANES fields at a time."""
-        var embedded_token = int_ptr(self.embedded_token)
+        var embedded_token = token_ptr(self.embedded_token)
         var changed = MaskPtr(unsafe_from_address=Int(self.changed_fields.unsafe_ptr()))
         # A full mask word is built in a register from its equal fields by an unrolled
         # loop with constant shifts, and then inverted.
@@ -972,7 +983,7 @@ struct Engine(Movable):
                 var f = start + group * FIELD_LANES
                 var new_values = token.unsafe_load[width=FIELD_LANES](f)
                 var old_values = embedded_token.unsafe_load[width=FIELD_LANES](f)
-                var equal = pack_bits[DType.uint8](new_values.eq(old_values))
+                var equal = pack_bits[DType.uint16](new_values.eq(old_values))
                 same |= UInt64(equal) << UInt64(group * FIELD_LANES)
             changed[unsafe_offset=w] = ~same
         # The last word (field_words = full_words + 1) holds the remaining fields.
@@ -982,7 +993,7 @@ struct Engine(Movable):
         while f + FIELD_LANES <= self.field_count:
             var new_values = token.unsafe_load[width=FIELD_LANES](f)
             var old_values = embedded_token.unsafe_load[width=FIELD_LANES](f)
-            var differ = pack_bits[DType.uint8](new_values.ne(old_values))
+            var differ = pack_bits[DType.uint16](new_values.ne(old_values))
             bits |= UInt64(differ) << UInt64(f - start)
             f += FIELD_LANES
         while f < self.field_count:
@@ -1375,7 +1386,7 @@ struct Engine(Movable):
         var pending = self._pending()
         var token_fields = MaskPtr(unsafe_from_address=Int(self.token_fields.unsafe_ptr()))
         var differing = token_fields.unsafe_offset(self._half_words())
-        var default_token = int_ptr(self.default_token)
+        var default_token = token_ptr(self.default_token)
         var offsets = int_ptr(self.field_offsets)
         var vocab = int_ptr(self.vocab)
         var bias = arrays.floats.unsafe_offset(self.unembed_bias)
@@ -1400,7 +1411,7 @@ struct Engine(Movable):
                 var first = offsets[unsafe_offset=f]
                 var segment = logits.unsafe_offset(first)
                 var second_wins = segment[unsafe_offset=1] > segment[unsafe_offset=0]
-                pending[unsafe_offset=f] = Int(second_wins)
+                pending[unsafe_offset=f] = Int32(Int(second_wins))
                 segment.unsafe_store(0, bias.unsafe_load[width=2](first))
             while threes != 0:
                 var f = w * MASK_BITS + Int(count_trailing_zeros(threes))
@@ -1410,7 +1421,7 @@ struct Engine(Movable):
                 # Value 2 wins only when above both others, as in first_argmax.
                 var winner = 1 if segment[unsafe_offset=1] > segment[unsafe_offset=0] else 0
                 var top = max(segment[unsafe_offset=0], segment[unsafe_offset=1])
-                pending[unsafe_offset=f] = 2 if segment[unsafe_offset=2] > top else winner
+                pending[unsafe_offset=f] = Int32(2 if segment[unsafe_offset=2] > top else winner)
                 segment.unsafe_store(0, bias.unsafe_load[width=2](first))
                 segment[unsafe_offset=2] = bias[unsafe_offset=first + 2]
             while others != 0:
@@ -1419,7 +1430,7 @@ struct Engine(Movable):
                 var first = offsets[unsafe_offset=f]
                 var length = vocab[unsafe_offset=f]
                 var segment = logits.unsafe_offset(first)
-                pending[unsafe_offset=f] = first_argmax(segment, length, self.nan_possible)
+                pending[unsafe_offset=f] = Int32(first_argmax(segment, length, self.nan_possible))
                 copy_floats(segment, bias.unsafe_offset(first), length)
 
     def _index_column_fields(mut self):
@@ -1469,7 +1480,7 @@ struct Engine(Movable):
                 return False
         return True
 
-    def _step[dtype: DType](mut self, token: IntPtr, predict: Bool):
+    def _step[dtype: DType](mut self, token: TokenPtr, predict: Bool):
         self._embed[dtype](token)
         var last = len(self.layers) - 1
         for l in range(len(self.layers)):
@@ -1487,7 +1498,7 @@ struct Engine(Movable):
         self._drop_pending_heads()
         self.position += 1
 
-    def step(mut self, token: IntPtr, predict: Bool):
+    def step(mut self, token: TokenPtr, predict: Bool):
         """Run one token through the model, filling every cache.
 
         With `predict` the argmax token becomes the pending token; without it the work that
@@ -1501,27 +1512,29 @@ struct Engine(Movable):
 
     # ---- decoding ----------------------------------------------------------------
 
-    def _pending(mut self) -> IntPtr:
-        return int_ptr(self.token_pair).unsafe_offset(self.pending_offset)
+    def _pending(mut self) -> TokenPtr:
+        return token_ptr(self.token_pair).unsafe_offset(self.pending_offset)
 
-    def _previous(mut self) -> IntPtr:
-        return int_ptr(self.token_pair).unsafe_offset(self.field_count - self.pending_offset)
+    def _previous(mut self) -> TokenPtr:
+        return token_ptr(self.token_pair).unsafe_offset(self.field_count - self.pending_offset)
 
     def pending_value(mut self, field: Int) -> Int:
-        return self._pending()[unsafe_offset=field]
+        return Int(self._pending()[unsafe_offset=field])
 
     def previous_value(mut self, field: Int) -> Int:
-        return self._previous()[unsafe_offset=field]
+        return Int(self._previous()[unsafe_offset=field])
 
     def feed_prompt(mut self, prompt: IntPtr, length: Int):
         """Run the prompt tokens (row-major, F per token); the last one's prediction
         becomes the first generated token."""
+        var token = token_ptr(self.prompt_token)
         for i in range(length):
-            var token = prompt.unsafe_offset(i * self.field_count)
+            for f in range(self.field_count):
+                token[unsafe_offset=f] = Int32(prompt[unsafe_offset=i * self.field_count + f])
             self.step(token, i == length - 1)
         var previous = self._previous()
         for f in range(self.field_count):
-            previous[unsafe_offset=f] = prompt[unsafe_offset=(length - 1) * self.field_count + f]
+            previous[unsafe_offset=f] = token[unsafe_offset=f]
         self._find_token_fields(self.field_count - self.pending_offset)
         self.need_step = False
         self.stopped = False
@@ -1533,7 +1546,7 @@ struct Engine(Movable):
             return -1
         var byte = 0
         for i in range(len(self.byte_fields)):
-            byte += self.byte_weights[i] * pending[unsafe_offset=self.byte_fields[i]]
+            byte += self.byte_weights[i] * Int(pending[unsafe_offset=self.byte_fields[i]])
         return byte & 0xFF
 
     def generate(
@@ -1557,15 +1570,20 @@ struct Engine(Movable):
             if record:
                 var base = emitted * self.field_count
                 for f in range(self.field_count):
-                    tokens[unsafe_offset=base + f] = pending[unsafe_offset=f]
+                    tokens[unsafe_offset=base + f] = Int(pending[unsafe_offset=f])
             var byte = self.output_byte()
             if byte >= 0:
                 output[unsafe_offset=written] = UInt8(byte)
                 written += 1
             emitted += 1
-            if pending[unsafe_offset=self.kind_field] != self.run_value:
+            if Int(pending[unsafe_offset=self.kind_field]) != self.run_value:
                 self.stopped = True
         return (emitted, written)
+
+
+def token_ptr(ref values: List[Int32]) -> TokenPtr:
+    """Return an untracked pointer to the first field of a token list."""
+    return TokenPtr(unsafe_from_address=Int(values.unsafe_ptr()))
 
 
 @always_inline

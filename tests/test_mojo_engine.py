@@ -163,6 +163,22 @@ def test_prompt_value_outside_vocabulary(tmp_path):
         runner.run_tokens(path, prompt, 10)
 
 
+def test_packed_field_of_2_31_values_rejected(tmp_path):
+    """The engine stores token fields as Int32, so a vocabulary past that is an error."""
+    path = synthetic.write_model(tmp_path / "model.safetensors", SyntheticSpec(), 1, 4)
+    weights = load_weights(path)
+    packed = runner.pack_model(weights)
+    ints = packed.ints.copy()
+    # The header: magic, D, F, L, kind, RUN, out_valid, the byte terms, then the vocabs.
+    header = int(ints[0])
+    byte_terms = int(ints[header + 7])
+    ints[header + 8 + 2 * byte_terms] = 2**31
+    damaged = runner.PackedModel(ints, packed.indices, packed.value_words, packed.floats,
+                                 packed.narrow)  # fmt: skip
+    with pytest.raises(Exception, match="2\\^31 - 1"):
+        runner.MojoEngine(weights, damaged)
+
+
 def test_empty_prompt_rejected(tmp_path):
     path = synthetic.write_model(tmp_path / "model.safetensors", SyntheticSpec(), 1, 4)
     fields = len(load_weights(path).fields)
