@@ -40,7 +40,7 @@
 from std.bit import count_trailing_zeros
 from std.memory import bitcast, pack_bits, unsafe_memcpy
 
-from cache import HeadCache
+from cache import HeadCache, mix
 from kernels import (
     Arrays,
     BytePtr,
@@ -399,6 +399,10 @@ struct Engine(Movable):
     var memo_record_limit: Int
     var memo_hits: Int
     var memo_clears: Int
+    # Lookups in memo_table and the slots they read, so that tests can check that the
+    # hash spreads keys.
+    var memo_lookups: Int
+    var memo_probes: Int
     # The keys of this layer's shared block (words 0 ..) and expert (key_words ..).
     var memo_keys: List[UInt64]
     var key_words: Int
@@ -569,10 +573,15 @@ struct Engine(Movable):
         self.memo_record_limit = MEMO_RECORDS
         self.memo_hits = 0
         self.memo_clears = 0
+        self.memo_lookups = 0
+        self.memo_probes = 0
         self.key_words = 2 * self.width + 2
         self.memo_keys = List[UInt64](length=2 * self.key_words, fill=0)
         self.delta = List[Float64](length=self.width + 1, fill=0.0)
-        self.delta_mask = List[UInt64](length=self.width // MASK_BITS + 1, fill=0)
+        # As long as x_mask, which _record_delta updates word by word.
+        self.delta_mask = List[UInt64](
+            length=max((self.width + MASK_BITS - 1) // MASK_BITS, 1), fill=0
+        )
         self.embedded = List[Float64](length=self.width, fill=0.0)
         self.embedded_token = List[Int32](length=self.field_count, fill=0)
         self.embedded_valid = False
@@ -1184,11 +1193,13 @@ struct Engine(Movable):
         var shared_words = 0
         if layer.shared >= 0:
             self._settle[dtype](self.blocks.unsafe_get(layer.shared).reads)
-            ref block = self.blocks.unsafe_get(layer.shared)
-            if _remembers(block):
-                shared_hash, shared_words = _memo_key(layer.shared, block, arrays, x, x_mask, keys)
+            if _remembers(self.blocks.unsafe_get(layer.shared)):
+                shared_hash, shared_words = _memo_key(
+                    layer.shared, self.blocks.unsafe_get(layer.shared), arrays, x, x_mask, keys
+                )
                 shared_record = self._find_record(shared_hash, keys, shared_words)
             if shared_record < 0:
+                ref block = self.blocks.unsafe_get(layer.shared)
                 pre_activations(block, arrays, x, x_mask, shared_hidden)
                 positive_mask(shared_hidden, block.w1.rows, shared_mask, self.nan_possible)
         var expert = -1
@@ -1210,13 +1221,13 @@ struct Engine(Movable):
                 expert = -1
             else:
                 self._settle[dtype](self.blocks.unsafe_get(expert).reads)
-                ref routed = self.blocks.unsafe_get(expert)
-                if _remembers(routed):
+                if _remembers(self.blocks.unsafe_get(expert)):
                     expert_hash, expert_words = _memo_key(
-                        expert, routed, arrays, x, x_mask, expert_key
+                        expert, self.blocks.unsafe_get(expert), arrays, x, x_mask, expert_key
                     )
                     expert_record = self._find_record(expert_hash, expert_key, expert_words)
                 if expert_record < 0:
+                    ref routed = self.blocks.unsafe_get(expert)
                     pre_activations(routed, arrays, x, x_mask, expert_hidden)
                     positive_mask(expert_hidden, routed.w1.rows, expert_mask, self.nan_possible)
         if layer.shared >= 0:
@@ -1283,13 +1294,15 @@ struct Engine(Movable):
         self.memo_record_limit = max(1, min(records, MEMO_RECORDS))
 
     @always_inline
-    def _find_record(self, hash: UInt64, key: MaskPtr, words: Int) -> Int:
+    def _find_record(mut self, hash: UInt64, key: MaskPtr, words: Int) -> Int:
         """Return the first word of the memo record whose key is key[0 .. words - 1],
         or -1."""
         var table = self.memo_table.unsafe_ptr()
         var stored = self.memo_words.unsafe_ptr()
         var slot = _memo_slot(hash)
+        self.memo_lookups += 1
         while True:
+            self.memo_probes += 1
             var tag = table[unsafe_offset=2 * slot]
             if tag == 0:
                 return -1
@@ -1617,9 +1630,10 @@ def _memo_key[
             var value_bits = bitcast[DType.uint64, 1](value)
             key[unsafe_offset=words] = UInt64(column)
             key[unsafe_offset=words + 1] = value_bits
-            # The terms are independent, so their multiplications overlap; a collision
-            # costs only a comparison of the keys.
-            hash += (value_bits ^ UInt64(column)) * HASH_MULTIPLIER
+            # Each term is mixed before the sum: +1.0 and -1.0 differ only in bit 63, so
+            # a plain product of the bits would cancel in pairs of sign flips. The terms
+            # are independent, so their multiplications overlap.
+            hash += mix(value_bits + (UInt64(column) + 1) * HASH_MULTIPLIER)
             words += 2
     # Bit 0 set, because a zero tag marks an empty slot of memo_table.
     return (hash | 1, words)

@@ -478,11 +478,14 @@ def _pack_layer(packer: _Packer, layer, width: int, name: str,
 
 
 class MemoCounts(NamedTuple):
-    """The block memo of one engine: records held, outputs taken from it, clears."""
+    """The block memo of one engine: records held, outputs taken from it, clears,
+    lookups and the hash-table slots those lookups read."""
 
     records: int
     hits: int
     clears: int
+    lookups: int
+    probes: int
 
 
 class Chunk(NamedTuple):
@@ -571,15 +574,18 @@ class MojoEngine:
         return tuple(int(value) for value in self._status[3 + count : 3 + 2 * count])
 
     def memo_counts(self) -> MemoCounts:
-        """Return the block memo's record count, hits and clears (engine.mojo)."""
-        counts = np.zeros(3, dtype=np.int64)
+        """Return the block memo's counts (engine.mojo)."""
+        counts = np.zeros(len(MemoCounts._fields), dtype=np.int64)
         self._extension.memo_counts(self._handle, counts.ctypes.data)
         return MemoCounts(*(int(count) for count in counts))
 
     def limit_memo(self, records: int) -> None:
         """Clear the block memo whenever it holds `records` records. The default is the
-        engine's largest limit; tests lower it so that runs clear the memo often."""
-        self._extension.limit_memo(self._handle, int(records))
+        engine's largest limit, and a larger `records` keeps it; tests lower it so that
+        runs clear the memo often."""
+        if isinstance(records, bool) or not isinstance(records, int) or records < 1:
+            raise ValueError(f"limit_memo needs a positive record count, got {records!r}")
+        self._extension.limit_memo(self._handle, min(records, 2**31))
 
     def cache_sizes(self) -> list[int]:
         """Return the number of cached entries of every head, layer by layer."""

@@ -38,7 +38,9 @@ def PyInit_tlc_mojo_engine() abi("C") -> PythonObject:
         )
         module.def_function[memo_counts](
             "memo_counts",
-            docstring="memo_counts(handle, counts): write (records, hits, clears)",
+            docstring=(
+                "memo_counts(handle, counts): write (records, hits, clears, lookups, probes)"
+            ),
         )
         module.def_function[limit_memo](
             "limit_memo", docstring="limit_memo(handle, records): clear the memo at that size"
@@ -137,13 +139,15 @@ def cache_sizes(handle: PythonObject, sizes_out: PythonObject) raises -> PythonO
 
 
 def memo_counts(handle: PythonObject, counts_out: PythonObject) raises -> PythonObject:
-    """Write the block memo's record count, the outputs taken from it and the times it
-    was cleared."""
+    """Write the block memo's record count, the outputs taken from it, the times it was
+    cleared, its lookups and the hash-table slots they read."""
     var engine = _engine(handle)
     var counts = IntPtr(unsafe_from_address=Int(py=counts_out))
     counts[unsafe_offset=0] = engine[].memo_records
     counts[unsafe_offset=1] = engine[].memo_hits
     counts[unsafe_offset=2] = engine[].memo_clears
+    counts[unsafe_offset=3] = engine[].memo_lookups
+    counts[unsafe_offset=4] = engine[].memo_probes
     return PythonObject(None)
 
 

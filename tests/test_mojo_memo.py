@@ -3,11 +3,13 @@ the output it remembered for an input it has seen, which must change no token.""
 
 from __future__ import annotations
 
+import dataclasses
 import tempfile
 from pathlib import Path
 
 import numpy as np
 from hypothesis import HealthCheck, given, settings
+import pytest
 from hypothesis import strategies as st
 
 from tlc.cli import load_program
@@ -147,3 +149,45 @@ def test_program_with_a_small_memo_matches_the_interpreter(mojo_extension):
         assert counts.hits > 0
         clears.append(counts.clears)
     assert clears[1] > clears[0]
+
+
+# Ten key bits and ten query bits, each +-1, are the only inputs of the shared blocks.
+SIGNS = SyntheticSpec(key_bits=10, scratch=8, layers=2, dense_heads=1, exact_heads=1,
+                      shared_hidden=4, experts=0, data_vocab=2, run_bias=30, never_halt=True)  # fmt: skip
+
+
+def _sign_input_model(folder: str):
+    """Return a model whose blocks read only the +-1 key and query bits."""
+    weights = _synthetic(SIGNS, 1, folder)
+    rng = np.random.default_rng(0)
+    bits = 2 * SIGNS.key_bits
+    for index, layer in enumerate(weights.layers):
+        block = layer.shared
+        dense = np.zeros((len(block.b1), SIGNS.width))
+        dense[:, :bits] = rng.choice([-1.0, 1.0], size=(len(block.b1), bits))
+        rows, cols = np.nonzero(dense)
+        w1 = SparseMatrix(dense.shape, rows, cols, dense[rows, cols])
+        shared = FeedForward(w1, block.b1, block.w2, block.b2)
+        weights.layers[index] = dataclasses.replace(layer, shared=shared)
+    return weights
+
+
+def test_memo_hash_spreads_sign_flips(mojo_extension, tmp_path):
+    """Keys of +-1 inputs differ only in sign bits, which a hash must not cancel."""
+    weights = _sign_input_model(str(tmp_path))
+    prompt = synthetic.random_prompt(SIGNS, 4000, np.random.default_rng(5))
+    with runner.MojoEngine(weights) as engine:
+        engine.feed(prompt)
+        counts = engine.memo_counts()
+    assert counts.records > 1000
+    # A table at most half full needs 1.5 slots per hit and 2.5 per miss on average
+    # with a uniform hash.
+    assert counts.probes <= 3 * counts.lookups
+
+
+@pytest.mark.parametrize("records", [0, -1, True, 1.5])
+def test_limit_memo_rejects_bad_counts(mojo_extension, tmp_path, records):
+    weights = _synthetic(REPEATING, 7, str(tmp_path))
+    with runner.MojoEngine(weights) as engine:
+        with pytest.raises(ValueError, match="positive record count"):
+            engine.limit_memo(records)
