@@ -24,6 +24,8 @@ from std.memory import bitcast
 from kernels import FloatPtr, copy_floats, float_ptr, int_ptr, lane_bits
 
 comptime EMPTY = -1
+comptime SLOT_BITS = 40  # the low bits of a code_table place, which hold slot + 1
+comptime SLOT_MASK: UInt64 = (1 << 40) - 1
 comptime LANES = 8  # SIMD width for hashing and comparing keys
 comptime INITIAL_TABLE_SIZE = 16
 comptime GOLDEN: UInt64 = 0x9E3779B97F4A7C15
@@ -173,10 +175,11 @@ struct HeadCache(Movable):
     var table: List[Int]  # open addressing with linear probing: a slot or EMPTY
     var table_count: Int  # slots in `table`: those whose key is not ternary
     var codes: List[Code]  # the code of each slot (unused for a key that is not ternary)
-    var code_table: List[Int]  # the slots of ternary keys, found by code
-    # The code of the slot at each place of `code_table`, so that a lookup reads the
-    # slot and its code at once instead of one after the other.
-    var code_table_codes: List[Code]
+    # The slots of ternary keys, found by code: per place 0 when empty, else the top
+    # 64 - SLOT_BITS bits of the code's hash over slot + 1 (below 2^40, more slots than any
+    # memory holds). The tag rejects almost every other code before `codes` is read,
+    # and 8-byte places keep the table small enough to stay in cache.
+    var code_table: List[UInt64]
     var code_count: Int
     var index_usable: Bool  # every key so far has an exact-match form
     var sentinel: Int  # slot of the sentinel key, or EMPTY
@@ -195,8 +198,7 @@ struct HeadCache(Movable):
         self.table = List[Int](length=INITIAL_TABLE_SIZE, fill=EMPTY)
         self.table_count = 0
         self.codes = List[Code]()
-        self.code_table = List[Int](length=INITIAL_TABLE_SIZE, fill=EMPTY)
-        self.code_table_codes = List[Code](length=INITIAL_TABLE_SIZE, fill=Code(0, 0, 0))
+        self.code_table = List[UInt64](length=INITIAL_TABLE_SIZE, fill=0)
         self.code_count = 0
         self.index_usable = True
         self.sentinel = EMPTY
@@ -228,15 +230,19 @@ struct HeadCache(Movable):
     def find_code(mut self, code: Code) -> Int:
         """Return the slot of the ternary key with this code, or EMPTY."""
         var mask = len(self.code_table) - 1
-        var position = Int(code.hash()) & mask
-        var table = int_ptr(self.code_table)
-        var codes = self.code_table_codes.unsafe_ptr()
+        var hash = code.hash()
+        var position = Int(hash) & mask
+        var tag = hash >> SLOT_BITS
+        var table = self.code_table.unsafe_ptr()
+        var codes = self.codes.unsafe_ptr()
         while True:
-            var slot = table[unsafe_offset=position]
-            if slot == EMPTY:
+            var place = table[unsafe_offset=position]
+            if place == 0:
                 return EMPTY
-            if codes[unsafe_offset=position] == code:
-                return slot
+            if place >> SLOT_BITS == tag:
+                var slot = Int(place & SLOT_MASK) - 1
+                if codes[unsafe_offset=slot] == code:
+                    return slot
             position = (position + 1) & mask
             self.probe_steps += 1
 
@@ -267,11 +273,11 @@ struct HeadCache(Movable):
     def _place_code(mut self, slot: Int):
         """Put the slot of a ternary key into `code_table`."""
         var mask = len(self.code_table) - 1
-        var position = Int(self.codes[slot].hash()) & mask
-        while self.code_table[position] != EMPTY:
+        var hash = self.codes[slot].hash()
+        var position = Int(hash) & mask
+        while self.code_table[position] != 0:
             position = (position + 1) & mask
-        self.code_table[position] = slot
-        self.code_table_codes[position] = self.codes[slot]
+        self.code_table[position] = ((hash >> SLOT_BITS) << SLOT_BITS) | UInt64(slot + 1)
 
     def _insert(mut self, slot: Int, ternary: Bool):
         """Index a new slot, doubling its table when that becomes more than half full,
@@ -281,8 +287,7 @@ struct HeadCache(Movable):
             self.code_count += 1
             if 4 * self.code_count > len(self.code_table):
                 var size = 2 * len(self.code_table)
-                self.code_table = List[Int](length=size, fill=EMPTY)
-                self.code_table_codes = List[Code](length=size, fill=Code(0, 0, 0))
+                self.code_table = List[UInt64](length=size, fill=0)
                 var code = Code(0, 0, 0)
                 for other in range(self.count()):
                     var key = float_ptr(self.keys).unsafe_offset(other * self.key_width)
