@@ -1308,13 +1308,13 @@ struct Engine(Movable):
                 return -1
             if tag == hash:
                 var first = Int(table[unsafe_offset=2 * slot + 1])
-                if Int(stored[unsafe_offset=first]) == words:
-                    var record_key = stored.unsafe_offset(first + MEMO_RECORD_WORDS)
-                    var i = 0
-                    while i < words and record_key[unsafe_offset=i] == key[unsafe_offset=i]:
-                        i += 1
-                    if i == words:
-                        return first
+                var record_key = MaskPtr(
+                    unsafe_from_address=Int(stored.unsafe_offset(first + MEMO_RECORD_WORDS))
+                )
+                if Int(stored[unsafe_offset=first]) == words and _same_words(
+                    record_key, key, words
+                ):
+                    return first
             slot = (slot + 1) & (MEMO_SLOTS - 1)
 
     @always_inline
@@ -1637,6 +1637,23 @@ def _memo_key[
             words += 2
     # Bit 0 set, because a zero tag marks an empty slot of memo_table.
     return (hash | 1, words)
+
+
+@always_inline
+def _same_words(first: MaskPtr, second: MaskPtr, count: Int) -> Bool:
+    """Return True when the `count` words at `first` and `second` are equal, comparing
+    eight at a time."""
+    comptime LANES = 8
+    var i = 0
+    while i + LANES <= count:
+        if first.unsafe_load[width=LANES](i).ne(second.unsafe_load[width=LANES](i)).reduce_or():
+            return False
+        i += LANES
+    while i < count:
+        if first[unsafe_offset=i] != second[unsafe_offset=i]:
+            return False
+        i += 1
+    return True
 
 
 @always_inline
