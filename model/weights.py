@@ -194,6 +194,9 @@ def write_weight_file(path: str | Path, tensors: dict[str, np.ndarray], metadata
     """Write `tensors` and `metadata` as a safetensors file, with their checksum in the
     metadata."""
     metadata = json.loads(json.dumps(metadata))  # the form `load_weights` will read back
+    # safetensors writes an array's memory as it lies, so a transposed or sliced array
+    # would come back scrambled.
+    tensors = {name: np.ascontiguousarray(values) for name, values in tensors.items()}
     metadata[CHECKSUM_KEY] = weights_checksum(tensors, metadata)
     save_file(tensors, str(path), metadata={tk.METADATA_KEY: json.dumps(metadata)})
 

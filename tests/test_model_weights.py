@@ -201,6 +201,19 @@ def test_load_rejects_nan_with_valid_checksum(tmp_path):
         load_weights(path)
 
 
+def test_write_weight_file_keeps_strided_tensors(tmp_path):
+    """A transposed or sliced tensor reads back with the same values."""
+    tensors, metadata = load_weights(_copy(tmp_path))
+    name = "layers.0.router.b"
+    tensors[name] = np.repeat(tensors[name], 2)[::2]
+    tensors["prompt"] = np.asfortranarray(np.arange(12, dtype=np.uint8).reshape(3, 4))
+    path = tmp_path / "strided.safetensors"
+    write_weight_file(path, tensors, metadata)
+    loaded, _ = load_weights(path)
+    assert np.array_equal(loaded[name], tensors[name])
+    assert np.array_equal(loaded["prompt"], tensors["prompt"])
+
+
 def test_torch_reloads_rewritten_file(tmp_path):
     path = _copy(tmp_path)
     first = torch_runner.load_model(path)
