@@ -31,11 +31,11 @@
 # A matrix is the 10 Ints of a `Matrix`; a bias is one offset into `floats`; a block is
 # (w1, b1, w2, b2 as a D x 1 matrix, twin count, twin representatives, twin deltas, the
 # head mask of w1, exact: 1 when every sum of the block is an integer below 2^52 in any
-# order, tlc.mojo.twins.layer_sums_exact). b2 is a matrix because it is added to the whole residual, where most
-# of its components are zero. The twins (tlc.mojo.twins) are hidden units whose W1 rows
-# the packer removed because they equal an earlier unit's. They are the block's last
-# units; each one's representative is at an offset in `ints` and the differences of
-# their biases at an offset in `floats`.
+# order, tlc.mojo.twins.layer_sums_exact). b2 is a matrix because it is added to the
+# whole residual, where most of its components are zero. The twins (tlc.mojo.twins)
+# are hidden units whose W1 rows the packer removed because they equal an earlier
+# unit's. They are the block's last units; each one's representative is at an offset
+# in `ints` and the differences of their biases at an offset in `floats`.
 
 from std.bit import count_trailing_zeros
 from std.memory import bitcast, pack_bits, unsafe_memcpy
@@ -1609,7 +1609,12 @@ def _remembers(block: BlockWeights) -> Bool:
 def _memo_key[
     dtype: DType
 ](
-    index: Int, block: BlockWeights, arrays: Arrays[dtype], x: FloatPtr, x_mask: MaskPtr, key: MaskPtr
+    index: Int,
+    block: BlockWeights,
+    arrays: Arrays[dtype],
+    x: FloatPtr,
+    x_mask: MaskPtr,
+    key: MaskPtr,
 ) -> Tuple[UInt64, Int]:
     """Write the memo key of block `index` for input x to `key` (see Engine.memo_table)
     and return its hash and word count. A zero in a column that x_mask marks is left
