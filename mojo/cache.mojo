@@ -24,8 +24,8 @@ from std.memory import bitcast
 from kernels import FloatPtr, copy_floats, float_ptr, int_ptr, lane_bits
 
 comptime EMPTY = -1
-comptime SLOT_BITS = 40  # the low bits of a code_table place, which hold slot + 1
-comptime SLOT_MASK: UInt64 = (1 << 40) - 1
+comptime SLOT_BITS = 40  # the low bits of a code_table place, which contain slot + 1
+comptime SLOT_MASK: UInt64 = (UInt64(1) << SLOT_BITS) - 1
 comptime LANES = 8  # SIMD width for hashing and comparing keys
 comptime INITIAL_TABLE_SIZE = 16
 comptime GOLDEN: UInt64 = 0x9E3779B97F4A7C15
@@ -175,10 +175,10 @@ struct HeadCache(Movable):
     var table: List[Int]  # open addressing with linear probing: a slot or EMPTY
     var table_count: Int  # slots in `table`: those whose key is not ternary
     var codes: List[Code]  # the code of each slot (unused for a key that is not ternary)
-    # The slots of ternary keys, found by code: per place 0 when empty, else the top
-    # 64 - SLOT_BITS bits of the code's hash over slot + 1 (below 2^40, more slots than any
-    # memory holds). The tag rejects almost every other code before `codes` is read,
-    # and 8-byte places keep the table small enough to stay in cache.
+    # The slots of ternary keys, found by code. A place is 0 when empty, else the top
+    # 64 - SLOT_BITS bits of the code's hash (a tag) over slot + 1, which stays below
+    # 2^40 because 2^40 slots would take terabytes of keys. The tag rejects almost every
+    # other code before `codes` is read, and 8-byte places keep the table in cache.
     var code_table: List[UInt64]
     var code_count: Int
     var index_usable: Bool  # every key so far has an exact-match form

@@ -70,7 +70,7 @@ from kernels import (
 
 comptime MAGIC = 0x746C6301
 comptime FIELD_LANES = 16  # token fields compared at once
-# A token's fields as the engine stores them: Int32, so that a cache line holds 16.
+# A token's fields as the engine stores them: Int32, so that a cache line has 16.
 comptime TokenPtr = Pointer[Int32, MutUntrackedOrigin]
 # The largest field whose changes use the pair deltas (Engine.pair_fields).
 comptime PAIR_VOCAB = 8
@@ -386,7 +386,7 @@ struct Engine(Movable):
     # the key's word count, the record's end, the key (the block's index, then the
     # column and the value bits of every nonzero input, in column order) and the row
     # and the value bits of every output component that the block writes. memo_table
-    # holds two words per slot, the key's hash (0: empty) and the first word of its
+    # has two words per slot, the key's hash (0: empty) and the first word of its
     # record, probed linearly from the slot of the hash. memo_records counts the
     # records. When a limit (memo_record_limit, MEMO_WORDS) is reached, memo_full makes
     # the next feed-forward pass start from an empty memo.
@@ -773,7 +773,7 @@ struct Engine(Movable):
         """Return, per row of kept_qkv (and False past them up to `rows`), whether no
         step reads it: the key of a head whose key leader is another head, and the value
         of a head whose value leader is another head. The pair deltas leave such rows
-        out, so they hold stale values after the first position."""
+        out, so their values go stale after the first position."""
         var unread = List[Bool](length=rows, fill=False)
         for h in range(len(self.heads)):
             ref head = self.heads[h]
@@ -1282,6 +1282,7 @@ struct Engine(Movable):
     # ---- the block memo ----------------------------------------------------------
 
     def _clear_memo(mut self):
+        """Empty the memo: its slots, records and words."""
         for i in range(2 * MEMO_SLOTS):
             self.memo_table.unsafe_get(i) = 0
         self.memo_records = 0
@@ -1290,7 +1291,7 @@ struct Engine(Movable):
         self.memo_clears += 1
 
     def limit_memo(mut self, records: Int):
-        """Clear the memo whenever it holds `records` records (1 to MEMO_RECORDS)."""
+        """Clear the memo whenever it reaches `records` records (1 to MEMO_RECORDS)."""
         self.memo_record_limit = max(1, min(records, MEMO_RECORDS))
 
     @always_inline
@@ -1319,8 +1320,8 @@ struct Engine(Movable):
 
     @always_inline
     def _add_record(mut self, first: Int):
-        """Add the output that the memo record at word `first` holds to x, marking its
-        rows in x_mask and written_mask."""
+        """Add the output in the memo record at word `first` to x, marking its rows in
+        x_mask and written_mask."""
         var masks = self._masks()
         var x = float_ptr(self.x)
         var stored = self.memo_words.unsafe_ptr()

@@ -478,8 +478,8 @@ def _pack_layer(packer: _Packer, layer, width: int, name: str,
 
 
 class MemoCounts(NamedTuple):
-    """The block memo of one engine: records held, outputs taken from it, clears,
-    lookups and the hash-table slots those lookups read."""
+    """The counts of one engine's block memo: the records it contains, the outputs taken
+    from it, its clears, its lookups and the hash-table slots those lookups read."""
 
     records: int
     hits: int
@@ -580,9 +580,9 @@ class MojoEngine:
         return MemoCounts(*(int(count) for count in counts))
 
     def limit_memo(self, records: int) -> None:
-        """Clear the block memo whenever it holds `records` records. The default is the
-        engine's largest limit, and a larger `records` keeps it; tests lower it so that
-        runs clear the memo often."""
+        """Clear the block memo whenever it reaches `records` records. A count above the
+        engine's largest limit, which is the default, uses that limit. Tests lower it so
+        that runs clear the memo often."""
         if isinstance(records, bool) or not isinstance(records, int) or records < 1:
             raise ValueError(f"limit_memo needs a positive record count, got {records!r}")
         self._extension.limit_memo(self._handle, min(records, 2**31))

@@ -152,6 +152,7 @@ def memo_counts(handle: PythonObject, counts_out: PythonObject) raises -> Python
 
 
 def limit_memo(handle: PythonObject, records: PythonObject) raises -> PythonObject:
+    """Clear the block memo whenever it reaches `records` records."""
     var engine = _engine(handle)
     engine[].limit_memo(Int(py=records))
     return PythonObject(None)

@@ -163,7 +163,7 @@ def test_prompt_value_outside_vocabulary(tmp_path):
         runner.run_tokens(path, prompt, 10)
 
 
-def test_packed_field_of_2_31_values_rejected(tmp_path):
+def test_packed_vocab_past_int32_rejected(tmp_path):
     """The engine stores token fields as Int32, so a vocabulary past that is an error."""
     path = synthetic.write_model(tmp_path / "model.safetensors", SyntheticSpec(), 1, 4)
     weights = load_weights(path)

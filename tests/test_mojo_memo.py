@@ -76,7 +76,7 @@ def _engine_run(weights, steps: int, limit: int | None = None):
 REPEATING = SyntheticSpec(run_bias=30, layers=2, data_vocab=2, key_bits=1, never_halt=True)
 
 
-def test_engine_takes_outputs_from_the_memo(mojo_extension, tmp_path):
+def test_engine_reuses_memo_outputs(mojo_extension, tmp_path):
     weights = _synthetic(REPEATING, 7, str(tmp_path))
     expected = reference.run_reference(weights, weights.prompt, 200)
     tokens, output, counts = _engine_run(weights, 200)
@@ -129,7 +129,7 @@ def test_memo_runs_match_reference(mojo_extension, seed, layers, shared_hidden, 
     assert output == expected.output
 
 
-def test_program_with_a_small_memo_matches_the_interpreter(mojo_extension):
+def test_collatz_small_memo_matches_interpreter(mojo_extension):
     """Collatz through the universal model, with the engine's memo and with one
     cleared every 3 records."""
     program = load_program(str(EXAMPLES / "collatz.tl"))
@@ -180,8 +180,8 @@ def test_memo_hash_spreads_sign_flips(mojo_extension, tmp_path):
         engine.feed(prompt)
         counts = engine.memo_counts()
     assert counts.records > 1000
-    # A table at most half full needs 1.5 slots per hit and 2.5 per miss on average
-    # with a uniform hash.
+    # Estimate: with linear probing and a uniform hash, a table half full reads about
+    # 1.5 slots per hit and 2.5 per miss.
     assert counts.probes <= 3 * counts.lookups
 
 
