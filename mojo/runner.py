@@ -460,9 +460,10 @@ def _pack_layer(packer: _Packer, layer, width: int, name: str,
         if all(_integer_vector(block.b2) for block in [shared, *experts]):
             experts = [_fuse_blocks(shared, expert) for expert in experts]
             shared = None
-    exact = layer_sums_exact(shared, experts, bound)
+    # The shared block runs with every expert; an expert runs with the shared block only.
     packer.header.append(0 if shared is None else 1)
     if shared is not None:
+        exact = layer_sums_exact(shared, experts, bound)
         packer.block(shared, width, f"{name}.shared", bound, deferral, exact)
     packer.header.append(len(experts))
     if experts:
@@ -471,6 +472,7 @@ def _pack_layer(packer: _Packer, layer, width: int, name: str,
         packer.vector(layer.router_b, count, f"{name}.router.b")
         packer.header.append(deferral.reads(layer.router_w))
         for e, expert in enumerate(experts):
+            exact = layer_sums_exact(shared, [expert], bound)
             packer.block(expert, width, f"{name}.experts.{e}", bound, deferral, exact)
 
 

@@ -111,6 +111,25 @@ def test_no_memo_for_fractional_weights(mojo_extension, tmp_path):
     assert counts.hits == 0
 
 
+def test_memo_per_expert_exactness(mojo_extension, tmp_path):
+    # This model routes about half of the steps to each expert.
+    weights = _synthetic(dataclasses.replace(REPEATING, layers=1), 16, str(tmp_path))
+    # A bias of 1 - 2^52 keeps the unit off (its sum stays negative after any rounding),
+    # but its interval passes 2^52, so expert 0 loses the memo.
+    last = weights.layers[-1]
+    last.experts[0].b1[0] = 1.0 - 2.0**52
+    bound = twins.input_bounds(weights)[-1]
+    assert not twins.layer_sums_exact(last.shared, [last.experts[0]], bound)
+    assert twins.layer_sums_exact(last.shared, [last.experts[1]], bound)
+    expected = reference.run_reference(weights, weights.prompt, 200)
+    tokens, output, counts = _engine_run(weights, 200)
+    assert np.array_equal(tokens, expected.tokens)
+    assert output == expected.output
+    # Only expert 1 looks up. A test over the whole layer would leave the memo off.
+    assert 0 < counts.lookups < 200
+    assert counts.hits > 0
+
+
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(seed=st.integers(0, 2**32 - 1), layers=st.integers(1, 3),
        shared_hidden=st.integers(0, 6), experts=st.integers(0, 3),
