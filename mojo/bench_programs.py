@@ -14,7 +14,8 @@ import argparse
 import time
 from pathlib import Path
 
-from tlc.cli import load_program
+from tlc.cli import UsageError, load_program
+from tlc.compiler.errors import CompileError
 from tlc.model import tokens
 from tlc.mojo import runner
 from tlc.runtime import reference
@@ -51,7 +52,12 @@ def time_program(path: Path, repeat: int) -> tuple[int, float]:
 def main(argv=None) -> None:
     args = _arguments(argv)
     for path in args.programs:
-        steps, seconds = time_program(path, args.repeat)
+        try:
+            steps, seconds = time_program(path, args.repeat)
+        except CompileError as error:
+            raise SystemExit(str(error)) from None
+        except UsageError as error:
+            raise SystemExit(f"error: {error}") from None
         print(f"{path}: steps={steps} seconds={seconds:.3f} "
               f"steps_per_second={steps / seconds:.0f}")  # fmt: skip
 

@@ -102,3 +102,19 @@ def test_bench_rejects_empty_backend_name():
     completed = _bench("examples/countdown.tasm", "--backends", "ref,,ref")
     assert completed.returncode == 2
     assert "has an empty name" in completed.stderr
+
+
+def test_bench_programs_reports_bad_files(tmp_path):
+    broken = tmp_path / "broken.tl"
+    broken.write_text("int main( {\n")
+    for path, message in ((tmp_path / "absent.tl", "file not found"), (broken, "broken.tl:1:")):
+        completed = subprocess.run(
+            [sys.executable, "-m", "tlc.mojo.bench_programs", str(path)],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            timeout=120,
+        )
+        assert completed.returncode == 1
+        assert message in completed.stderr
+        assert "Traceback" not in completed.stderr
