@@ -86,10 +86,17 @@ def inspect_command(args) -> int:
     """Print what a weight file contains, for people."""
     from tlc.cli import UsageError
 
+    from tlc.mojo.weights import weights_from_tensors
+
     try:
         tensors, metadata = load_weights(args.weights)
     except (OSError, ValueError) as error:
         raise UsageError(f"cannot read the weight file {error}") from None
+    try:
+        # The runtimes' structure checks, so that inspect accepts only files they run.
+        weights_from_tensors(tensors, metadata, str(args.weights))
+    except ValueError as error:
+        raise UsageError(str(error)) from None
     try:
         return _describe(args, tensors, metadata)
     except (KeyError, IndexError, TypeError) as error:

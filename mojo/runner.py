@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import operator
 import os
 import tempfile
 import time
@@ -33,7 +34,7 @@ from tlc.mojo.weights import (
     load_weights,
     weights_from_tensors,
 )
-from tlc.runtime.machine import RunResult, Status
+from tlc.runtime.machine import RunResult, Status, check_run_arguments
 
 logger = logging.getLogger("tlc.mojo")
 
@@ -139,7 +140,10 @@ class _Packer:
         ints = np.concatenate([*self.int_parts, header])
         ints[0] = self.int_length
         values = np.concatenate([np.zeros(0), *self.value_parts])
-        narrow = bool(np.array_equal(values.astype(np.float32).astype(np.float64), values))
+        # A value beyond the Float32 range becomes an infinity here and fails the
+        # comparison, so numpy's overflow warning is not needed.
+        with np.errstate(over="ignore"):
+            narrow = bool(np.array_equal(values.astype(np.float32).astype(np.float64), values))
         if narrow:
             values = values.astype(np.float32)
             if len(values) % 2:
@@ -554,6 +558,13 @@ class MojoEngine:
 
     def generate(self, max_tokens: int, record: bool) -> Chunk:
         """Emit up to `max_tokens` tokens, fewer when one of them stops the run."""
+        try:
+            count = operator.index(max_tokens)
+        except TypeError:
+            count = -1
+        if isinstance(max_tokens, bool) or count < 0:
+            raise ValueError(f"generate needs a token count of 0 or more, got {max_tokens!r}")
+        max_tokens = count
         field_count = len(self.weights.fields)
         tokens = np.zeros((max_tokens, field_count), dtype=np.int64) if record else None
         output = np.zeros(max(max_tokens, 1), dtype=np.uint8)
@@ -606,6 +617,10 @@ def check_prompt(weights: ModelWeights, prompt) -> np.ndarray:
     """
     prompt = np.asarray(prompt)
     if not np.issubdtype(prompt.dtype, np.integer):
+        # Whole floats (a prompt read from a float tensor) are token values too.
+        if prompt.dtype.kind not in "fb" or not np.array_equal(prompt, np.floor(prompt)):
+            raise ValueError(f"the prompt must hold whole token values, got an array of "
+                             f"{prompt.dtype}")  # fmt: skip
         prompt = prompt.astype(np.int64)
     field_count = len(weights.fields)
     if prompt.ndim != 2 or prompt.shape[1] != field_count or len(prompt) == 0:
@@ -838,6 +853,7 @@ def run_program(
     generated. `trace` gets one line per instruction, `write_output` each output byte
     as the program writes it and `progress` the token count between chunks.
     """
+    check_run_arguments(stdin, max_steps)
     tokens = _model_helpers()
     from tlc.model.weights import TOKENS_INVALID, invalid_contents, uncovered_opcodes
 

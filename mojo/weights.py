@@ -187,7 +187,20 @@ def weights_from_tensors(tensors: dict[str, np.ndarray], metadata: dict, source:
     unembed = [
         reader.matrix(f"unembed.{f}", (entry.vocab, width)) for f, entry in enumerate(fields)
     ]
+    for f, entry in enumerate(fields):
+        expected = (entry.vocab, width)
+        for name, matrix in (("embed", embed[f]), ("unembed", unembed[f])):
+            if tuple(matrix.shape) != expected:
+                raise WeightFileError(f"{source}: {name}.{f} has shape {tuple(matrix.shape)}, "
+                                      f"but the metadata gives field {entry.name!r} "
+                                      f"{entry.vocab} values, so {expected}; rebuild it with "
+                                      f"'tlc build'")  # fmt: skip
+        if len(unembed_bias[f]) != entry.vocab:
+            raise WeightFileError(f"{source}: unembed.{f}.bias has length "
+                                  f"{len(unembed_bias[f])}, expected {entry.vocab}; rebuild "
+                                  f"it with 'tlc build'")  # fmt: skip
     layers = [reader.layer(index, width) for index in range(reader.layer_count())]
+    _check_layer_metadata(metadata.get("layers"), layers, source)
     names = [entry.name for entry in fields]
     out_valid = names.index(OUT_VALID_FIELD) if OUT_VALID_FIELD in names else None
     prompt = tensors.get("prompt")
@@ -205,6 +218,33 @@ def weights_from_tensors(tensors: dict[str, np.ndarray], metadata: dict, source:
         prompt=None if prompt is None else np.asarray(prompt, dtype=np.int64),
         metadata=metadata,
     )
+
+
+def _check_layer_metadata(described, layers: list[Layer], source: str) -> None:
+    """Raise WeightFileError when the metadata's layer list disagrees with the tensors in
+    the number of layers, heads or experts. The torch runtime builds its layers from the
+    metadata and this runtime from the tensors, so both must describe the same model. A
+    layer without heads and experts has no tensors, so the metadata may list more layers
+    than the tensors show, as long as those are empty."""
+    if described is None:
+        return
+    rebuild = "rebuild it with 'tlc build'"
+    if not isinstance(described, list) or len(described) < len(layers):
+        count = len(described) if isinstance(described, list) else "no list of"
+        raise WeightFileError(f"{source}: the metadata describes {count} layers but the "
+                              f"tensors hold {len(layers)}; {rebuild}")  # fmt: skip
+    for index, description in enumerate(described):
+        if not isinstance(description, dict):
+            raise WeightFileError(f"{source}: metadata layer {index} is not an object; "
+                                  f"{rebuild}")  # fmt: skip
+        layer = layers[index] if index < len(layers) else None
+        for key in ("heads", "experts"):
+            stored = 0 if layer is None else len(getattr(layer, key))
+            value = description.get(key, [])
+            count = len(value) if isinstance(value, list) else value
+            if count != stored:
+                raise WeightFileError(f"{source}: metadata layer {index} lists {count!r} "
+                                      f"{key} but the tensors hold {stored}; {rebuild}")  # fmt: skip
 
 
 def _index_of(names: list[str], name: str, source: str) -> int:

@@ -150,6 +150,20 @@ class RunResult:
         return (self.result or 0) & 0xFF
 
 
+def check_run_arguments(stdin, max_steps) -> None:
+    """Raise TypeError unless `stdin` is bytes-like and `max_steps` is None or an int,
+    and ValueError for a negative `max_steps`: the checks every backend's
+    `run_program` makes before it starts."""
+    if not isinstance(stdin, (bytes, bytearray, memoryview)):
+        raise TypeError(f"stdin must be bytes, not {type(stdin).__name__}")
+    if max_steps is None:
+        return
+    if isinstance(max_steps, bool) or not hasattr(max_steps, "__index__"):
+        raise TypeError(f"max_steps must be an int or None, not {type(max_steps).__name__}")
+    if max_steps < 0:
+        raise ValueError(f"max_steps must be 0 or more, not {max_steps}")
+
+
 def format_trace_line(
     step: int,
     ip: int,

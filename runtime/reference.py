@@ -30,7 +30,14 @@ from tlc.compiler.isa import (
     Opcode,
     to_signed,
 )
-from tlc.runtime.machine import Program, RunResult, Status, Trap, format_trace_line
+from tlc.runtime.machine import (
+    Program,
+    RunResult,
+    Status,
+    Trap,
+    check_run_arguments,
+    format_trace_line,
+)
 
 logger = logging.getLogger("tlc.runtime")
 
@@ -449,6 +456,7 @@ def run_program(
     that fails `Program.validate`. Every runtime error of the program is a trap in the
     result, never an exception.
     """
+    check_run_arguments(stdin, max_steps)
     program.validate()
     machine = _Machine(program, stdin, write_output)
     if trace is None and progress is None:

@@ -50,7 +50,8 @@ from tlc.model.weights import (
     uncovered_opcodes,
     universal_weights,
 )
-from tlc.runtime.machine import Program, RunResult, Status
+from tlc.mojo.weights import weights_from_tensors
+from tlc.runtime.machine import Program, RunResult, Status, check_run_arguments
 from tlc.runtime.torch_folding import Folding, integral
 from tlc.runtime.torch_heads import HeadCaches, HeadLayout, KeyTable
 from tlc.runtime.torch_sparse import DTYPE, torch_csr
@@ -710,6 +711,9 @@ def load_model(weights: str | Path | None = None) -> TorchModel:
     key = (str(path.resolve()), info.st_size, info.st_mtime_ns)
     if key not in _MODELS:
         tensors, metadata = load_weights(path)
+        # The Mojo runtime's reader checks every shape against the metadata, which
+        # TorchModel trusts.
+        weights_from_tensors(tensors, metadata, str(weights))
         try:
             model = TorchModel(tensors, metadata)
         except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as error:
@@ -766,6 +770,7 @@ def run_program(
     and WeightFileError (a ValueError) for an invalid weight file. While it runs, torch
     uses one thread in the whole process (see `_OneThread`).
     """
+    check_run_arguments(stdin, max_steps)
     model = load_model(weights)
     metadata = model.metadata
     if max_steps is not None and max_steps <= 0:

@@ -3,6 +3,7 @@ plus in-process checks of the error paths that need a missing or broken module."
 
 from __future__ import annotations
 
+import importlib
 import io
 import os
 import pty
@@ -157,6 +158,14 @@ def test_usage_errors_exit_two(arguments, message):
     assert b"Traceback" not in completed.stderr
 
 
+def test_run_names_a_folder(tmp_path):
+    folder = tmp_path / "program.tl"
+    folder.mkdir()
+    completed = tlc("run", "--backend", "ref", str(folder))
+    assert completed.returncode == 2
+    assert f"{folder}: is a folder" in completed.stderr.decode()
+
+
 def test_no_arguments_prints_usage():
     completed = tlc()
     assert completed.returncode == 2
@@ -305,3 +314,15 @@ def test_tl_file_goes_through_driver(monkeypatch, capsys, tmp_path):
     assert cli.main(["--backend", "ref", path]) == 7
     assert cli.main(["ir", path]) == 0
     assert capsys.readouterr().out == "ir of prog.tl\n"
+
+
+@pytest.mark.parametrize("backend", ["ref", "torch", "mojo"])
+def test_run_program_checks_its_arguments(backend):
+    module = importlib.import_module(cli.BACKEND_MODULES[backend])
+    program = assemble("PUSH 1\nHALT\n", "one.tasm")
+    with pytest.raises(TypeError, match="stdin must be bytes, not str"):
+        module.run_program(program, stdin="abc")
+    with pytest.raises(ValueError, match="max_steps must be 0 or more, not -3"):
+        module.run_program(program, max_steps=-3)
+    with pytest.raises(TypeError, match="not float"):
+        module.run_program(program, max_steps=2.5)

@@ -123,8 +123,8 @@ def test_build_rejects_trailing_separator(tmp_path):
     assert "ends with a folder separator" in built.stderr
 
 
-@pytest.mark.parametrize("backend", ["torch", "mojo"])
-@pytest.mark.parametrize("edit", ["width", "kind"])
+@pytest.mark.parametrize("backend", ["torch", "mojo", "inspect"])
+@pytest.mark.parametrize("edit", ["width", "kind", "vocab", "layers", "experts"])
 def test_run_rejects_inconsistent_signed_weights(tmp_path, backend, edit):
     # Files with a valid checksum whose metadata does not match the tensors.
     from tlc.model.weights import load_weights, write_weight_file
@@ -134,15 +134,26 @@ def test_run_rejects_inconsistent_signed_weights(tmp_path, backend, edit):
 
         if not runner.is_available():
             pytest.skip("the Mojo runtime is not available on this machine")
+    if backend == "inspect" and edit == "kind":
+        pytest.skip("inspect does not read the token schema, which a run checks")
     weights = _built(tmp_path)
     tensors, metadata = load_weights(weights)
     if edit == "width":
         metadata["D"] = metadata["D"] + 7
-    else:
+    elif edit == "kind":
         metadata["kind"] = "RUN"
+    elif edit == "vocab":
+        metadata["fields"][0]["vocab"] = 1
+    elif edit == "layers":
+        metadata["layers"] = []
+    else:
+        metadata["layers"][0]["experts"].pop()
     write_weight_file(weights, tensors, metadata)
-    ran = _tlc("run", "--backend", backend, "--weights", str(weights),
-               str(EXAMPLES / "factorial.tasm"))  # fmt: skip
+    if backend == "inspect":
+        ran = _tlc("inspect", str(weights))
+    else:
+        ran = _tlc("run", "--backend", backend, "--weights", str(weights),
+                   str(EXAMPLES / "factorial.tasm"))  # fmt: skip
     assert ran.returncode == 2, ran.stderr
     assert str(weights) in ran.stderr
     assert "internal error" not in ran.stderr

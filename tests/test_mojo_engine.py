@@ -86,6 +86,20 @@ def test_run_tokens_from_file(tmp_path, seed):
     assert output == expected_output
 
 
+def test_engine_rejects_bad_counts_and_prompts(tmp_path):
+    spec = SyntheticSpec(run_bias=40)
+    path = synthetic.write_model(tmp_path / "model.safetensors", spec, 3, 9)
+    weights = load_weights(path)
+    with runner.MojoEngine(weights) as engine:
+        with pytest.raises(ValueError, match="whole token values"):
+            engine.feed(np.full(weights.prompt.shape, 0.5))
+        engine.feed(weights.prompt.astype(np.float64))
+        for count in (-5, 2.0, True):
+            with pytest.raises(ValueError, match="token count"):
+                engine.generate(count, record=True)
+        assert engine.generate(np.int64(3), record=True).emitted == 3
+
+
 def test_chunked_generation_equals_one_call(tmp_path):
     spec = SyntheticSpec(run_bias=40, layers=3)
     path = synthetic.write_model(tmp_path / "model.safetensors", spec, 11, 9)
