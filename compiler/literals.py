@@ -37,12 +37,13 @@ def parse_integer(text: str) -> tuple[int, bool]:
         return value, True
     if value <= INT_MAX:
         return value, False
+    if value > UINT_MAX:
+        raise LiteralError(f"integer constant '{text}' is too large for unsigned int "
+                           "('long' is not supported)")
     if decimal:
         raise LiteralError(f"integer constant '{text}' is too large for int; write "
                            f"'{text}u' for an unsigned constant ('long' is not supported)")
-    if value <= UINT_MAX:
-        return value, True
-    raise LiteralError(f"integer constant '{text}' is too large for unsigned int")
+    return value, True
 
 
 def _digits_value(text: str, body: str) -> tuple[int, bool]:

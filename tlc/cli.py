@@ -176,6 +176,8 @@ def _source_path(file: str) -> Path:
     path = Path(file)
     if path.suffix not in SOURCE_SUFFIXES:
         raise UsageError(f"{file}: unsupported file type; expected a .tl or .tasm file")
+    if path.is_dir():
+        raise UsageError(f"{file}: is a folder, not a .tl or .tasm file")
     if not path.is_file():
         raise UsageError(f"{file}: file not found")
     return path
