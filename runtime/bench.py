@@ -12,6 +12,7 @@ import argparse
 import json
 import resource
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -130,13 +131,25 @@ def _measure_native(program_path: Path) -> Measurement:
             return Measurement(program_path.name, "gcc -O2", None, 0.0, 0.0, "error: gcc failed")
         started = time.perf_counter()
         try:
-            subprocess.run([str(binary)], input=_input_of(program_path), capture_output=True,
-                           timeout=NATIVE_TIMEOUT_SECONDS)  # fmt: skip
+            ran = subprocess.run([str(binary)], input=_input_of(program_path),
+                                 capture_output=True, timeout=NATIVE_TIMEOUT_SECONDS)  # fmt: skip
         except subprocess.TimeoutExpired:
             return Measurement(program_path.name, "gcc -O2", None, 0.0, 0.0,
                                f"error: timed out after {NATIVE_TIMEOUT_SECONDS} s")  # fmt: skip
         seconds = time.perf_counter() - started
-    return Measurement(program_path.name, "gcc -O2", None, seconds, 0.0, "native")
+    status = "native"
+    if ran.returncode < 0:
+        # The binary died of a signal (SIGFPE for a division by zero), where the model
+        # traps; its time is still that of the native run.
+        status = f"native, killed by {_signal_name(-ran.returncode)}"
+    return Measurement(program_path.name, "gcc -O2", None, seconds, 0.0, status)
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
 
 
 def format_table(rows: list[Measurement]) -> str:
@@ -161,7 +174,11 @@ def format_table(rows: list[Measurement]) -> str:
             versus_ref = f"{ratio:.2f}x" if ratio >= 0.1 else f"{ratio:.2g}x"
         versus_native = ""
         if row.backend != "gcc -O2" and native_seconds.get(row.program) and row.seconds > 0:
-            versus_native = f"{row.seconds / native_seconds[row.program]:.0f}x slower"
+            times = row.seconds / native_seconds[row.program]
+            if times >= 1:
+                versus_native = f"{times:.0f}x slower"
+            else:
+                versus_native = f"{1 / times:.1f}x faster"
         lines.append(
             f"| {row.program} | {row.backend} | {row.steps if row.steps is not None else ''} "
             f"| {row.seconds:.3f} | {f'{speed:,.0f}' if speed else ''} | {versus_ref} "

@@ -1,10 +1,13 @@
 """Tests of `tlc bench`: the table it prints for real runs."""
 
+import platform
 import subprocess
 import sys
 from pathlib import Path
 
-from tlc.runtime.bench import Measurement, format_table
+import pytest
+
+from tlc.runtime.bench import Measurement, _measure_native, format_table
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -118,3 +121,23 @@ def test_bench_programs_reports_bad_files(tmp_path):
         assert completed.returncode == 1
         assert message in completed.stderr
         assert "Traceback" not in completed.stderr
+
+
+def test_format_table_native_faster_than_ref():
+    rows = [
+        Measurement("p.tl", "ref", 10, 0.001, 10.0, "halted"),
+        Measurement("p.tl", "gcc -O2", None, 0.002, 0.0, "native"),
+    ]
+    ref_row = format_table(rows).splitlines()[2]
+    assert "| 2.0x faster |" in ref_row
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"),
+                    reason="integer division by zero raises SIGFPE on x86 only")
+def test_native_run_names_its_signal(tmp_path):
+    source = tmp_path / "divide.tl"
+    source.write_text("#include <stdio.h>\n"
+                      "int main(void) { int zero = getchar() - 'a'; return 7 / zero; }\n")
+    source.with_suffix(".in").write_bytes(b"a")
+    measured = _measure_native(source)
+    assert measured.status == "native, killed by SIGFPE"
