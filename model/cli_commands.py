@@ -85,7 +85,6 @@ def _group_sizes(sizes: dict[str, tuple[int, int]]) -> dict[str, list[int]]:
 def inspect_command(args) -> int:
     """Print what a weight file contains, for people."""
     from tlc.cli import UsageError
-
     from tlc.mojo.weights import weights_from_tensors
 
     try:

@@ -713,7 +713,10 @@ def load_model(weights: str | Path | None = None) -> TorchModel:
         tensors, metadata = load_weights(path)
         # The Mojo runtime's reader checks every shape against the metadata, which
         # TorchModel trusts.
-        weights_from_tensors(tensors, metadata, str(weights))
+        try:
+            weights_from_tensors(tensors, metadata, str(weights))
+        except ValueError as error:
+            raise WeightFileError(str(error)) from None
         try:
             model = TorchModel(tensors, metadata)
         except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as error:
