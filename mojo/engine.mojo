@@ -37,7 +37,7 @@
 # unit's. They are the block's last units; each one's representative is at an offset
 # in `ints` and the differences of their biases at an offset in `floats`.
 
-from std.bit import count_trailing_zeros
+from std.bit import count_trailing_zeros, pop_count
 from std.memory import bitcast, pack_bits, unsafe_memcpy
 
 from cache import HeadCache, mix
@@ -64,7 +64,6 @@ from kernels import (
     int_ptr,
     nonzero_mask,
     positive_mask,
-    reads_input,
     same_affine,
 )
 
@@ -140,6 +139,9 @@ struct LayerWeights(ImplicitlyCopyable, Movable):
     # The router's argmax at a position where x is zero in every column it reads, so
     # that its logits are its bias.
     var bias_expert: Int
+    # Where Engine.router_choices lists, per stored router column, the router's argmax
+    # when x is 1 in that column and 0 in the others it reads.
+    var one_hot_choices: Int
 
 
 struct HeaderReader:
@@ -348,6 +350,7 @@ struct Engine(Movable):
     var quiet_mask: List[UInt64]
     var quiet_words: List[Int]  # the indices of the nonzero words of quiet_mask
     var quiet_reads: UInt64  # the head masks of those routers
+    var router_choices: List[Int32]  # see LayerWeights.one_hot_choices
     # The deferrable heads of this position whose output x does not hold yet, by bit.
     var pending_heads: UInt64
     var heads: List[HeadWeights]
@@ -592,6 +595,7 @@ struct Engine(Movable):
         self.quiet_start = len(self.layers)
         self.quiet_mask = List[UInt64](length=max(mask_words, 1), fill=0)
         self.quiet_reads = 0
+        self.router_choices = List[Int32]()
         self.pending_heads = 0
         var l = len(self.layers) - 1
         while l >= 0:
@@ -645,6 +649,35 @@ struct Engine(Movable):
         self._index_column_fields()
         self._find_token_fields(0)
         self._find_token_fields(self.field_count)
+        if self.narrow:
+            self._index_router_choices[DType.float32]()
+        else:
+            self._index_router_choices[DType.float64]()
+
+    def _index_router_choices[dtype: DType](mut self):
+        """Fill `router_choices` by running each router on x = 1 in one of its columns,
+        with the same kernels as a step, so that a step may look its choice up."""
+        var arrays = self._arrays[dtype]()
+        var unit = List[Float64](length=self.width + 1, fill=0.0)
+        var unit_mask = List[UInt64](length=len(self.x_mask), fill=0)
+        var logits = float_ptr(self.logits)
+        for ref layer in self.layers:
+            layer.one_hot_choices = len(self.router_choices)
+            if layer.expert_count == 0:
+                continue
+            for k in range(layer.router.stored):
+                var column = Int(self.indices[layer.router.column_ids + k])
+                unit[column] = 1.0
+                unit_mask[mask_word(column)] = mask_bit(column)
+                affine_masked(
+                    layer.router, layer.router_bias, arrays, float_ptr(unit),
+                    MaskPtr(unsafe_from_address=Int(unit_mask.unsafe_ptr())), logits,
+                )
+                self.router_choices.append(
+                    Int32(first_argmax(logits, layer.expert_count, self.nan_possible))
+                )
+                unit[column] = 0.0
+                unit_mask[mask_word(column)] = 0
 
     def _find_shared_projections[dtype: DType](mut self):
         """Fill `key_leaders` and `value_leaders` by comparing the heads' weights."""
@@ -1208,9 +1241,9 @@ struct Engine(Movable):
         var expert_words = 0
         var expert_key = keys.unsafe_offset(self.key_words)
         if layer.expert_count > 0:
-            var chosen = layer.bias_expert
             self._settle[dtype](layer.router_reads)
-            if reads_input(layer.router, arrays, x_mask):
+            var chosen = self._one_hot_choice(layer, arrays, x, x_mask)
+            if chosen < 0:
                 var logits = float_ptr(self.logits)
                 affine_masked(layer.router, layer.router_bias, arrays, x, x_mask, logits)
                 chosen = first_argmax(logits, layer.expert_count, self.nan_possible)
@@ -1240,6 +1273,35 @@ struct Engine(Movable):
                 expert, expert_record, expert_hash, expert_key, expert_words,
                 expert_hidden, expert_mask,
             )
+
+    @always_inline
+    def _one_hot_choice[
+        dtype: DType
+    ](self, layer: LayerWeights, arrays: Arrays[dtype], x: FloatPtr, x_mask: MaskPtr) -> Int:
+        """Return the router's expert without its product when x_mask marks none of the
+        columns it reads (bias_expert) or one column where x is 1 (router_choices), and
+        -1 otherwise. Both are the argmax the product would give: no column adds
+        anything, or the one that does is the column router_choices was found for."""
+        ref router = layer.router
+        var column_mask = arrays.pointers.unsafe_offset(router.column_mask)
+        var found = -1  # the rank of the one marked column among the stored ones
+        for index in range(router.mask_words):
+            var stored_bits = UInt64(column_mask[unsafe_offset=index])
+            var bits = stored_bits & x_mask[unsafe_offset=router.first_word + index]
+            if bits == 0:
+                continue
+            if found >= 0 or bits & (bits - 1) != 0:
+                return -1
+            var bit = count_trailing_zeros(bits)
+            if x[unsafe_offset=(router.first_word + index) * MASK_BITS + Int(bit)] != 1.0:
+                return -1
+            var below = stored_bits & ((UInt64(1) << bit) - 1)
+            found = Int(arrays.pointers[unsafe_offset=router.column_rank + index]) + Int(
+                pop_count(below)
+            )
+        if found < 0:
+            return layer.bias_expert
+        return Int(self.router_choices.unsafe_get(layer.one_hot_choices + found))
 
     @always_inline
     def _add_block[
@@ -1818,6 +1880,7 @@ def _read_layer(
         router_reads,
         first_expert,
         expert_count,
+        0,
         0,
     )
 

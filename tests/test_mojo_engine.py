@@ -7,6 +7,7 @@ must agree exactly. A cache's size is the number of distinct keys its head has s
 
 from __future__ import annotations
 
+import dataclasses
 import tempfile
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from hypothesis import strategies as st
 
 from tlc.mojo import reference, runner, synthetic
 from tlc.mojo.synthetic import SyntheticSpec
-from tlc.mojo.weights import load_weights
+from tlc.mojo.weights import SparseMatrix, load_weights
 
 MAX_TOKENS = 120
 
@@ -98,6 +99,31 @@ def test_engine_rejects_bad_counts_and_prompts(tmp_path):
             with pytest.raises(ValueError, match="token count"):
                 engine.generate(count, record=True)
         assert engine.generate(np.int64(3), record=True).emitted == 3
+
+
+@pytest.mark.parametrize("columns", [(0,), (0, 1)])
+def test_router_on_few_columns_matches_reference(tmp_path, columns):
+    # Column 0 holds -1, 0 or +1, so a router that reads it alone takes all three paths:
+    # no input (its bias), the one-hot table at +1 and the product at -1.
+    spec = SyntheticSpec(run_bias=30, layers=2, experts=3, never_halt=True)
+    for seed in range(4):
+        path = synthetic.write_model(tmp_path / f"model{seed}.safetensors", spec, seed, 9)
+        weights = load_weights(path)
+        rng = np.random.default_rng(seed)
+        layers = []
+        for layer in weights.layers:
+            rows = np.repeat(np.arange(spec.experts), len(columns))
+            cols = np.tile(np.array(columns), spec.experts)
+            values = rng.integers(-3, 4, len(rows)).astype(np.float64)
+            router = SparseMatrix(layer.router_w.shape, rows, cols, values)
+            layers.append(dataclasses.replace(layer, router_w=router))
+        weights = dataclasses.replace(weights, layers=layers)
+        expected = reference.run_reference(weights, weights.prompt, 150)
+        with runner.MojoEngine(weights) as engine:
+            engine.feed(weights.prompt)
+            chunk = engine.generate(150, record=True)
+        assert np.array_equal(chunk.tokens, expected.tokens)
+        assert chunk.output == expected.output
 
 
 def test_chunked_generation_equals_one_call(tmp_path):
