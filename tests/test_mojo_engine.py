@@ -103,7 +103,7 @@ def test_engine_rejects_bad_counts_and_prompts(tmp_path):
 
 @pytest.mark.parametrize("columns", [(0,), (0, 1)])
 def test_router_on_few_columns_matches_reference(tmp_path, columns):
-    # Column 0 holds -1, 0 or +1, so a router that reads it alone takes all three paths:
+    # Column 0 is -1, 0 or +1, so a router that reads it alone takes all three paths:
     # no input (its bias), the one-hot table at +1 and the product at -1.
     spec = SyntheticSpec(run_bias=30, layers=2, experts=3, never_halt=True)
     for seed in range(4):
