@@ -85,7 +85,7 @@ def _group_sizes(sizes: dict[str, tuple[int, int]]) -> dict[str, list[int]]:
 def inspect_command(args) -> int:
     """Print what a weight file contains, for people."""
     from tlc.cli import UsageError
-    from tlc.mojo.weights import weights_from_tensors
+    from tlc.mojo.weights import check_structure
 
     try:
         tensors, metadata = load_weights(args.weights)
@@ -93,7 +93,7 @@ def inspect_command(args) -> int:
         raise UsageError(f"cannot read the weight file {error}") from None
     try:
         # The runtimes' structure checks, so that inspect accepts only files they run.
-        weights_from_tensors(tensors, metadata, str(args.weights))
+        check_structure(tensors, metadata, str(args.weights))
     except ValueError as error:
         raise UsageError(str(error)) from None
     try:

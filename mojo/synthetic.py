@@ -228,7 +228,8 @@ def _layer(builder: _Builder, index: int) -> dict:
         builder.vector(f"layers.{index}.router.b", builder.random_vector(spec.experts))
         for e in range(spec.experts):
             _feed_forward(builder, f"layers.{index}.experts.{e}", spec.expert_hidden)
-    return {"heads": heads, "shared": bool(spec.shared_hidden), "experts": spec.experts}
+    experts = [{"name": f"synthetic expert {e}"} for e in range(spec.experts)]
+    return {"heads": heads, "shared": bool(spec.shared_hidden), "experts": experts}
 
 
 def _unembedding(builder: _Builder, index: int, entry: dict) -> None:

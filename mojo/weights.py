@@ -226,8 +226,6 @@ def _check_layer_metadata(described, layers: list[Layer], source: str) -> None:
     metadata and this runtime from the tensors, so both must describe the same model. A
     layer without heads and experts has no tensors, so the metadata may list more layers
     than the tensors show, as long as those are empty."""
-    if described is None:
-        return
     rebuild = "rebuild it with 'tlc build'"
     if not isinstance(described, list) or len(described) < len(layers):
         count = len(described) if isinstance(described, list) else "no list of"
@@ -240,11 +238,24 @@ def _check_layer_metadata(described, layers: list[Layer], source: str) -> None:
         layer = layers[index] if index < len(layers) else None
         for key in ("heads", "experts"):
             stored = 0 if layer is None else len(getattr(layer, key))
-            value = description.get(key, [])
-            count = len(value) if isinstance(value, list) else value
-            if count != stored:
-                raise WeightFileError(f"{source}: metadata layer {index} lists {count!r} "
+            listed = description.get(key, [])
+            if not isinstance(listed, list) or len(listed) != stored:
+                count = len(listed) if isinstance(listed, list) else repr(listed)
+                raise WeightFileError(f"{source}: metadata layer {index} lists {count} "
                                       f"{key} but the tensors hold {stored}; {rebuild}")  # fmt: skip
+
+
+def check_structure(tensors: dict[str, np.ndarray], metadata: dict, source: str) -> None:
+    """Raise WeightFileError unless the tensors and metadata form a model, with the
+    checks of `weights_from_tensors`, for a runtime that builds its model otherwise."""
+    from tlc.model.weights import TENSORS_INVALID, invalid_contents
+
+    try:
+        weights_from_tensors(tensors, metadata, source)
+    except WeightFileError:
+        raise
+    except (KeyError, IndexError, TypeError, ValueError) as error:
+        raise WeightFileError(invalid_contents(source, TENSORS_INVALID, error)) from None
 
 
 def _index_of(names: list[str], name: str, source: str) -> int:

@@ -175,8 +175,10 @@ def format_table(rows: list[Measurement]) -> str:
         versus_native = ""
         if row.backend != "gcc -O2" and native_seconds.get(row.program) and row.seconds > 0:
             times = row.seconds / native_seconds[row.program]
-            if times >= 1:
+            if times >= 10:
                 versus_native = f"{times:.0f}x slower"
+            elif times >= 1:
+                versus_native = f"{times:.1f}x slower"
             else:
                 versus_native = f"{1 / times:.1f}x faster"
         lines.append(

@@ -151,10 +151,11 @@ class RunResult:
 
 
 def check_run_arguments(stdin, max_steps) -> None:
-    """Raise TypeError unless `stdin` is bytes-like and `max_steps` is None or an int,
-    and ValueError for a negative `max_steps`: the checks every backend's
-    `run_program` makes before it starts."""
-    if not isinstance(stdin, (bytes, bytearray, memoryview)):
+    """Check the arguments that every backend's `run_program` takes. Raise TypeError
+    unless `stdin` is bytes, a bytearray or a one-dimensional memoryview of bytes and
+    `max_steps` is None or an integer, and ValueError for a negative `max_steps`."""
+    bytes_view = isinstance(stdin, memoryview) and stdin.ndim == 1 and stdin.itemsize == 1
+    if not (isinstance(stdin, (bytes, bytearray)) or bytes_view):
         raise TypeError(f"stdin must be bytes, not {type(stdin).__name__}")
     if max_steps is None:
         return

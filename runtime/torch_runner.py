@@ -50,7 +50,7 @@ from tlc.model.weights import (
     uncovered_opcodes,
     universal_weights,
 )
-from tlc.mojo.weights import weights_from_tensors
+from tlc.mojo.weights import check_structure
 from tlc.runtime.machine import Program, RunResult, Status, check_run_arguments
 from tlc.runtime.torch_folding import Folding, integral
 from tlc.runtime.torch_heads import HeadCaches, HeadLayout, KeyTable
@@ -714,7 +714,7 @@ def load_model(weights: str | Path | None = None) -> TorchModel:
         # The Mojo runtime's reader checks every shape against the metadata, which
         # TorchModel trusts.
         try:
-            weights_from_tensors(tensors, metadata, str(weights))
+            check_structure(tensors, metadata, str(weights))
         except ValueError as error:
             raise WeightFileError(str(error)) from None
         try:
@@ -821,6 +821,8 @@ def run_batch(
     if len(stdins) != len(programs) or len(traces) != len(programs):
         raise ValueError(f"{len(programs)} programs but {len(stdins)} inputs and "
                          f"{len(traces)} traces")  # fmt: skip
+    for stdin in stdins:
+        check_run_arguments(stdin, max_steps)
     if max_steps is not None and max_steps <= 0:
         return [RunResult(Status.STEP_LIMIT, 0, tokens=0) for _ in programs]
     for program in programs:

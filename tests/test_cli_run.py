@@ -326,3 +326,5 @@ def test_run_program_checks_its_arguments(backend):
         module.run_program(program, max_steps=-3)
     with pytest.raises(TypeError, match="not float"):
         module.run_program(program, max_steps=2.5)
+    with pytest.raises(TypeError, match="stdin must be bytes, not memoryview"):
+        module.run_program(program, stdin=memoryview(b"abcd").cast("B", (2, 2)))

@@ -124,7 +124,8 @@ def test_build_rejects_trailing_separator(tmp_path):
 
 
 @pytest.mark.parametrize("backend", ["torch", "mojo", "inspect"])
-@pytest.mark.parametrize("edit", ["width", "kind", "vocab", "layers", "experts"])
+@pytest.mark.parametrize("edit", ["width", "kind", "vocab", "vocab type", "layers", "experts",
+                                  "heads type"])
 def test_run_rejects_inconsistent_signed_weights(tmp_path, backend, edit):
     # Files with a valid checksum whose metadata does not match the tensors.
     from tlc.model.weights import load_weights, write_weight_file
@@ -144,6 +145,10 @@ def test_run_rejects_inconsistent_signed_weights(tmp_path, backend, edit):
         metadata["kind"] = "RUN"
     elif edit == "vocab":
         metadata["fields"][0]["vocab"] = 1
+    elif edit == "vocab type":
+        metadata["fields"][0]["vocab"] = None
+    elif edit == "heads type":
+        metadata["layers"][0]["heads"] = len(metadata["layers"][0]["heads"])
     elif edit == "layers":
         metadata["layers"] = []
     else:

@@ -72,6 +72,14 @@ def test_batch_rejects_mismatched_inputs():
         torch_runner.run_batch([program, program], [b""])
 
 
+def test_batch_checks_inputs_and_step_limit():
+    program = assemble("HALT", "t.tasm")
+    with pytest.raises(TypeError, match="stdin must be bytes, not str"):
+        torch_runner.run_batch([program, program], [b"", "x"])
+    with pytest.raises(ValueError, match="max_steps must be 0 or more"):
+        torch_runner.run_batch([program], max_steps=-1)
+
+
 def test_empty_batch():
     assert torch_runner.run_batch([]) == []
 

@@ -170,13 +170,10 @@ def test_all_readers_stale_match_reference(program, stdin):
 
 
 def _torch_model_of(path: Path) -> torch_runner.TorchModel:
-    """Load a synthetic weight file into the torch runtime. Its metadata gives each
-    layer's expert count where tlc weight files list the experts."""
+    """Load a synthetic weight file into the torch runtime."""
     with safe_open(str(path), framework="numpy") as handle:
         metadata = json.loads(handle.metadata()[tk.METADATA_KEY])
         tensors = {name: handle.get_tensor(name) for name in handle.keys()}
-    for layer in metadata["layers"]:
-        layer["experts"] = [{}] * layer["experts"]
     return torch_runner.TorchModel(tensors, metadata)
 
 
@@ -252,8 +249,6 @@ def _cancelling_model(hidden_bias: float, reading: int):
     bias = np.full(unembedding.shape[0], -100.0)
     bias[1 - reading], bias[reading] = 1.0, 0.0
     tensors[f"unembed.{data}.bias"] = bias
-    for layer in metadata["layers"]:
-        layer["experts"] = [{}] * layer["experts"]
     return torch_runner.TorchModel(tensors, metadata), tensors["prompt"], data
 
 
@@ -287,8 +282,6 @@ def test_fractional_weight_disables_folding():
     spec = SyntheticSpec(layers=2, shared_hidden=4, experts=2, run_bias=20)
     tensors, metadata = synthetic.build_model(spec, 3, 8)
     tensors["layers.1.shared.b1"] = tensors["layers.1.shared.b1"] + 0.5
-    for layer in metadata["layers"]:
-        layer["experts"] = [{}] * layer["experts"]
     model = torch_runner.TorchModel(tensors, metadata)
     assert all(model.folding.start_stale)
     folded, direct = _tokens_both_ways(model, tensors["prompt"], 20)
