@@ -558,13 +558,9 @@ class MojoEngine:
 
     def generate(self, max_tokens: int, record: bool) -> Chunk:
         """Emit up to `max_tokens` tokens, fewer when one of them stops the run."""
-        try:
-            count = operator.index(max_tokens)
-        except TypeError:
-            count = -1
-        if isinstance(max_tokens, bool) or count < 0:
+        if isinstance(max_tokens, bool) or not hasattr(max_tokens, "__index__") or max_tokens < 0:
             raise ValueError(f"generate needs a token count of 0 or more, got {max_tokens!r}")
-        max_tokens = count
+        max_tokens = operator.index(max_tokens)
         field_count = len(self.weights.fields)
         tokens = np.zeros((max_tokens, field_count), dtype=np.int64) if record else None
         output = np.zeros(max(max_tokens, 1), dtype=np.uint8)
@@ -619,7 +615,7 @@ def check_prompt(weights: ModelWeights, prompt) -> np.ndarray:
     if not np.issubdtype(prompt.dtype, np.integer):
         # Whole floats (a prompt read from a float tensor) are token values too.
         if prompt.dtype.kind not in "fb" or not np.array_equal(prompt, np.floor(prompt)):
-            raise ValueError(f"the prompt must hold whole token values, got an array of "
+            raise ValueError(f"the prompt must contain whole token values, got an array of "
                              f"{prompt.dtype}")  # fmt: skip
         prompt = prompt.astype(np.int64)
     field_count = len(weights.fields)

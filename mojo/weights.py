@@ -242,12 +242,14 @@ def _check_layer_metadata(described, layers: list[Layer], source: str) -> None:
             if not isinstance(listed, list) or len(listed) != stored:
                 count = len(listed) if isinstance(listed, list) else repr(listed)
                 raise WeightFileError(f"{source}: metadata layer {index} lists {count} "
-                                      f"{key} but the tensors hold {stored}; {rebuild}")  # fmt: skip
+                                      f"{key} but the tensors hold {stored}; "
+                                      f"{rebuild}")  # fmt: skip
 
 
 def check_structure(tensors: dict[str, np.ndarray], metadata: dict, source: str) -> None:
-    """Raise WeightFileError unless the tensors and metadata form a model, with the
-    checks of `weights_from_tensors`, for a runtime that builds its model otherwise."""
+    """Raise WeightFileError unless the tensors and metadata form a valid model. This
+    runs the checks of `weights_from_tensors` for a runtime that builds its model
+    another way."""
     from tlc.model.weights import TENSORS_INVALID, invalid_contents
 
     try:
