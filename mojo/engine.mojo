@@ -83,6 +83,11 @@ comptime MEMO_SHIFT = 49  # 64 - log2(MEMO_SLOTS): a hash's slot is its top bits
 comptime MEMO_RECORDS = MEMO_SLOTS // 2
 comptime MEMO_WORDS = 1 << 20
 comptime MEMO_RECORD_WORDS = 2  # the words before a record's key in Engine.memo_words
+# A memo word packs a residual index (a column or a row, below 2^PACK_BITS) into the
+# low bits of a Float64's bits, where those bits are zero: they are for every integer
+# of magnitude below 2^37, and a value with any of them set is not remembered.
+comptime PACK_BITS = 16
+comptime PACK_MASK: UInt64 = (UInt64(1) << UInt64(PACK_BITS)) - 1
 comptime HASH_MULTIPLIER: UInt64 = 0x9E3779B97F4A7C15  # odd, from the golden ratio
 
 
@@ -387,8 +392,11 @@ struct Engine(Movable):
     # its terms one by one, because every partial sum is an integer below 2^52. So the
     # engine remembers the output of each input it has seen. A record in memo_words is
     # the key's word count, the record's end, the key (the block's index, then the
-    # column and the value bits of every nonzero input, in column order) and the row
-    # and the value bits of every output component that the block writes. memo_table
+    # value bits of every nonzero input with its column in the low PACK_BITS, in
+    # column order) and the value bits of every output component that the block writes
+    # with its row in the low PACK_BITS. A block reads every input and writes every
+    # output it would without the memo when an input or an output value does not pack,
+    # or when the residual is wider than 2^PACK_BITS. memo_table
     # has two words per slot, the key's hash (0: empty) and the first word of its
     # record, probed linearly from the slot of the hash. memo_records counts the
     # records. When a limit (memo_record_limit, MEMO_WORDS) is reached, memo_full makes
@@ -521,6 +529,10 @@ struct Engine(Movable):
             self.layers.append(
                 _read_layer(reader, self.heads, self.blocks, self.field_masks, self.field_count)
             )
+        if self.width > Int(PACK_MASK) + 1:
+            # The memo's words hold residual indices in PACK_BITS bits.
+            for ref block in self.blocks:
+                block.exact = False
         for ref layer in self.layers:
             if layer.expert_count > 0:
                 var bias = float_ptr(self.floats).unsafe_offset(layer.router_bias)
@@ -1230,7 +1242,8 @@ struct Engine(Movable):
                 shared_hash, shared_words = _memo_key(
                     layer.shared, self.blocks.unsafe_get(layer.shared), arrays, x, x_mask, keys
                 )
-                shared_record = self._find_record(shared_hash, keys, shared_words)
+                if shared_words > 0:
+                    shared_record = self._find_record(shared_hash, keys, shared_words)
             if shared_record < 0:
                 ref block = self.blocks.unsafe_get(layer.shared)
                 pre_activations(block, arrays, x, x_mask, shared_hidden)
@@ -1258,7 +1271,8 @@ struct Engine(Movable):
                     expert_hash, expert_words = _memo_key(
                         expert, self.blocks.unsafe_get(expert), arrays, x, x_mask, expert_key
                     )
-                    expert_record = self._find_record(expert_hash, expert_key, expert_words)
+                    if expert_words > 0:
+                        expert_record = self._find_record(expert_hash, expert_key, expert_words)
                 if expert_record < 0:
                     ref routed = self.blocks.unsafe_get(expert)
                     pre_activations(routed, arrays, x, x_mask, expert_hidden)
@@ -1390,12 +1404,13 @@ struct Engine(Movable):
         var e = first + MEMO_RECORD_WORDS + Int(stored[unsafe_offset=first])
         var end = Int(stored[unsafe_offset=first + 1])
         while e < end:
-            var row = Int(stored[unsafe_offset=e])
-            x[unsafe_offset=row] += bitcast[DType.float64, 1](stored[unsafe_offset=e + 1])
+            var packed = stored[unsafe_offset=e]
+            var row = Int(packed & PACK_MASK)
+            x[unsafe_offset=row] += bitcast[DType.float64, 1](packed & ~PACK_MASK)
             var bit = mask_bit(row)
             masks[1][unsafe_offset=mask_word(row)] |= bit
             masks[2][unsafe_offset=mask_word(row)] |= bit
-            e += 2
+            e += 1
 
     def _record_delta(mut self, hash: UInt64, key: MaskPtr, words: Int):
         """Add `delta` to x at the rows set in delta_mask, marking them, return both to
@@ -1424,8 +1439,14 @@ struct Engine(Movable):
                 delta[unsafe_offset=row] = 0.0
                 x[unsafe_offset=row] += value
                 if keep:
-                    self.memo_words.append(UInt64(row))
-                    self.memo_words.append(bitcast[DType.uint64, 1](value))
+                    var value_bits = bitcast[DType.uint64, 1](value)
+                    if value_bits & PACK_MASK == 0:
+                        self.memo_words.append(value_bits | UInt64(row))
+                    else:
+                        # The value does not pack: drop the record.
+                        keep = False
+                        while len(self.memo_words) > first:
+                            _ = self.memo_words.pop()
         if not keep:
             return
         self.memo_words.unsafe_get(first + 1) = UInt64(len(self.memo_words))
@@ -1680,8 +1701,9 @@ def _memo_key[
     key: MaskPtr,
 ) -> Tuple[UInt64, Int]:
     """Write the memo key of block `index` for input x to `key` (see Engine.memo_table)
-    and return its hash and word count. A zero in a column that x_mask marks is left
-    out, as the masked product skips it; -0.0 counts as zero too."""
+    and return its hash and word count, or (0, 0) when a value does not pack. A zero
+    in a column that x_mask marks is left out, as the masked product skips it; -0.0
+    counts as zero too."""
     var column_mask = arrays.pointers.unsafe_offset(block.w1.column_mask)
     key[unsafe_offset=0] = UInt64(index)
     var hash = UInt64(index + 1) * HASH_MULTIPLIER
@@ -1696,13 +1718,15 @@ def _memo_key[
             if value == 0.0:
                 continue
             var value_bits = bitcast[DType.uint64, 1](value)
-            key[unsafe_offset=words] = UInt64(column)
-            key[unsafe_offset=words + 1] = value_bits
+            if value_bits & PACK_MASK != 0:
+                return (0, 0)  # the value does not pack, so the block is computed
+            var packed = value_bits | UInt64(column)
+            key[unsafe_offset=words] = packed
             # Each term is mixed before the sum: +1.0 and -1.0 differ only in bit 63, so
             # a plain product of the bits would cancel in pairs of sign flips. The terms
             # are independent, so their multiplications overlap.
-            hash += mix(value_bits + (UInt64(column) + 1) * HASH_MULTIPLIER)
-            words += 2
+            hash += mix(packed)
+            words += 1
     # Bit 0 set, because a zero tag marks an empty slot of memo_table.
     return (hash | 1, words)
 

@@ -130,6 +130,54 @@ def test_memo_per_expert_exactness(mojo_extension, tmp_path):
     assert counts.hits > 0
 
 
+# 2^37 + 1 has 38 significant bits, so its Float64 has a set bit among the low 16 of
+# the mantissa, where a memo word keeps a column or a row (engine.mojo, PACK_BITS).
+UNPACKABLE = 2.0**37 + 1.0
+
+
+@pytest.mark.parametrize("scaled", ["outputs", "inputs"])
+def test_memo_skips_unpackable_values(mojo_extension, tmp_path, scaled):
+    weights = _synthetic(REPEATING, 7, str(tmp_path))
+    if scaled == "outputs":
+        for layer in weights.layers:
+            for block in layer.blocks:
+                block.w2.values[:] = block.w2.values * UNPACKABLE
+    else:
+        for matrix in weights.embed:
+            matrix.values[:] = matrix.values * UNPACKABLE
+    # Layer 0 stays exact, so the engine tries its memo there.
+    first = weights.layers[0]
+    bound = twins.input_bounds(weights)[0]
+    assert all(twins.layer_sums_exact(first.shared, [e], bound) for e in first.experts)
+    expected = reference.run_reference(weights, weights.prompt, 200)
+    tokens, output, counts = _engine_run(weights, 200)
+    assert np.array_equal(tokens, expected.tokens)
+    assert output == expected.output
+    if scaled == "outputs":
+        # Every output has a scaled value: looked up, never recorded.
+        assert counts.lookups > 0
+        assert counts.records == 0
+    else:
+        # Every key has a scaled value: never looked up.
+        assert counts.lookups == 0
+
+
+def test_no_memo_past_packed_width(mojo_extension, tmp_path):
+    # 65,537 dimensions: a row index no longer fits the 16 bits of a memo word.
+    spec = dataclasses.replace(REPEATING, scratch=65534)
+    weights = _synthetic(spec, 3, str(tmp_path))
+    assert weights.width == 2**16 + 1
+    # Its sums alone would let layer 0 use the memo.
+    first = weights.layers[0]
+    bound = twins.input_bounds(weights)[0]
+    assert all(twins.layer_sums_exact(first.shared, [e], bound) for e in first.experts)
+    expected = reference.run_reference(weights, weights.prompt, 60)
+    tokens, output, counts = _engine_run(weights, 60)
+    assert np.array_equal(tokens, expected.tokens)
+    assert output == expected.output
+    assert counts.lookups == 0
+
+
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(seed=st.integers(0, 2**32 - 1), layers=st.integers(1, 3),
        shared_hidden=st.integers(0, 6), experts=st.integers(0, 3),
