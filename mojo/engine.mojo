@@ -54,7 +54,7 @@ from kernels import (
     mask_word,
     accumulate_marking,
     accumulate_masked,
-    accumulate_masked_groups,
+    read_entry,
     add_column,
     add_scaled_column,
     affine_masked,
@@ -88,6 +88,8 @@ comptime MEMO_RECORD_WORDS = 2  # the words before a record's key in Engine.memo
 # of magnitude below 2^37, and a value with any of them set is not remembered.
 comptime PACK_BITS = 16
 comptime PACK_MASK: UInt64 = (UInt64(1) << UInt64(PACK_BITS)) - 1
+# Added to a column's field in Engine.column_fields when the field is cached.
+comptime CACHED_COLUMN = 1 << 30
 comptime HASH_MULTIPLIER: UInt64 = 0x9E3779B97F4A7C15  # odd, from the golden ratio
 
 
@@ -315,9 +317,35 @@ struct Engine(Movable):
     var logit_fields: List[Int32]
     # Per stored column of the unembedding, the field of every logit it writes, or
     # -1 - i when they belong to several fields: column_field_lists[i] is the count of
-    # those fields and they follow it (see accumulate_masked_groups).
+    # those fields and they follow it; CACHED_COLUMN plus the field for a column of a
+    # cached field (see cached_fields).
     var column_fields: List[Int32]
     var column_field_lists: List[Int32]
+    # The answer cache of the fields of more than three values whose columns write no
+    # other field (cached_fields; each of their columns has CACHED_COLUMN added to its
+    # column_fields entry). Such a field's logits are its bias plus, per nonzero column
+    # of x that writes them, that column's weights times x there, so its argmax is a
+    # function of those columns and values. The product skips the field and counts
+    # its nonzero columns in unembed_keys[2 f] (at most 2, meaning two or more) and
+    # keeps the stored column k and the value bits of the first at 2 f + 1 and in
+    # column_values[f]. When it has one, answer_cache[2 k] and [2 k + 1] are the value
+    # bits and the argmax plus one (0: none yet) of the last value seen in column k.
+    var cached_fields: List[UInt64]
+    var unembed_keys: List[Int]
+    var column_values: List[UInt64]
+    var answer_cache: List[UInt64]
+    # For a key the cache lacks, the field's logits are computed in field_logits from
+    # the field's own list of columns: field f's are items field_items[f] ..
+    # field_items[f + 1] - 1 in column order, and item i adds item_weights[j] times x at
+    # column item_columns[i] to logit item_rows[j] of the field, for j = item_entries[i]
+    # .. item_entries[i + 1] - 1 in the unembedding's entry order. So each logit gets
+    # the same additions in the same order as the product would give it.
+    var field_logits: List[Float64]
+    var field_items: List[Int32]
+    var item_columns: List[Int32]
+    var item_entries: List[Int32]
+    var item_rows: List[Int32]
+    var item_weights: List[Float64]
     var default_token: List[Int32]
     # Per half of token_pair (field_words words each, the half at offset 0 first): a
     # superset of the fields where that token differs from default_token, so that a
@@ -514,6 +542,19 @@ struct Engine(Movable):
         self.column_field_lists = List[Int32]()
         self.two_value_fields = List[UInt64](length=self.field_words, fill=0)
         self.three_value_fields = List[UInt64](length=self.field_words, fill=0)
+        self.cached_fields = List[UInt64](length=self.field_words, fill=0)
+        self.unembed_keys = List[Int](length=2 * self.field_count, fill=0)
+        self.column_values = List[UInt64](length=self.field_count, fill=0)
+        self.answer_cache = List[UInt64](length=2 * self.unembed.stored, fill=0)
+        var largest_vocab = 1
+        for f in range(self.field_count):
+            largest_vocab = max(largest_vocab, self.vocab[f])
+        self.field_logits = List[Float64](length=largest_vocab, fill=0.0)
+        self.field_items = List[Int32]()
+        self.item_columns = List[Int32]()
+        self.item_entries = List[Int32]()
+        self.item_rows = List[Int32]()
+        self.item_weights = List[Float64]()
         if not self.nan_possible:
             for f in range(self.field_count):
                 if self.vocab[f] == 2:
@@ -659,6 +700,10 @@ struct Engine(Movable):
             self._index_embedding_deltas[DType.float64]()
             self._index_gathers[DType.float64]()
         self._index_column_fields()
+        if self.narrow:
+            self._index_cached_fields[DType.float32]()
+        else:
+            self._index_cached_fields[DType.float64]()
         self._find_token_fields(0)
         self._find_token_fields(self.field_count)
         if self.narrow:
@@ -1470,16 +1515,55 @@ struct Engine(Movable):
         var arrays = self._arrays[dtype]()
         var logits = float_ptr(self.unembed_logits)
         var written = MaskPtr(unsafe_from_address=Int(self.written_fields.unsafe_ptr()))
-        accumulate_masked_groups(
-            self.unembed,
-            arrays,
-            float_ptr(self.x),
-            self._masks()[1],
-            logits,
-            IndexPtr(unsafe_from_address=Int(self.column_fields.unsafe_ptr())),
-            IndexPtr(unsafe_from_address=Int(self.column_field_lists.unsafe_ptr())),
-            written,
-        )
+        var x = float_ptr(self.x)
+        var x_mask = self._masks()[1]
+        var keys = int_ptr(self.unembed_keys)
+        var column_values = self.column_values.unsafe_ptr()
+        var column_fields = self.column_fields.unsafe_ptr()
+        var lists = self.column_field_lists.unsafe_ptr()
+        var pointers = arrays.pointers.unsafe_offset(self.unembed.entry_pointers)
+        var entries = arrays.entries.unsafe_offset(2 * self.unembed.entries)
+        var column_mask = arrays.pointers.unsafe_offset(self.unembed.column_mask)
+        var column_rank = arrays.pointers.unsafe_offset(self.unembed.column_rank)
+        # The product by columns, marking the fields it writes; a cached field's columns
+        # go to its key instead.
+        for index in range(self.unembed.mask_words):
+            var word = self.unembed.first_word + index
+            var stored_bits = UInt64(column_mask[unsafe_offset=index])
+            var bits = stored_bits & x_mask[unsafe_offset=word]
+            while bits != 0:
+                var bit = count_trailing_zeros(bits)
+                bits &= bits - 1
+                var column = word * MASK_BITS + Int(bit)
+                var coefficient = x[unsafe_offset=column]
+                if coefficient == 0.0:
+                    continue
+                var below = stored_bits & ((UInt64(1) << bit) - 1)
+                var k = column_rank[unsafe_offset=index] + Int(pop_count(below))
+                var group = Int(column_fields[unsafe_offset=k])
+                if group >= CACHED_COLUMN:
+                    var field = group - CACHED_COLUMN
+                    var field_word = mask_word(field)
+                    var field_bit = mask_bit(field)
+                    if written[unsafe_offset=field_word] & field_bit == 0:
+                        written[unsafe_offset=field_word] |= field_bit
+                        keys[unsafe_offset=2 * field] = 1
+                        keys[unsafe_offset=2 * field + 1] = k
+                        column_values[unsafe_offset=field] = bitcast[DType.uint64, 1](coefficient)
+                    else:
+                        keys[unsafe_offset=2 * field] = 2
+                    continue
+                for entry in range(pointers[unsafe_offset=k], pointers[unsafe_offset=k + 1]):
+                    var row, weight = read_entry(entries, entry)
+                    logits[unsafe_offset=row] += weight * coefficient
+                if group >= 0:
+                    written[unsafe_offset=mask_word(group)] |= mask_bit(group)
+                else:
+                    var start = -1 - group
+                    var count = Int(lists[unsafe_offset=start])
+                    for i in range(start + 1, start + 1 + count):
+                        var listed = Int(lists[unsafe_offset=i])
+                        written[unsafe_offset=mask_word(listed)] |= mask_bit(listed)
         var pending = self._pending()
         var token_fields = MaskPtr(unsafe_from_address=Int(self.token_fields.unsafe_ptr()))
         var differing = token_fields.unsafe_offset(self._half_words())
@@ -1501,7 +1585,12 @@ struct Engine(Movable):
                 pending[unsafe_offset=f] = default_token[unsafe_offset=f]
             var twos = fresh & self.two_value_fields.unsafe_get(w)
             var threes = fresh & self.three_value_fields.unsafe_get(w)
-            var others = fresh & ~(twos | threes)
+            var cached = fresh & self.cached_fields.unsafe_get(w)
+            var others = fresh & ~(twos | threes | cached)
+            while cached != 0:
+                var f = w * MASK_BITS + Int(count_trailing_zeros(cached))
+                cached &= cached - 1
+                pending[unsafe_offset=f] = Int32(self._cached_answer[dtype](f, arrays))
             while twos != 0:
                 var f = w * MASK_BITS + Int(count_trailing_zeros(twos))
                 twos &= twos - 1
@@ -1530,6 +1619,50 @@ struct Engine(Movable):
                 pending[unsafe_offset=f] = Int32(first_argmax(segment, length, self.nan_possible))
                 copy_floats(segment, bias.unsafe_offset(first), length)
 
+    @always_inline
+    def _cached_answer[dtype: DType](mut self, field: Int, arrays: Arrays[dtype]) -> Int:
+        """Return the argmax of cached field `field` at this step, from the answer cache
+        when one column writes it and its value was the last one seen there."""
+        if self.unembed_keys.unsafe_get(2 * field) != 1:
+            return self._field_argmax(field, arrays)
+        var k = self.unembed_keys.unsafe_get(2 * field + 1)
+        var value_bits = self.column_values.unsafe_get(field)
+        var cache = self.answer_cache.unsafe_ptr()
+        if cache[unsafe_offset=2 * k] == value_bits and cache[unsafe_offset=2 * k + 1] != 0:
+            return Int(cache[unsafe_offset=2 * k + 1]) - 1
+        var answer = self._field_argmax(field, arrays)
+        cache[unsafe_offset=2 * k] = value_bits
+        cache[unsafe_offset=2 * k + 1] = UInt64(answer + 1)
+        return answer
+
+    @no_inline
+    def _field_argmax[dtype: DType](mut self, field: Int, arrays: Arrays[dtype]) -> Int:
+        """Return the argmax of cached field `field`: its bias plus, per item, the
+        item's weights times x in its column."""
+        var x = float_ptr(self.x)
+        var logits = float_ptr(self.field_logits)
+        var length = self.vocab.unsafe_get(field)
+        copy_floats(
+            logits,
+            arrays.floats.unsafe_offset(self.unembed_bias + self.field_offsets.unsafe_get(field)),
+            length,
+        )
+        var rows = self.item_rows.unsafe_ptr()
+        var weights = float_ptr(self.item_weights)
+        for i in range(
+            Int(self.field_items.unsafe_get(field)), Int(self.field_items.unsafe_get(field + 1))
+        ):
+            var coefficient = x[unsafe_offset=Int(self.item_columns.unsafe_get(i))]
+            if coefficient == 0.0:
+                continue
+            for j in range(
+                Int(self.item_entries.unsafe_get(i)), Int(self.item_entries.unsafe_get(i + 1))
+            ):
+                logits[unsafe_offset=Int(rows[unsafe_offset=j])] += (
+                    weights[unsafe_offset=j] * coefficient
+                )
+        return first_argmax(logits, length, self.nan_possible)
+
     def _index_column_fields(mut self):
         """Fill column_fields and column_field_lists from the unembedding's rows."""
         var pointers = int_ptr(self.ints).unsafe_offset(self.unembed.entry_pointers)
@@ -1552,6 +1685,56 @@ struct Engine(Movable):
                 self.column_field_lists.append(Int32(len(fields)))
                 for field in fields:
                     self.column_field_lists.append(field)
+
+    def _index_cached_fields[dtype: DType](mut self) raises:
+        """Choose the cached fields, flag their columns in column_fields and list their
+        items (see Engine.cached_fields)."""
+        var arrays = self._arrays[dtype]()
+        var pointers = int_ptr(self.ints).unsafe_offset(self.unembed.entry_pointers)
+        # Fields of more than three values that no column shared with another field
+        # writes.
+        var cacheable = List[Bool](length=self.field_count, fill=False)
+        for f in range(self.field_count):
+            cacheable[f] = self.vocab[f] > 3 and self.field_count < CACHED_COLUMN
+        var i = 0
+        while i < len(self.column_field_lists):
+            var count = Int(self.column_field_lists[i])
+            for j in range(i + 1, i + 1 + count):
+                cacheable[Int(self.column_field_lists[j])] = False
+            i += 1 + count
+        # The stored column of each column of x, so that items run in column order.
+        var by_column = List[Int](length=self.width, fill=-1)
+        for k in range(self.unembed.stored):
+            var column = Int(self.indices[self.unembed.column_ids + k])
+            if column < 0 or column >= self.width or by_column[column] >= 0:
+                raise Error(
+                    String(
+                        "packed model: the unembedding's column ", column,
+                        " is outside the residual or stored twice; repack the weights",
+                    )
+                )
+            by_column[column] = k
+        for f in range(self.field_count):
+            self.field_items.append(Int32(len(self.item_columns)))
+            if not cacheable[f]:
+                continue
+            self.cached_fields[mask_word(f)] |= mask_bit(f)
+            var first = self.field_offsets[f]
+            for column in range(self.width):
+                var k = by_column[column]
+                if k < 0 or Int(self.column_fields[k]) != f:
+                    continue
+                self.column_fields[k] = Int32(f + CACHED_COLUMN)
+                self.item_columns.append(Int32(column))
+                self.item_entries.append(Int32(len(self.item_rows)))
+                for e in range(pointers[unsafe_offset=k], pointers[unsafe_offset=k + 1]):
+                    var row = Int(self.indices[self.unembed.row_ids + e])
+                    self.item_rows.append(Int32(row - first))
+                    self.item_weights.append(
+                        arrays.values[unsafe_offset=self.unembed.entries + e].cast[DType.float64]()
+                    )
+        self.field_items.append(Int32(len(self.item_columns)))
+        self.item_entries.append(Int32(len(self.item_rows)))
 
     def _half_words(self) -> Int:
         """Return the offset in token_fields of the pending half's field mask."""

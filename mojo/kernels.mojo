@@ -143,53 +143,6 @@ def accumulate_masked[
                     written_mask[unsafe_offset=mask_word(row)] |= bit
 
 
-@always_inline
-def accumulate_masked_groups[
-    dtype: DType
-](
-    matrix: Matrix,
-    arrays: Arrays[dtype],
-    input: FloatPtr,
-    input_mask: MaskPtr,
-    output: FloatPtr,
-    column_groups: IndexPtr,
-    group_lists: IndexPtr,
-    group_mask: MaskPtr,
-):
-    """Add matrix @ input to output as `accumulate_masked` does, and set in `group_mask`
-    the bits of the groups of the rows it writes. column_groups[k] is the group of
-    every row that stored column k writes, or -1 - i when they have more than one
-    group: group_lists[i] is their count and the groups follow it."""
-    var pointers = arrays.pointers.unsafe_offset(matrix.entry_pointers)
-    var entries = arrays.entries.unsafe_offset(2 * matrix.entries)
-    var column_mask = arrays.pointers.unsafe_offset(matrix.column_mask)
-    var column_rank = arrays.pointers.unsafe_offset(matrix.column_rank)
-    for index in range(matrix.mask_words):
-        var word = matrix.first_word + index
-        var stored_bits = UInt64(column_mask[unsafe_offset=index])
-        var bits = stored_bits & input_mask[unsafe_offset=word]
-        while bits != 0:
-            var bit = count_trailing_zeros(bits)
-            bits &= bits - 1
-            var coefficient = input[unsafe_offset=word * MASK_BITS + Int(bit)]
-            if coefficient == 0.0:
-                continue
-            var below = stored_bits & ((UInt64(1) << bit) - 1)
-            var k = column_rank[unsafe_offset=index] + Int(pop_count(below))
-            for entry in range(pointers[unsafe_offset=k], pointers[unsafe_offset=k + 1]):
-                var row, weight = read_entry(entries, entry)
-                output[unsafe_offset=row] += weight * coefficient
-            var group = Int(column_groups[unsafe_offset=k])
-            if group >= 0:
-                group_mask[unsafe_offset=mask_word(group)] |= mask_bit(group)
-            else:
-                var start = -1 - group
-                var count = Int(group_lists[unsafe_offset=start])
-                for i in range(start + 1, start + 1 + count):
-                    var listed = Int(group_lists[unsafe_offset=i])
-                    group_mask[unsafe_offset=mask_word(listed)] |= mask_bit(listed)
-
-
 def same_affine[
     dtype: DType
 ](

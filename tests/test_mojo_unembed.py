@@ -63,6 +63,63 @@ def test_thinned_unembeddings_match_reference(mojo_extension, case):
     assert output == expected.output
 
 
+@st.composite
+def private_columns(draw):
+    """Draw a synthetic model and fields of more than three values that get columns of
+    their own in the unembedding, so that the engine looks their argmax up in its
+    answer cache."""
+    seed = draw(st.integers(0, 2**32 - 1))
+    spec = SyntheticSpec(run_bias=30, layers=draw(st.integers(1, 2)),
+                         data_vocab=draw(st.sampled_from([4, 5, 9])), density=0.5)  # fmt: skip
+    names = draw(st.lists(st.sampled_from(["data", "key", "query", "out_byte"]),
+                          min_size=1, max_size=3, unique=True))  # fmt: skip
+    counts = draw(st.lists(st.integers(1, 3), min_size=3, max_size=3))
+    special = draw(st.sampled_from([None, np.nan, np.inf]))
+    return spec, seed, names, counts, special
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case=private_columns())
+def test_private_columns_match_reference(mojo_extension, case):
+    # A field whose columns write no other field takes its argmax from the answer
+    # cache, keyed by its one nonzero column and that column's value. With two or more
+    # nonzero columns, or a value not seen last in the column, the engine computes the
+    # field's logits.
+    spec, seed, names, counts, special = case
+    with tempfile.TemporaryDirectory() as folder:
+        weights = _weights(spec, seed, folder)
+
+    rng = np.random.default_rng(seed)
+    field_names = [entry.name for entry in weights.fields]
+    # Key and query bits (+-1) and scratch columns (any integer) alike.
+    columns = rng.permutation(spec.width).tolist()
+    owned = {}
+    for name, count in zip(names, counts):
+        owned[field_names.index(name)] = columns[:count]
+        del columns[:count]
+
+    private = sorted(c for columns in owned.values() for c in columns)
+    for f, matrix in enumerate(weights.unembed):
+        dense = matrix.to_dense()
+        dense[:, private] = 0.0
+        if f in owned:
+            dense[:, :] = 0.0
+            vocab = dense.shape[0]
+            for column in owned[f]:
+                dense[:, column] = rng.integers(-2, 3, size=vocab)
+            if special is not None:
+                bias = weights.unembed_bias[f].copy()
+                bias[vocab - 1] = special
+                weights.unembed_bias[f] = bias
+        rows, cols = np.nonzero(dense)
+        weights.unembed[f] = SparseMatrix(matrix.shape, rows, cols, dense[rows, cols])
+
+    expected = reference.run_reference(weights, weights.prompt, 100)
+    tokens, output = runner.run_tokens(weights, weights.prompt, 100)
+    assert np.array_equal(tokens, expected.tokens)
+    assert output == expected.output
+
+
 def test_silent_field_uses_bias_argmax(mojo_extension, tmp_path):
     # out_byte has 256 values, so its logits span several mask words. Without entries
     # its logits are its bias, and the tie goes to the lower value. Then one entry in
