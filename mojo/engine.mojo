@@ -631,7 +631,7 @@ struct Engine(Movable):
         self.memo_clears = 0
         self.memo_lookups = 0
         self.memo_probes = 0
-        self.key_words = 2 * self.width + 2
+        self.key_words = self.width + 2  # the block index and a word per input
         self.memo_keys = List[UInt64](length=2 * self.key_words, fill=0)
         self.delta = List[Float64](length=self.width + 1, fill=0.0)
         # As long as x_mask, which _record_delta updates word by word.
@@ -1504,7 +1504,7 @@ struct Engine(Movable):
         self.memo_records += 1
         if self.memo_records >= self.memo_record_limit or len(
             self.memo_words
-        ) + 4 * self.width + 4 > MEMO_WORDS:
+        ) + 2 * self.width + 4 > MEMO_WORDS:
             self.memo_full = True
 
     def _unembed[dtype: DType](mut self):

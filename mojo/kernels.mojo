@@ -251,8 +251,10 @@ def affine_masked[
 ):
     """Set output = matrix @ input + floats[bias : bias + rows], visiting only the
     columns set in input_mask."""
-    # NOTE: the sum starts from the bias, while the numpy oracle adds the bias last. So
-    # a router with non-integer weights can pick another expert than the oracle does.
+    # NOTE: the sum starts from the bias, while the numpy oracle adds the bias last, and
+    # every product and its addition here are one fused multiply-add, which numpy rounds
+    # twice. So where a product or a sum is not exact (non-integer weights, or values
+    # past 2^53), a router or a field can pick another value than the oracle does.
     copy_floats(output, arrays.floats.unsafe_offset(bias), matrix.rows)
     accumulate_masked(matrix, arrays, input, input_mask, output, input_mask, input_mask)
 
