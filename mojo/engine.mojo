@@ -274,6 +274,11 @@ struct Engine(Movable):
     # Whether a logit may be a NaN, so that each argmax must first look for one.
     var nan_possible: Bool
     var embedded: List[Float64]
+    # Whether no row of the embedding is a row that a head or a block writes. Then x
+    # equals the embedding at the embedding's rows at every position, and is zero at
+    # the layers' rows before they write them, so the engine keeps the embedding in x
+    # itself and `embedded` stays unused.
+    var separate_rows: Bool
     var embedded_token: List[Int32]
     var embedded_valid: Bool
     # For a field f of V_f <= PAIR_VOCAB values, the change of the embedding and of the
@@ -639,6 +644,7 @@ struct Engine(Movable):
             length=max((self.width + MASK_BITS - 1) // MASK_BITS, 1), fill=0
         )
         self.embedded = List[Float64](length=self.width, fill=0.0)
+        self.separate_rows = False  # found below, once every field is set
         self.embedded_token = List[Int32](length=self.field_count, fill=0)
         self.embedded_valid = False
         var mask_words = (self.width + MASK_BITS - 1) // MASK_BITS
@@ -710,6 +716,7 @@ struct Engine(Movable):
             self._index_router_choices[DType.float32]()
         else:
             self._index_router_choices[DType.float64]()
+        self.separate_rows = self._find_separate_rows()
 
     def _index_router_choices[dtype: DType](mut self):
         """Fill `router_choices` by running each router on x = 1 in one of its columns,
@@ -859,6 +866,33 @@ struct Engine(Movable):
                 )
             )
 
+    def _find_separate_rows(self) -> Bool:
+        """Return True when no row that the embedding writes is a row that an output
+        projection, a W2 or a b2 writes (see Engine.separate_rows)."""
+        var embedding_rows = List[Bool](length=self.width, fill=False)
+        for row in self._matrix_rows(self.embed):
+            embedding_rows[row] = True
+        for head in self.heads:
+            for row in self._matrix_rows(head.wo):
+                if embedding_rows[row]:
+                    return False
+        for block in self.blocks:
+            for row in self._matrix_rows(block.w2):
+                if embedding_rows[row]:
+                    return False
+            for row in self._matrix_rows(block.b2):
+                if embedding_rows[row]:
+                    return False
+        return True
+
+    def _matrix_rows(self, matrix: Matrix) -> List[Int]:
+        """Return the row of every entry of `matrix`."""
+        var rows = List[Int]()
+        var count = self.ints[matrix.entry_pointers + matrix.stored]
+        for entry in range(count):
+            rows.append(Int(self.indices[matrix.row_ids + entry]))
+        return rows^
+
     def _unread_kept_rows(self, rows: Int) -> List[Bool]:
         """Return, per row of kept_qkv (and False past them up to `rows`), whether no
         step reads it: the key of a head whose key leader is another head, and the value
@@ -942,13 +976,13 @@ struct Engine(Movable):
         """Set x to the embedding of `token`, the sum of one column per field, and
         `changed_fields` to the fields that differ from the previous token's."""
         var arrays = self._arrays[dtype]()
-        var embedded = float_ptr(self.embedded)
+        var x = float_ptr(self.x)
+        var embedded = x if self.separate_rows else float_ptr(self.embedded)
         var embedded_token = token_ptr(self.embedded_token)
         var offsets = int_ptr(self.field_offsets)
         var masks = self._masks()
         var embedded_mask = masks[0]
         var written = masks[2]
-        var x = float_ptr(self.x)
         var changed = MaskPtr(unsafe_from_address=Int(self.changed_fields.unsafe_ptr()))
         if self.embedded_valid:
             self._mark_changed(token)
@@ -974,18 +1008,24 @@ struct Engine(Movable):
                     add_scaled_column(self.first_qkv, column, arrays, kept, 1.0)
                 embedded_token[unsafe_offset=f] = value
             self.embedded_valid = True
-            unsafe_memcpy(dest=x, src=embedded, count=self.width)
+            if not self.separate_rows:
+                unsafe_memcpy(dest=x, src=embedded, count=self.width)
             for w in range(len(self.written_mask)):
                 written[unsafe_offset=w] = 0
+        elif self.separate_rows:
+            self._apply_changes[True](token)
+            # The layers' rows go back to zero, the embedding's value there.
+            _restore_written[True](x, x, written, len(self.written_mask))
         else:
-            self._apply_changes(token)
+            self._apply_changes[False](token)
             # x equals the embedding except where the layers wrote at the last position.
-            _restore_written(x, embedded, written, len(self.written_mask))
+            _restore_written[False](x, embedded, written, len(self.written_mask))
         _copy_mask(masks[1], embedded_mask, len(self.x_mask))
 
-    def _apply_changes(mut self, token: TokenPtr):
+    def _apply_changes[separate: Bool](mut self, token: TokenPtr):
         """Update `embedded`, x, `embedded_mask` and the kept q, k and v from the fields
-        set in `changed_fields`, and copy those fields of `token` to `embedded_token`."""
+        set in `changed_fields`, and copy those fields of `token` to `embedded_token`.
+        With `separate` (Engine.separate_rows) x alone holds the embedding."""
         var embedded = float_ptr(self.embedded)
         var embedded_token = token_ptr(self.embedded_token)
         var embedded_mask = MaskPtr(unsafe_from_address=Int(self.embedded_mask.unsafe_ptr()))
@@ -1018,9 +1058,14 @@ struct Engine(Movable):
                     # load keeps its mask bit equal to "the row is nonzero".
                     while e < middle:
                         var row = pair_bits[unsafe_offset=e]
-                        var updated = embedded[unsafe_offset=row] + pair_words[unsafe_offset=e + 1]
-                        embedded[unsafe_offset=row] = updated
-                        x[unsafe_offset=row] = updated
+                        comptime if separate:
+                            x[unsafe_offset=row] += pair_words[unsafe_offset=e + 1]
+                        else:
+                            var updated = embedded[unsafe_offset=row] + pair_words[
+                                unsafe_offset=e + 1
+                            ]
+                            embedded[unsafe_offset=row] = updated
+                            x[unsafe_offset=row] = updated
                         embedded_mask[unsafe_offset=mask_word(row)] ^= UInt64(
                             pair_bits[unsafe_offset=e + 2]
                         )
@@ -1028,9 +1073,14 @@ struct Engine(Movable):
                 else:
                     while e < middle:
                         var row = pair_bits[unsafe_offset=e]
-                        var updated = embedded[unsafe_offset=row] + pair_words[unsafe_offset=e + 1]
-                        embedded[unsafe_offset=row] = updated
-                        x[unsafe_offset=row] = updated
+                        var updated: Float64
+                        comptime if separate:
+                            updated = x[unsafe_offset=row] + pair_words[unsafe_offset=e + 1]
+                            x[unsafe_offset=row] = updated
+                        else:
+                            updated = embedded[unsafe_offset=row] + pair_words[unsafe_offset=e + 1]
+                            embedded[unsafe_offset=row] = updated
+                            x[unsafe_offset=row] = updated
                         var bit = mask_bit(row)
                         var word = embedded_mask[unsafe_offset=mask_word(row)]
                         embedded_mask[unsafe_offset=mask_word(row)] = (
@@ -1056,9 +1106,9 @@ struct Engine(Movable):
 
     def _change_columns_of[dtype: DType](mut self, field: Int, old: Int, new: Int):
         var arrays = self._arrays[dtype]()
-        var embedded = float_ptr(self.embedded)
-        var embedded_mask = self._masks()[0]
         var x = float_ptr(self.x)
+        var embedded = x if self.separate_rows else float_ptr(self.embedded)
+        var embedded_mask = self._masks()[0]
         var kept = float_ptr(self.kept_qkv)
         var base = self.field_offsets.unsafe_get(field)
         add_column(self.embed, base + old, arrays, embedded, -1.0, embedded_mask, x)
@@ -2150,28 +2200,36 @@ def _copy_mask(dest: MaskPtr, src: MaskPtr, words: Int):
 
 
 @always_inline
-def _restore_written(x: FloatPtr, embedded: FloatPtr, written: MaskPtr, words: Int):
-    """Copy `embedded` to x at the bits set in `written` and clear them. Four mask words
-    are tested at once, because most of them are zero."""
+def _restore_written[
+    zero: Bool
+](x: FloatPtr, embedded: FloatPtr, written: MaskPtr, words: Int):
+    """Copy `embedded` to x at the bits set in `written`, or with `zero` set x to 0
+    there, and clear them. Four mask words are tested at once, because most of them
+    are zero."""
     var w = 0
     while w + 4 <= words:
         if written.unsafe_load[width=4](w).reduce_or() != 0:
             comptime for lane in range(4):
-                _restore_word(x, embedded, written[unsafe_offset=w + lane], w + lane)
+                _restore_word[zero](x, embedded, written[unsafe_offset=w + lane], w + lane)
             written.unsafe_store(w, SIMD[DType.uint64, 4](0))
         w += 4
     while w < words:
-        _restore_word(x, embedded, written[unsafe_offset=w], w)
+        _restore_word[zero](x, embedded, written[unsafe_offset=w], w)
         written[unsafe_offset=w] = 0
         w += 1
 
 
 @always_inline
-def _restore_word(x: FloatPtr, embedded: FloatPtr, var bits: UInt64, word: Int):
+def _restore_word[
+    zero: Bool
+](x: FloatPtr, embedded: FloatPtr, var bits: UInt64, word: Int):
     while bits != 0:
         var i = word * MASK_BITS + Int(count_trailing_zeros(bits))
         bits &= bits - 1
-        x[unsafe_offset=i] = embedded[unsafe_offset=i]
+        comptime if zero:
+            x[unsafe_offset=i] = 0.0
+        else:
+            x[unsafe_offset=i] = embedded[unsafe_offset=i]
 
 
 def _kept_offsets(

@@ -76,6 +76,33 @@ def test_tokens_equal_reference(spec, seed, prompt_length):
     assert sizes == distinct_key_counts(expected.model)
 
 
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(spec=SPECS, seed=st.integers(0, 2**32 - 1))
+def test_separate_embedding_rows(spec, seed):
+    # With no residual row written by both the embedding and a layer, the engine keeps
+    # the embedding in x itself and sets the layers' rows back to zero each position.
+    with tempfile.TemporaryDirectory() as folder:
+        path = synthetic.write_model(Path(folder) / "model.safetensors", spec, seed, 8)
+        weights = load_weights(path)
+    layer_rows = set()
+    for layer in weights.layers:
+        for head in layer.heads:
+            layer_rows.update(head.wo.rows.tolist())
+        for block in layer.blocks:
+            layer_rows.update(block.w2.rows.tolist())
+            layer_rows.update(np.flatnonzero(np.asarray(block.b2)).tolist())
+    rows = sorted(layer_rows)
+    for f, matrix in enumerate(weights.embed):
+        keep = ~np.isin(matrix.cols, rows)
+        weights.embed[f] = SparseMatrix(matrix.shape, matrix.rows[keep], matrix.cols[keep],
+                                        matrix.values[keep])  # fmt: skip
+
+    expected = reference.run_reference(weights, weights.prompt, MAX_TOKENS)
+    tokens, output = runner.run_tokens(weights, weights.prompt, MAX_TOKENS)
+    assert np.array_equal(tokens, expected.tokens)
+    assert output == expected.output
+
+
 @pytest.mark.parametrize("seed", range(6))
 def test_run_tokens_from_file(tmp_path, seed):
     spec = SyntheticSpec(run_bias=30, well_formed=seed % 2 == 0, byte_bits=seed % 3 == 0)
