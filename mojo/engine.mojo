@@ -83,9 +83,9 @@ comptime MEMO_SHIFT = 49  # 64 - log2(MEMO_SLOTS): a hash's slot is its top bits
 comptime MEMO_RECORDS = MEMO_SLOTS // 2
 comptime MEMO_WORDS = 1 << 20
 comptime MEMO_RECORD_WORDS = 2  # the words before a record's key in Engine.memo_words
-# A memo word packs a residual index (a column or a row, below 2^PACK_BITS) into the
-# low bits of a Float64's bits, where those bits are zero: they are for every integer
-# of magnitude below 2^37, and a value with any of them set is not remembered.
+# A memo word holds a value's Float64 bits with a residual index (a column or a row,
+# below 2^PACK_BITS) in its low PACK_BITS bits. Those bits of the value are zero for
+# every integer of magnitude below 2^37. A value with any of them set is not remembered.
 comptime PACK_BITS = 16
 comptime PACK_MASK: UInt64 = (UInt64(1) << UInt64(PACK_BITS)) - 1
 # Added to a column's field in Engine.column_fields when the field is cached.
@@ -427,12 +427,11 @@ struct Engine(Movable):
     # the key's word count, the record's end, the key (the block's index, then the
     # value bits of every nonzero input with its column in the low PACK_BITS, in
     # column order) and the value bits of every output component that the block writes
-    # with its row in the low PACK_BITS. A block reads every input and writes every
-    # output it would without the memo when an input or an output value does not pack,
-    # or when the residual is wider than 2^PACK_BITS. memo_table
-    # has two words per slot, the key's hash (0: empty) and the first word of its
-    # record, probed linearly from the slot of the hash. memo_records counts the
-    # records. When a limit (memo_record_limit, MEMO_WORDS) is reached, memo_full makes
+    # with its row in the low PACK_BITS. When an input or an output value does not
+    # pack, or the residual is wider than 2^PACK_BITS, the block is computed as without
+    # the memo. memo_table has two words per slot, the key's hash (0: empty) and the
+    # first word of its record, probed linearly from the slot of the hash. memo_records
+    # counts the records. When a limit (memo_record_limit, MEMO_WORDS) is reached, memo_full makes
     # the next feed-forward pass start from an empty memo.
     var memo_table: List[UInt64]
     var memo_records: Int
