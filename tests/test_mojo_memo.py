@@ -130,6 +130,23 @@ def test_memo_per_expert_exactness(mojo_extension, tmp_path):
     assert counts.hits > 0
 
 
+def _first_layer_exact(weights) -> bool:
+    """Return True when every expert of layer 0 passes the memo's exactness test."""
+    first = weights.layers[0]
+    bound = twins.input_bounds(weights)[0]
+    return all(twins.layer_sums_exact(first.shared, [e], bound) for e in first.experts)
+
+
+def _checked_run(weights, steps: int):
+    """Return the memo counts of a Mojo run, after checking its tokens and output
+    against the numpy oracle's."""
+    expected = reference.run_reference(weights, weights.prompt, steps)
+    tokens, output, counts = _engine_run(weights, steps)
+    assert np.array_equal(tokens, expected.tokens)
+    assert output == expected.output
+    return counts
+
+
 # 2^37 + 1 has 38 significant bits, so its Float64 has a set bit among the low 16 of
 # the mantissa, where a memo word keeps a column or a row (engine.mojo, PACK_BITS).
 UNPACKABLE = 2.0**37 + 1.0
@@ -146,13 +163,8 @@ def test_memo_skips_unpackable_values(mojo_extension, tmp_path, scaled):
         for matrix in weights.embed:
             matrix.values[:] = matrix.values * UNPACKABLE
     # Layer 0 stays exact, so the engine tries its memo there.
-    first = weights.layers[0]
-    bound = twins.input_bounds(weights)[0]
-    assert all(twins.layer_sums_exact(first.shared, [e], bound) for e in first.experts)
-    expected = reference.run_reference(weights, weights.prompt, 200)
-    tokens, output, counts = _engine_run(weights, 200)
-    assert np.array_equal(tokens, expected.tokens)
-    assert output == expected.output
+    assert _first_layer_exact(weights)
+    counts = _checked_run(weights, 200)
     if scaled == "outputs":
         # Every output has a scaled value: looked up, never recorded.
         assert counts.lookups > 0
@@ -168,13 +180,8 @@ def test_no_memo_past_packed_width(mojo_extension, tmp_path):
     weights = _synthetic(spec, 3, str(tmp_path))
     assert weights.width == 2**16 + 1
     # Its sums alone would let layer 0 use the memo.
-    first = weights.layers[0]
-    bound = twins.input_bounds(weights)[0]
-    assert all(twins.layer_sums_exact(first.shared, [e], bound) for e in first.experts)
-    expected = reference.run_reference(weights, weights.prompt, 60)
-    tokens, output, counts = _engine_run(weights, 60)
-    assert np.array_equal(tokens, expected.tokens)
-    assert output == expected.output
+    assert _first_layer_exact(weights)
+    counts = _checked_run(weights, 60)
     assert counts.lookups == 0
 
 
