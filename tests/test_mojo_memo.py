@@ -205,13 +205,13 @@ def test_memo_runs_match_reference(mojo_extension, seed, layers, shared_hidden, 
 
 def test_collatz_small_memo_matches_interpreter(mojo_extension):
     """Collatz through the universal model, with the engine's memo and with one
-    cleared every 3 records."""
+    cleared every 16 records (at most 3 lookups a step)."""
     program = load_program(str(EXAMPLES / "collatz.tl"))
     expected = interpreter.run_program(program)
     weights, packed = runner.load_universal()
     prompt = model_tokens.encode_prompt(weights.metadata, program, b"")
     clears = []
-    for limit in (None, 3):
+    for limit in (None, 16):
         with runner.MojoEngine(weights, packed) as engine:
             if limit is not None:
                 engine.limit_memo(limit)
