@@ -462,10 +462,10 @@ def _pack_layer(packer: _Packer, layer, width: int, name: str,
             _check_block(expert, width, f"{name}.experts.{e}")
         # Each expert carries a copy of the shared block, so that a step runs one block,
         # unless an expert can use the engine's block memo. Then the two stay apart, so
-        # that each keys its output by its own inputs: a fused block sees every
-        # combination of the shared block's inputs with the expert's, and misses more.
-        memo = any(layer_sums_exact(shared, [expert], bound) for expert in experts)
-        if not memo and all(_integer_vector(block.b2) for block in [shared, *experts]):
+        # that each keys its output by its own inputs. A fused block's key would combine
+        # the shared block's inputs with the expert's, and miss more often.
+        has_memo = any(layer_sums_exact(shared, [expert], bound) for expert in experts)
+        if not has_memo and all(_integer_vector(block.b2) for block in [shared, *experts]):
             experts = [_fuse_blocks(shared, expert) for expert in experts]
             shared = None
     # The shared block runs with every expert; an expert runs with the shared block only.
