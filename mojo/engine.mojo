@@ -322,23 +322,23 @@ struct Engine(Movable):
     var logit_fields: List[Int32]
     # Per stored column of the unembedding, the field of every logit it writes, or
     # -1 - i when they belong to several fields: column_field_lists[i] is the count of
-    # those fields and they follow it; CACHED_COLUMN plus the field for a column of a
-    # cached field (see cached_fields).
+    # those fields and they follow it. A column of a cached field has CACHED_COLUMN
+    # plus the field (see cached_fields).
     var column_fields: List[Int32]
     var column_field_lists: List[Int32]
-    # The answer cache of the fields of more than three values whose columns write no
+    # The argmax cache of the fields of more than three values whose columns write no
     # other field (cached_fields; each of their columns has CACHED_COLUMN added to its
     # column_fields entry). Such a field's logits are its bias plus, per nonzero column
     # of x that writes them, that column's weights times x there, so its argmax is a
     # function of those columns and values. The product skips the field and counts
     # its nonzero columns in unembed_keys[2 f] (at most 2, meaning two or more) and
     # keeps the stored column k and the value bits of the first at 2 f + 1 and in
-    # column_values[f]. When it has one, answer_cache[2 k] and [2 k + 1] are the value
+    # column_values[f]. When it has one, argmax_cache[2 k] and [2 k + 1] are the value
     # bits and the argmax plus one (0: none yet) of the last value seen in column k.
     var cached_fields: List[UInt64]
     var unembed_keys: List[Int]
     var column_values: List[UInt64]
-    var answer_cache: List[UInt64]
+    var argmax_cache: List[UInt64]
     # For a key the cache lacks, the field's logits are computed in field_logits from
     # the field's own list of columns: field f's are items field_items[f] ..
     # field_items[f + 1] - 1 in column order, and item i adds item_weights[j] times x at
@@ -431,8 +431,8 @@ struct Engine(Movable):
     # pack, or the residual is wider than 2^PACK_BITS, the block is computed as without
     # the memo. memo_table has two words per slot, the key's hash (0: empty) and the
     # first word of its record, probed linearly from the slot of the hash. memo_records
-    # counts the records. When a limit (memo_record_limit, MEMO_WORDS) is reached, memo_full makes
-    # the next feed-forward pass start from an empty memo.
+    # counts the records. When a limit (memo_record_limit, MEMO_WORDS) is reached,
+    # memo_full makes the next feed-forward pass start from an empty memo.
     var memo_table: List[UInt64]
     var memo_records: Int
     var memo_words: List[UInt64]
@@ -549,7 +549,7 @@ struct Engine(Movable):
         self.cached_fields = List[UInt64](length=self.field_words, fill=0)
         self.unembed_keys = List[Int](length=2 * self.field_count, fill=0)
         self.column_values = List[UInt64](length=self.field_count, fill=0)
-        self.answer_cache = List[UInt64](length=2 * self.unembed.stored, fill=0)
+        self.argmax_cache = List[UInt64](length=2 * self.unembed.stored, fill=0)
         var largest_vocab = 1
         for f in range(self.field_count):
             largest_vocab = max(largest_vocab, self.vocab[f])
@@ -1639,7 +1639,7 @@ struct Engine(Movable):
             while cached != 0:
                 var f = w * MASK_BITS + Int(count_trailing_zeros(cached))
                 cached &= cached - 1
-                pending[unsafe_offset=f] = Int32(self._cached_answer[dtype](f, arrays))
+                pending[unsafe_offset=f] = Int32(self._cached_argmax[dtype](f, arrays))
             while twos != 0:
                 var f = w * MASK_BITS + Int(count_trailing_zeros(twos))
                 twos &= twos - 1
@@ -1669,20 +1669,20 @@ struct Engine(Movable):
                 copy_floats(segment, bias.unsafe_offset(first), length)
 
     @always_inline
-    def _cached_answer[dtype: DType](mut self, field: Int, arrays: Arrays[dtype]) -> Int:
-        """Return the argmax of cached field `field` at this step, from the answer cache
+    def _cached_argmax[dtype: DType](mut self, field: Int, arrays: Arrays[dtype]) -> Int:
+        """Return the argmax of cached field `field` at this step, from the argmax cache
         when one column writes it and its value was the last one seen there."""
         if self.unembed_keys.unsafe_get(2 * field) != 1:
             return self._field_argmax(field, arrays)
         var k = self.unembed_keys.unsafe_get(2 * field + 1)
         var value_bits = self.column_values.unsafe_get(field)
-        var cache = self.answer_cache.unsafe_ptr()
+        var cache = self.argmax_cache.unsafe_ptr()
         if cache[unsafe_offset=2 * k] == value_bits and cache[unsafe_offset=2 * k + 1] != 0:
             return Int(cache[unsafe_offset=2 * k + 1]) - 1
-        var answer = self._field_argmax(field, arrays)
+        var argmax = self._field_argmax(field, arrays)
         cache[unsafe_offset=2 * k] = value_bits
-        cache[unsafe_offset=2 * k + 1] = UInt64(answer + 1)
-        return answer
+        cache[unsafe_offset=2 * k + 1] = UInt64(argmax + 1)
+        return argmax
 
     @no_inline
     def _field_argmax[dtype: DType](mut self, field: Int, arrays: Arrays[dtype]) -> Int:

@@ -461,9 +461,8 @@ def _pack_layer(packer: _Packer, layer, width: int, name: str,
         for e, expert in enumerate(experts):
             _check_block(expert, width, f"{name}.experts.{e}")
         # Each expert carries a copy of the shared block, so that a step runs one block,
-        # unless an expert can use the engine's block memo. Then the two stay apart, so
-        # that each keys its output by its own inputs. A fused block's key would combine
-        # the shared block's inputs with the expert's, and miss more often.
+        # unless an expert uses the block memo: a fused key mixes both blocks' inputs and
+        # misses more often.
         has_memo = any(layer_sums_exact(shared, [expert], bound) for expert in experts)
         if not has_memo and all(_integer_vector(block.b2) for block in [shared, *experts]):
             experts = [_fuse_blocks(shared, expert) for expert in experts]

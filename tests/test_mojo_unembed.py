@@ -67,7 +67,7 @@ def test_thinned_unembeddings_match_reference(mojo_extension, case):
 def private_columns(draw):
     """Draw a synthetic model and fields of more than three values that get columns of
     their own in the unembedding, so that the engine looks their argmax up in its
-    answer cache."""
+    argmax cache."""
     seed = draw(st.integers(0, 2**32 - 1))
     spec = SyntheticSpec(run_bias=30, layers=draw(st.integers(1, 2)),
                          data_vocab=draw(st.sampled_from([4, 5, 9])), density=0.5)  # fmt: skip
@@ -81,7 +81,7 @@ def private_columns(draw):
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(case=private_columns())
 def test_private_columns_match_reference(mojo_extension, case):
-    # A field whose columns write no other field takes its argmax from the answer
+    # A field whose columns write no other field takes its argmax from the argmax
     # cache, keyed by its one nonzero column and that column's value. With two or more
     # nonzero columns, or a value not seen last in the column, the engine computes the
     # field's logits.
