@@ -39,6 +39,8 @@
 
 from std.bit import count_trailing_zeros, pop_count
 from std.memory import bitcast, pack_bits, unsafe_memcpy
+from std.sys import llvm_intrinsic
+from std.sys.info import CompilationTarget
 
 from cache import HeadCache, mix
 from kernels import (
@@ -69,6 +71,7 @@ from kernels import (
 
 comptime MAGIC = 0x746C6301
 comptime FIELD_LANES = 16  # token fields compared at once
+comptime MASK_LANES = 8  # words of a field mask compared at once
 # A token's fields as the engine stores them: Int32, so that a cache line has 16.
 comptime TokenPtr = Pointer[Int32, MutUntrackedOrigin]
 # The largest field whose changes use the pair deltas (Engine.pair_fields).
@@ -82,7 +85,7 @@ comptime MEMO_SLOTS = 1 << 15
 comptime MEMO_SHIFT = 49  # 64 - log2(MEMO_SLOTS): a hash's slot is its top bits
 comptime MEMO_RECORDS = MEMO_SLOTS // 2
 comptime MEMO_WORDS = 1 << 20
-comptime MEMO_RECORD_WORDS = 2  # the words before a record's key in Engine.memo_words
+comptime MEMO_RECORD_WORDS = 3  # the words before a record's key in Engine.memo_words
 # A memo word holds a value's Float64 bits with a residual index (a column or a row,
 # below 2^PACK_BITS) in its low PACK_BITS bits. Those bits of the value are zero for
 # every integer of magnitude below 2^37. A value with any of them set is not remembered.
@@ -326,15 +329,19 @@ struct Engine(Movable):
     # plus the field (see cached_fields).
     var column_fields: List[Int32]
     var column_field_lists: List[Int32]
+    # The same per column c of x, with the column's entries: unembed_columns[4 c] is
+    # its column_fields entry and 4 c + 1 and 4 c + 2 the first and the end of its
+    # entries (4 c + 3 is padding), so that the product reads one place per column.
+    var unembed_columns: List[Int32]
     # The argmax cache of the fields of more than three values whose columns write no
     # other field (cached_fields; each of their columns has CACHED_COLUMN added to its
     # column_fields entry). Such a field's logits are its bias plus, per nonzero column
     # of x that writes them, that column's weights times x there, so its argmax is a
     # function of those columns and values. The product skips the field and counts
     # its nonzero columns in unembed_keys[2 f] (at most 2, meaning two or more) and
-    # keeps the stored column k and the value bits of the first at 2 f + 1 and in
-    # column_values[f]. When it has one, argmax_cache[2 k] and [2 k + 1] are the value
-    # bits and the argmax plus one (0: none yet) of the last value seen in column k.
+    # keeps the column c of x and the value bits of the first at 2 f + 1 and in
+    # column_values[f]. When it has one, argmax_cache[2 c] and [2 c + 1] are the value
+    # bits and the argmax plus one (0: none yet) of the last value seen in column c.
     var cached_fields: List[UInt64]
     var unembed_keys: List[Int]
     var column_values: List[UInt64]
@@ -424,10 +431,11 @@ struct Engine(Movable):
     # stores, and adding that output to x in one sum per row gives the same x as adding
     # its terms one by one, because every partial sum is an integer below 2^52. So the
     # engine remembers the output of each input it has seen. A record in memo_words is
-    # the key's word count, the record's end, the key (the block's index, then the
-    # value bits of every nonzero input with its column in the low PACK_BITS, in
-    # column order) and the value bits of every output component that the block writes
-    # with its row in the low PACK_BITS. When an input or an output value does not
+    # the key's word count, the end of its outputs, the record's end, the key (the
+    # block's index, then the value bits of every nonzero input with its column in the
+    # low PACK_BITS, in column order), the value bits of every output component that
+    # the block writes with its row in the low PACK_BITS, and per nonzero word of those
+    # rows' mask the word's index and bits. When an input or an output value does not
     # pack, or the residual is wider than 2^PACK_BITS, the block is computed as without
     # the memo. memo_table has two words per slot, the key's hash (0: empty) and the
     # first word of its record, probed linearly from the slot of the hash. memo_records
@@ -453,6 +461,8 @@ struct Engine(Movable):
     # bits of the components it writes.
     var delta: List[Float64]
     var delta_mask: List[UInt64]
+    # The nonzero words of delta_mask while _record_delta writes a record.
+    var record_mask: List[UInt64]
     # Decoding state.
     var position: Int
     # Two tokens: the latest predicted one ("pending") at pending_offset and the one
@@ -549,7 +559,8 @@ struct Engine(Movable):
         self.cached_fields = List[UInt64](length=self.field_words, fill=0)
         self.unembed_keys = List[Int](length=2 * self.field_count, fill=0)
         self.column_values = List[UInt64](length=self.field_count, fill=0)
-        self.argmax_cache = List[UInt64](length=2 * self.unembed.stored, fill=0)
+        self.argmax_cache = List[UInt64](length=2 * self.width, fill=0)
+        self.unembed_columns = List[Int32]()
         var largest_vocab = 1
         for f in range(self.field_count):
             largest_vocab = max(largest_vocab, self.vocab[f])
@@ -565,7 +576,7 @@ struct Engine(Movable):
                     self.two_value_fields[mask_word(f)] |= mask_bit(f)
                 elif self.vocab[f] == 3:
                     self.three_value_fields[mask_word(f)] |= mask_bit(f)
-        self.changed_fields = List[UInt64](length=self.field_words, fill=0)
+        self.changed_fields = List[UInt64](length=_mask_words(self.field_count), fill=0)
         self.field_masks = List[UInt64]()
         self.layers = List[LayerWeights]()
         self.heads = List[HeadWeights]()
@@ -642,6 +653,7 @@ struct Engine(Movable):
         self.delta_mask = List[UInt64](
             length=max((self.width + MASK_BITS - 1) // MASK_BITS, 1), fill=0
         )
+        self.record_mask = List[UInt64](length=len(self.delta_mask), fill=0)
         self.embedded = List[Float64](length=self.width, fill=0.0)
         self.separate_rows = False  # found below, once every field is set
         self.embedded_token = List[Int32](length=self.field_count, fill=0)
@@ -709,6 +721,7 @@ struct Engine(Movable):
             self._index_cached_fields[DType.float32]()
         else:
             self._index_cached_fields[DType.float64]()
+        self._index_unembed_columns()
         self._find_token_fields(0)
         self._find_token_fields(self.field_count)
         if self.narrow:
@@ -1156,16 +1169,18 @@ struct Engine(Movable):
         fields changed at this position."""
         if fields < 0:
             return False
-        var masks = self.field_masks.unsafe_ptr()
-        var changed = self.changed_fields.unsafe_ptr()
-        # A while loop, because a strided range computes its length with a division.
-        var i = fields + 1
-        var end = i + 2 * Int(masks[unsafe_offset=fields])
-        while i < end:
-            var word = Int(masks[unsafe_offset=i])
-            if masks[unsafe_offset=i + 1] & changed[unsafe_offset=word] != 0:
+        var masks = MaskPtr(unsafe_from_address=Int(self.field_masks.unsafe_ptr())).unsafe_offset(
+            fields
+        )
+        var changed = MaskPtr(unsafe_from_address=Int(self.changed_fields.unsafe_ptr()))
+        var i = 0
+        while i < len(self.changed_fields):
+            var both = masks.unsafe_load[width=MASK_LANES](i) & changed.unsafe_load[
+                width=MASK_LANES
+            ](i)
+            if both.reduce_or() != 0:
                 return False
-            i += 2
+            i += MASK_LANES
         return True
 
     @always_inline
@@ -1496,15 +1511,25 @@ struct Engine(Movable):
         var x = float_ptr(self.x)
         var stored = self.memo_words.unsafe_ptr()
         var e = first + MEMO_RECORD_WORDS + Int(stored[unsafe_offset=first])
-        var end = Int(stored[unsafe_offset=first + 1])
-        while e < end:
+        var outputs_end = Int(stored[unsafe_offset=first + 1])
+        var end = Int(stored[unsafe_offset=first + 2])
+        while e < outputs_end:
             var packed = stored[unsafe_offset=e]
             var row = Int(packed & PACK_MASK)
             x[unsafe_offset=row] += bitcast[DType.float64, 1](packed & ~PACK_MASK)
-            var bit = mask_bit(row)
-            masks[1][unsafe_offset=mask_word(row)] |= bit
-            masks[2][unsafe_offset=mask_word(row)] |= bit
             e += 1
+        # The mask words of the rows, so that each mask word is updated once.
+        while e < end:
+            var word = Int(stored[unsafe_offset=e])
+            var bits = stored[unsafe_offset=e + 1]
+            masks[1][unsafe_offset=word] |= bits
+            masks[2][unsafe_offset=word] |= bits
+            e += 2
+
+    def _record_headroom(self) -> Int:
+        """Return the most words that one record can take: its header, a key of
+        key_words words, an output word per row and a pair of words per mask word."""
+        return MEMO_RECORD_WORDS + self.key_words + self.width + 2 * len(self.delta_mask)
 
     def _record_delta(mut self, hash: UInt64, key: MaskPtr, words: Int):
         """Add `delta` to x at the rows set in delta_mask, marking them, return both to
@@ -1518,7 +1543,8 @@ struct Engine(Movable):
         var first = len(self.memo_words)
         if keep:
             self.memo_words.append(UInt64(words))
-            self.memo_words.append(0)  # the end, set below
+            self.memo_words.append(0)  # the end of the outputs, set below
+            self.memo_words.append(0)  # the end of the record, set below
             for i in range(words):
                 self.memo_words.append(key[unsafe_offset=i])
         for w in range(len(self.delta_mask)):
@@ -1526,6 +1552,8 @@ struct Engine(Movable):
             delta_mask[unsafe_offset=w] = 0
             masks[1][unsafe_offset=w] |= bits
             masks[2][unsafe_offset=w] |= bits
+            if keep:
+                self.record_mask.unsafe_get(w) = bits
             while bits != 0:
                 var row = w * MASK_BITS + Int(count_trailing_zeros(bits))
                 bits &= bits - 1
@@ -1542,8 +1570,17 @@ struct Engine(Movable):
                         while len(self.memo_words) > first:
                             _ = self.memo_words.pop()
         if not keep:
+            for w in range(len(self.record_mask)):
+                self.record_mask.unsafe_get(w) = 0
             return
         self.memo_words.unsafe_get(first + 1) = UInt64(len(self.memo_words))
+        for w in range(len(self.delta_mask)):
+            var bits = self.record_mask.unsafe_get(w)
+            if bits != 0:
+                self.memo_words.append(UInt64(w))
+                self.memo_words.append(bits)
+                self.record_mask.unsafe_get(w) = 0
+        self.memo_words.unsafe_get(first + 2) = UInt64(len(self.memo_words))
         var table = self.memo_table.unsafe_ptr()
         var slot = _memo_slot(hash)
         while table[unsafe_offset=2 * slot] != 0:
@@ -1553,7 +1590,7 @@ struct Engine(Movable):
         self.memo_records += 1
         if self.memo_records >= self.memo_record_limit or len(
             self.memo_words
-        ) + 2 * self.width + 4 > MEMO_WORDS:
+        ) + self._record_headroom() > MEMO_WORDS:
             self.memo_full = True
 
     def _unembed[dtype: DType](mut self):
@@ -1568,12 +1605,10 @@ struct Engine(Movable):
         var x_mask = self._masks()[1]
         var keys = int_ptr(self.unembed_keys)
         var column_values = self.column_values.unsafe_ptr()
-        var column_fields = self.column_fields.unsafe_ptr()
+        var columns = self.unembed_columns.unsafe_ptr()
         var lists = self.column_field_lists.unsafe_ptr()
-        var pointers = arrays.pointers.unsafe_offset(self.unembed.entry_pointers)
         var entries = arrays.entries.unsafe_offset(2 * self.unembed.entries)
         var column_mask = arrays.pointers.unsafe_offset(self.unembed.column_mask)
-        var column_rank = arrays.pointers.unsafe_offset(self.unembed.column_rank)
         # The product by columns, marking the fields it writes; a cached field's columns
         # go to its key instead.
         for index in range(self.unembed.mask_words):
@@ -1587,9 +1622,7 @@ struct Engine(Movable):
                 var coefficient = x[unsafe_offset=column]
                 if coefficient == 0.0:
                     continue
-                var below = stored_bits & ((UInt64(1) << bit) - 1)
-                var k = column_rank[unsafe_offset=index] + Int(pop_count(below))
-                var group = Int(column_fields[unsafe_offset=k])
+                var group = Int(columns[unsafe_offset=4 * column])
                 if group >= CACHED_COLUMN:
                     var field = group - CACHED_COLUMN
                     var field_word = mask_word(field)
@@ -1597,14 +1630,17 @@ struct Engine(Movable):
                     if written[unsafe_offset=field_word] & field_bit == 0:
                         written[unsafe_offset=field_word] |= field_bit
                         keys[unsafe_offset=2 * field] = 1
-                        keys[unsafe_offset=2 * field + 1] = k
+                        keys[unsafe_offset=2 * field + 1] = column
                         column_values[unsafe_offset=field] = bitcast[DType.uint64, 1](coefficient)
                     else:
                         keys[unsafe_offset=2 * field] = 2
                     continue
-                for entry in range(pointers[unsafe_offset=k], pointers[unsafe_offset=k + 1]):
+                var entry = Int(columns[unsafe_offset=4 * column + 1])
+                var entry_end = Int(columns[unsafe_offset=4 * column + 2])
+                while entry < entry_end:
                     var row, weight = read_entry(entries, entry)
                     logits[unsafe_offset=row] += weight * coefficient
+                    entry += 1
                 if group >= 0:
                     written[unsafe_offset=mask_word(group)] |= mask_bit(group)
                 else:
@@ -1674,14 +1710,14 @@ struct Engine(Movable):
         when one column writes it and its value was the last one seen there."""
         if self.unembed_keys.unsafe_get(2 * field) != 1:
             return self._field_argmax(field, arrays)
-        var k = self.unembed_keys.unsafe_get(2 * field + 1)
+        var c = self.unembed_keys.unsafe_get(2 * field + 1)
         var value_bits = self.column_values.unsafe_get(field)
         var cache = self.argmax_cache.unsafe_ptr()
-        if cache[unsafe_offset=2 * k] == value_bits and cache[unsafe_offset=2 * k + 1] != 0:
-            return Int(cache[unsafe_offset=2 * k + 1]) - 1
+        if cache[unsafe_offset=2 * c] == value_bits and cache[unsafe_offset=2 * c + 1] != 0:
+            return Int(cache[unsafe_offset=2 * c + 1]) - 1
         var argmax = self._field_argmax(field, arrays)
-        cache[unsafe_offset=2 * k] = value_bits
-        cache[unsafe_offset=2 * k + 1] = UInt64(argmax + 1)
+        cache[unsafe_offset=2 * c] = value_bits
+        cache[unsafe_offset=2 * c + 1] = UInt64(argmax + 1)
         return argmax
 
     @no_inline
@@ -1784,6 +1820,24 @@ struct Engine(Movable):
                     )
         self.field_items.append(Int32(len(self.item_columns)))
         self.item_entries.append(Int32(len(self.item_rows)))
+
+    def _index_unembed_columns(mut self) raises:
+        """Fill unembed_columns from column_fields and the unembedding's entry
+        pointers."""
+        var pointers = int_ptr(self.ints).unsafe_offset(self.unembed.entry_pointers)
+        if pointers[unsafe_offset=self.unembed.stored] > Int(Int32.MAX):
+            raise Error(
+                String(
+                    "packed model: the unembedding has ", pointers[unsafe_offset=self.unembed.stored],
+                    " entries, more than an Int32 can index",
+                )
+            )
+        self.unembed_columns = List[Int32](length=4 * self.width, fill=0)
+        for k in range(self.unembed.stored):
+            var column = Int(self.indices[self.unembed.column_ids + k])
+            self.unembed_columns[4 * column] = self.column_fields[k]
+            self.unembed_columns[4 * column + 1] = Int32(pointers[unsafe_offset=k])
+            self.unembed_columns[4 * column + 2] = Int32(pointers[unsafe_offset=k + 1])
 
     def _half_words(self) -> Int:
         """Return the offset in token_fields of the pending half's field mask."""
@@ -1938,7 +1992,7 @@ def _memo_key[
     counts as zero too."""
     var column_mask = arrays.pointers.unsafe_offset(block.w1.column_mask)
     key[unsafe_offset=0] = UInt64(index)
-    var hash = UInt64(index + 1) * HASH_MULTIPLIER
+    var hash = _fold_word(0, UInt64(index + 1))
     var words = 1
     for i in range(block.w1.mask_words):
         var word = block.w1.first_word + i
@@ -1954,13 +2008,27 @@ def _memo_key[
                 return (0, 0)  # the value does not pack, so the block is computed
             var packed = value_bits | UInt64(column)
             key[unsafe_offset=words] = packed
-            # Each term is mixed before the sum: +1.0 and -1.0 differ only in bit 63, so
-            # a plain product of the bits would cancel in pairs of sign flips. The terms
-            # are independent, so their multiplications overlap.
-            hash += mix(packed)
+            hash = _fold_word(hash, packed)
             words += 1
     # Bit 0 set, because a zero tag marks an empty slot of memo_table.
     return (hash | 1, words)
+
+
+@always_inline
+def _fold_word(hash: UInt64, word: UInt64) -> UInt64:
+    """Return a memo key's hash with `word` folded in: a CRC-32C step, one instruction,
+    where the target has SSE 4.2, else the sum of the word's splitmix64 finalizer.
+
+    Both tell apart keys that differ only in sign bits: +1.0 and -1.0 differ only in
+    bit 63, so a plain sum or product of the words would cancel in pairs of sign flips,
+    while a CRC is linear over GF(2) with a different map per position, and `mix`
+    spreads bit 63 over every bit. The hash only picks a slot; the whole key is
+    compared before a record is used.
+    """
+    comptime if CompilationTarget.has_sse4():
+        return llvm_intrinsic["llvm.x86.sse42.crc32.64.64", UInt64](hash, word)
+    else:
+        return hash + mix(word)
 
 
 @always_inline
@@ -2145,25 +2213,27 @@ def _read_field_mask(
     mut reader: HeaderReader, mut field_masks: List[UInt64], field_count: Int
 ) raises -> Int:
     """Read a count and that many fields (or -1) and return the offset of their mask
-    in `field_masks` (or -1). The mask is stored as its nonzero words: their count n,
-    then n pairs (word index, bits)."""
+    in `field_masks` (or -1). The mask is stored whole, _mask_words(field_count)
+    words, one bit per field."""
     var count = reader.next()
     if count < 0:
         return -1
-    var words = List[UInt64](length=field_count // MASK_BITS + 1, fill=0)
+    var offset = len(field_masks)
+    for _ in range(_mask_words(field_count)):
+        field_masks.append(0)
     for _ in range(count):
         var field = reader.next()
         if field < 0 or field >= field_count:
             raise Error("packed model names a token field out of range")
-        words[mask_word(field)] |= mask_bit(field)
-    var offset = len(field_masks)
-    field_masks.append(0)
-    for w in range(len(words)):
-        if words[w] != 0:
-            field_masks.append(UInt64(w))
-            field_masks.append(words[w])
-            field_masks[offset] += 1
+        field_masks[offset + mask_word(field)] |= mask_bit(field)
     return offset
+
+
+def _mask_words(field_count: Int) -> Int:
+    """Return the words of a field mask: one bit per field, rounded up to a multiple
+    of MASK_LANES words so that masks are compared MASK_LANES words at a time."""
+    var words = field_count // MASK_BITS + 1
+    return (words + MASK_LANES - 1) // MASK_LANES * MASK_LANES
 
 
 def _max_rows(heads: List[HeadWeights], which: Int) -> Int:

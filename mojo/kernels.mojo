@@ -134,13 +134,16 @@ def accumulate_masked[
                 continue
             var below = stored_bits & ((UInt64(1) << bit) - 1)
             var k = column_rank[unsafe_offset=index] + Int(pop_count(below))
-            for entry in range(pointers[unsafe_offset=k], pointers[unsafe_offset=k + 1]):
+            var entry = Int(pointers[unsafe_offset=k])
+            var end = Int(pointers[unsafe_offset=k + 1])
+            while entry < end:
                 var row, weight = read_entry(entries, entry)
                 output[unsafe_offset=row] += weight * coefficient
                 comptime if mark_output:
                     var bit = mask_bit(row)
                     output_mask[unsafe_offset=mask_word(row)] |= bit
                     written_mask[unsafe_offset=mask_word(row)] |= bit
+                entry += 1
 
 
 def same_affine[
