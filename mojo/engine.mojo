@@ -72,6 +72,7 @@ from kernels import (
 comptime MAGIC = 0x746C6301
 comptime FIELD_LANES = 16  # token fields compared at once
 comptime MASK_LANES = 8  # words of a field mask compared at once
+comptime RUN_LANES = 8  # logits of a run of the unembedding added at once
 # A token's fields as the engine stores them: Int32, so that a cache line has 16.
 comptime TokenPtr = Pointer[Int32, MutUntrackedOrigin]
 # The largest field whose changes use the pair deltas (Engine.pair_fields).
@@ -329,10 +330,19 @@ struct Engine(Movable):
     # plus the field (see cached_fields).
     var column_fields: List[Int32]
     var column_field_lists: List[Int32]
-    # The same per column c of x, with the column's entries: unembed_columns[4 c] is
-    # its column_fields entry and 4 c + 1 and 4 c + 2 the first and the end of its
-    # entries (4 c + 3 is padding), so that the product reads one place per column.
+    # The same per column c of x, with the column's entries, so that the product reads
+    # one place per column: unembed_columns[4 c] is its column_fields entry, except
+    # that a column of several fields has -1 - j, where column_field_words[j] counts
+    # the words of their field mask and (word, bits) pairs follow. 4 c + 1 and 4 c + 2
+    # are the first and the end of its entries, and 4 c + 3 is -1, or r when its last
+    # entries are a run: at least RUN_LANES entries of consecutive rows, which the
+    # product adds RUN_LANES logits at a time. Then the entries end before the run, and
+    # runs[3 r] .. [3 r + 2] are the run's first row, its length and the offset of its
+    # weights in run_weights. Each logit still gets one fused multiply-add.
     var unembed_columns: List[Int32]
+    var column_field_words: List[UInt64]
+    var runs: List[Int]
+    var run_weights: List[Float64]
     # The argmax cache of the fields of more than three values whose columns write no
     # other field (cached_fields; each of their columns has CACHED_COLUMN added to its
     # column_fields entry). Such a field's logits are its bias plus, per nonzero column
@@ -561,6 +571,9 @@ struct Engine(Movable):
         self.column_values = List[UInt64](length=self.field_count, fill=0)
         self.argmax_cache = List[UInt64](length=2 * self.width, fill=0)
         self.unembed_columns = List[Int32]()
+        self.column_field_words = List[UInt64]()
+        self.runs = List[Int]()
+        self.run_weights = List[Float64]()
         var largest_vocab = 1
         for f in range(self.field_count):
             largest_vocab = max(largest_vocab, self.vocab[f])
@@ -721,7 +734,10 @@ struct Engine(Movable):
             self._index_cached_fields[DType.float32]()
         else:
             self._index_cached_fields[DType.float64]()
-        self._index_unembed_columns()
+        if self.narrow:
+            self._index_unembed_columns[DType.float32]()
+        else:
+            self._index_unembed_columns[DType.float64]()
         self._find_token_fields(0)
         self._find_token_fields(self.field_count)
         if self.narrow:
@@ -1606,7 +1622,8 @@ struct Engine(Movable):
         var keys = int_ptr(self.unembed_keys)
         var column_values = self.column_values.unsafe_ptr()
         var columns = self.unembed_columns.unsafe_ptr()
-        var lists = self.column_field_lists.unsafe_ptr()
+        var field_words = MaskPtr(unsafe_from_address=Int(self.column_field_words.unsafe_ptr()))
+        var run_weights = float_ptr(self.run_weights)
         var entries = arrays.entries.unsafe_offset(2 * self.unembed.entries)
         var column_mask = arrays.pointers.unsafe_offset(self.unembed.column_mask)
         # The product by columns, marking the fields it writes; a cached field's columns
@@ -1641,14 +1658,25 @@ struct Engine(Movable):
                     var row, weight = read_entry(entries, entry)
                     logits[unsafe_offset=row] += weight * coefficient
                     entry += 1
+                var run = Int(columns[unsafe_offset=4 * column + 3])
+                if run >= 0:
+                    _add_run(
+                        logits.unsafe_offset(self.runs.unsafe_get(3 * run)),
+                        run_weights.unsafe_offset(self.runs.unsafe_get(3 * run + 2)),
+                        self.runs.unsafe_get(3 * run + 1),
+                        coefficient,
+                    )
                 if group >= 0:
                     written[unsafe_offset=mask_word(group)] |= mask_bit(group)
                 else:
                     var start = -1 - group
-                    var count = Int(lists[unsafe_offset=start])
-                    for i in range(start + 1, start + 1 + count):
-                        var listed = Int(lists[unsafe_offset=i])
-                        written[unsafe_offset=mask_word(listed)] |= mask_bit(listed)
+                    var end = start + 1 + 2 * Int(field_words[unsafe_offset=start])
+                    var i = start + 1
+                    while i < end:
+                        written[unsafe_offset=Int(field_words[unsafe_offset=i])] |= field_words[
+                            unsafe_offset=i + 1
+                        ]
+                        i += 2
         var pending = self._pending()
         var token_fields = MaskPtr(unsafe_from_address=Int(self.token_fields.unsafe_ptr()))
         var differing = token_fields.unsafe_offset(self._half_words())
@@ -1821,9 +1849,10 @@ struct Engine(Movable):
         self.field_items.append(Int32(len(self.item_columns)))
         self.item_entries.append(Int32(len(self.item_rows)))
 
-    def _index_unembed_columns(mut self) raises:
-        """Fill unembed_columns from column_fields and the unembedding's entry
-        pointers."""
+    def _index_unembed_columns[dtype: DType](mut self) raises:
+        """Fill unembed_columns, column_field_words and run_weights from column_fields,
+        column_field_lists and the unembedding's entries."""
+        var arrays = self._arrays[dtype]()
         var pointers = int_ptr(self.ints).unsafe_offset(self.unembed.entry_pointers)
         if pointers[unsafe_offset=self.unembed.stored] > Int(Int32.MAX):
             raise Error(
@@ -1833,11 +1862,49 @@ struct Engine(Movable):
                 )
             )
         self.unembed_columns = List[Int32](length=4 * self.width, fill=0)
+        var words = List[UInt64](length=self.field_words, fill=0)
         for k in range(self.unembed.stored):
             var column = Int(self.indices[self.unembed.column_ids + k])
-            self.unembed_columns[4 * column] = self.column_fields[k]
-            self.unembed_columns[4 * column + 1] = Int32(pointers[unsafe_offset=k])
-            self.unembed_columns[4 * column + 2] = Int32(pointers[unsafe_offset=k + 1])
+            var group = Int(self.column_fields[k])
+            if group < 0:
+                var start = -1 - group
+                for i in range(start + 1, start + 1 + Int(self.column_field_lists[start])):
+                    var field = Int(self.column_field_lists[i])
+                    words[mask_word(field)] |= mask_bit(field)
+                group = -1 - len(self.column_field_words)
+                var count_at = len(self.column_field_words)
+                self.column_field_words.append(0)
+                for w in range(self.field_words):
+                    if words[w] != 0:
+                        self.column_field_words.append(UInt64(w))
+                        self.column_field_words.append(words[w])
+                        self.column_field_words[count_at] += 1
+                        words[w] = 0
+            self.unembed_columns[4 * column] = Int32(group)
+            var first = pointers[unsafe_offset=k]
+            var end = pointers[unsafe_offset=k + 1]
+            self.unembed_columns[4 * column + 1] = Int32(first)
+            self.unembed_columns[4 * column + 2] = Int32(end)
+            self.unembed_columns[4 * column + 3] = -1
+            if group >= CACHED_COLUMN:
+                continue
+            # The longest run of consecutive rows at the end of the column's entries.
+            var start = end - 1
+            while start > first and Int(self.indices[self.unembed.row_ids + start - 1]) == Int(
+                self.indices[self.unembed.row_ids + start]
+            ) - 1:
+                start -= 1
+            if end - start < RUN_LANES:
+                continue
+            self.unembed_columns[4 * column + 2] = Int32(start)
+            self.unembed_columns[4 * column + 3] = Int32(len(self.runs) // 3)
+            self.runs.append(Int(self.indices[self.unembed.row_ids + start]))
+            self.runs.append(end - start)
+            self.runs.append(len(self.run_weights))
+            for e in range(start, end):
+                self.run_weights.append(
+                    arrays.values[unsafe_offset=self.unembed.entries + e].cast[DType.float64]()
+                )
 
     def _half_words(self) -> Int:
         """Return the offset in token_fields of the pending half's field mask."""
@@ -2012,6 +2079,24 @@ def _memo_key[
             words += 1
     # Bit 0 set, because a zero tag marks an empty slot of memo_table.
     return (hash | 1, words)
+
+
+@always_inline
+def _add_run(logits: FloatPtr, weights: FloatPtr, count: Int, coefficient: Float64):
+    """Add coefficient times the `count` weights to as many consecutive logits, with a
+    fused multiply-add per logit, as the product's entry loop does."""
+    var i = 0
+    while i + RUN_LANES <= count:
+        logits.unsafe_store(
+            i,
+            weights.unsafe_load[width=RUN_LANES](i).fma(
+                coefficient, logits.unsafe_load[width=RUN_LANES](i)
+            ),
+        )
+        i += RUN_LANES
+    while i < count:
+        logits[unsafe_offset=i] = weights[unsafe_offset=i].fma(coefficient, logits[unsafe_offset=i])
+        i += 1
 
 
 @always_inline

@@ -120,6 +120,58 @@ def test_private_columns_match_reference(mojo_extension, case):
     assert output == expected.output
 
 
+@st.composite
+def consecutive_runs(draw):
+    """Draw a synthetic model and columns of x for runs in the unembedding. Each
+    column's entries end in at least eight consecutive logits, which may cross field
+    boundaries, and the engine adds those eight logits at a time."""
+    seed = draw(st.integers(0, 2**32 - 1))
+    spec = SyntheticSpec(run_bias=30, layers=draw(st.integers(1, 2)),
+                         data_vocab=draw(st.sampled_from([3, 5, 9])), density=0.5)  # fmt: skip
+    runs = draw(st.lists(st.tuples(st.integers(0, 10**6), st.integers(8, 40),
+                                   st.integers(0, 3)), min_size=1, max_size=3))  # fmt: skip
+    return spec, seed, runs
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case=consecutive_runs())
+def test_consecutive_runs_match_reference(mojo_extension, case):
+    # Each run is (where, length, entries before the run). The weights are small
+    # integers, so every logit is exact in any order of its terms.
+    spec, seed, runs = case
+    with tempfile.TemporaryDirectory() as folder:
+        weights = _weights(spec, seed, folder)
+    rng = np.random.default_rng(seed)
+    vocab = [entry.vocab for entry in weights.fields]
+    starts = np.concatenate([[0], np.cumsum(vocab)])
+    total = int(starts[-1])
+    # Columns that the embedding writes, so that x is nonzero there at some steps.
+    written = sorted({int(c) for matrix in weights.embed for c in matrix.cols})
+    dense = [matrix.to_dense() for matrix in weights.unembed]
+    for where, length, prefix in runs:
+        column = written[where % len(written)]
+        length = min(length, total)
+        first = where % (total - length + 1)
+        rows = list(range(first, first + length))
+        # Entries before the run leave a gap of at least one row, so they stay apart.
+        below = max(first - 1, 0)
+        before = rng.choice(below, size=min(prefix, below), replace=False)
+        rows += [int(row) for row in before]
+        for f in range(len(dense)):
+            dense[f][:, column] = 0.0
+        for row in rows:
+            f = int(np.searchsorted(starts, row, side="right") - 1)
+            dense[f][row - starts[f], column] = rng.choice([-2.0, -1.0, 1.0, 2.0])
+    for f, matrix in enumerate(dense):
+        r, c = np.nonzero(matrix)
+        weights.unembed[f] = SparseMatrix(matrix.shape, r, c, matrix[r, c])
+
+    expected = reference.run_reference(weights, weights.prompt, 80)
+    tokens, output = runner.run_tokens(weights, weights.prompt, 80)
+    assert np.array_equal(tokens, expected.tokens)
+    assert output == expected.output
+
+
 def test_silent_field_uses_bias_argmax(mojo_extension, tmp_path):
     # out_byte has 256 values, so its logits span several mask words. Without entries
     # its logits are its bias, and the tie goes to the lower value. Then one entry in
