@@ -772,22 +772,30 @@ struct Engine(Movable):
                 unit_mask[mask_word(column)] = 0
 
     def _find_shared_projections[dtype: DType](mut self):
-        """Fill `key_leaders` and `value_leaders` by comparing the heads' weights."""
+        """Fill `key_leaders` and `value_leaders` by comparing the heads' weights.
+
+        A head of an earlier layer can lead too, when both projections read token
+        fields only (key_fields or value_fields set): then both see the embedding, so
+        equal weights give equal keys or values at every position."""
         var arrays = self._arrays[dtype]()
         for layer in self.layers:
             for h in range(layer.first_head, layer.first_head + layer.head_count):
                 self.key_leaders[h] = h
                 self.value_leaders[h] = h
                 ref head = self.heads[h]
-                for g in range(layer.first_head, h):
+                for g in range(h):
                     ref other = self.heads[g]
+                    var same_layer = g >= layer.first_head
                     if (
                         self.key_leaders[g] == g
                         and other.exact == head.exact
+                        and (same_layer or (other.key_fields >= 0 and head.key_fields >= 0))
                         and same_affine(other.wk, other.bk, head.wk, head.bk, arrays)
                     ):
                         self.key_leaders[h] = g
-                        if same_affine(other.wv, other.bv, head.wv, head.bv, arrays):
+                        if (
+                            same_layer or (other.value_fields >= 0 and head.value_fields >= 0)
+                        ) and same_affine(other.wv, other.bv, head.wv, head.bv, arrays):
                             self.value_leaders[h] = self.value_leaders[g]
                         break
 

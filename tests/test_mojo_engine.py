@@ -319,3 +319,33 @@ def test_wide_weights_match_reference(tmp_path):
     tokens, output = runner.run_tokens(weights, weights.prompt, MAX_TOKENS)
     assert np.array_equal(tokens, expected.tokens)
     assert output == expected.output
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 2**32 - 1), written=st.booleans())
+def test_keys_shared_across_layers(mojo_extension, seed, written):
+    # Every synthetic exact-match head has the same key projection, which reads token
+    # dimensions only. So the second layer's head finds its slots through the first
+    # layer's cache. With `written`, both keys also read a scratch row that the first
+    # layer writes. The weights stay equal but the keys differ, so each head must keep
+    # its own cache.
+    spec = SyntheticSpec(run_bias=30, layers=2, dense_heads=1, exact_heads=1)
+    with tempfile.TemporaryDirectory() as folder:
+        path = synthetic.write_model(Path(folder) / "model.safetensors", spec, seed, 8)
+        weights = load_weights(path)
+    exact = [next(h for h, head in enumerate(layer.heads) if head.lookup == "exact")
+             for layer in weights.layers]  # fmt: skip
+    keys = [layer.heads[h].wk.to_dense() for layer, h in zip(weights.layers, exact)]
+    assert np.array_equal(keys[0], keys[1])
+    if written:
+        for layer, h, dense in zip(weights.layers, exact, keys):
+            dense[spec.key_bits, spec.shared_scratch[0]] = 1.0
+            rows, cols = np.nonzero(dense)
+            key = SparseMatrix(dense.shape, rows, cols, dense[rows, cols])
+            layer.heads[h] = dataclasses.replace(layer.heads[h], wk=key)
+    dependencies = runner.head_dependencies(weights)
+    assert (dependencies[1][exact[1]][0] is None) == written
+    expected = reference.run_reference(weights, weights.prompt, MAX_TOKENS)
+    tokens, output = runner.run_tokens(weights, weights.prompt, MAX_TOKENS)
+    assert np.array_equal(tokens, expected.tokens)
+    assert output == expected.output
