@@ -118,6 +118,9 @@ def accumulate_masked[
     """Add matrix @ input to output, visiting only the stored columns whose bit is set
     in `input_mask`, a superset of input's nonzero components. With `mark_output`, set
     the bit of every output component written in `output_mask` and in `written_mask`."""
+    # NOTE: a column whose input is 0 is skipped here and in the unembedding, so an
+    # infinite or NaN weight there adds nothing, while numpy's 0 * inf is a NaN. With
+    # non-finite weights the engine can therefore pick another token than the oracle.
     var pointers = arrays.pointers.unsafe_offset(matrix.entry_pointers)
     var entries = arrays.entries.unsafe_offset(2 * matrix.entries)
     var column_mask = arrays.pointers.unsafe_offset(matrix.column_mask)
