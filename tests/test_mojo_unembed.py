@@ -162,12 +162,21 @@ def test_consecutive_runs_match_reference(mojo_extension, case):
         for row in rows:
             f = int(np.searchsorted(starts, row, side="right") - 1)
             dense[f][row - starts[f], column] = rng.choice([-2.0, -1.0, 1.0, 2.0])
-    for f, matrix in enumerate(dense):
-        r, c = np.nonzero(matrix)
-        weights.unembed[f] = SparseMatrix(matrix.shape, r, c, matrix[r, c])
+    weights.unembed[:] = [_sparse(matrix) for matrix in dense]
+    _assert_matches_reference(weights, 80)
 
-    expected = reference.run_reference(weights, weights.prompt, 80)
-    tokens, output = runner.run_tokens(weights, weights.prompt, 80)
+
+def _sparse(dense: np.ndarray) -> SparseMatrix:
+    """Return the entries of a dense matrix as a SparseMatrix."""
+    rows, cols = np.nonzero(dense)
+    return SparseMatrix(dense.shape, rows, cols, dense[rows, cols])
+
+
+def _assert_matches_reference(weights, steps: int) -> None:
+    """Assert that the engine and the oracle give the same tokens and output over
+    `steps` tokens after the weights' prompt."""
+    expected = reference.run_reference(weights, weights.prompt, steps)
+    tokens, output = runner.run_tokens(weights, weights.prompt, steps)
     assert np.array_equal(tokens, expected.tokens)
     assert output == expected.output
 
