@@ -41,6 +41,7 @@ from tlc.compiler.isa import (
     to_signed,
 )
 from tlc.runtime.machine import (
+    MAX_INPUT_BYTES,
     Instruction,
     Program,
     RunResult,
@@ -57,13 +58,12 @@ WORD_BITS = 32
 IP_BITS = 32  # a jump may target any 32-bit address, which then traps at the fetch
 SP_BITS = 11  # 0 .. 1024 values on the operand stack
 CALLS_BITS = 11  # 0 .. 1024 active calls
-CURSOR_BITS = 20  # input position; stdin has fewer than 2^20 bytes
+CURSOR_BITS = MAX_INPUT_BYTES.bit_length()  # input position: 20 bits
 AUX_KEY_BITS = 20
 WORD_INDEX_BITS = (MAX_MEMORY_SIZE // 4 - 1).bit_length()  # 18 for 1 MiB
 MEMORY_CHANNELS = 4
 BYTE_BITS = 8
 LOCAL_INDEX_BITS = 8  # the local key is (index in bits 0..7, calls in bits 8..18)
-MAX_INPUT_BYTES = (1 << CURSOR_BITS) - 1
 
 KIND_VALUES: tuple[str, ...] = (
     "CODE", "DATA", "INPUT", "SENTINEL", "RUN", "HALT", *(trap.name for trap in Trap)

@@ -150,13 +150,25 @@ class RunResult:
         return (self.result or 0) & 0xFF
 
 
+# The maximum stdin length of a run, in bytes. The model counts input bytes in a 20-bit
+# cursor (docs/model.md section 3). Every backend keeps this limit, so a run that one
+# backend accepts runs on all of them.
+MAX_INPUT_BYTES = (1 << 20) - 1
+
+
 def check_run_arguments(stdin, max_steps) -> None:
     """Check the arguments that every backend's `run_program` takes. Raise TypeError
     unless `stdin` is bytes, a bytearray or a one-dimensional memoryview of bytes and
-    `max_steps` is None or an integer, and ValueError for a negative `max_steps`."""
+    `max_steps` is None or an integer, and ValueError for a negative `max_steps` or for
+    stdin of more than MAX_INPUT_BYTES bytes."""
     bytes_view = isinstance(stdin, memoryview) and stdin.ndim == 1 and stdin.itemsize == 1
     if not (isinstance(stdin, (bytes, bytearray)) or bytes_view):
         raise TypeError(f"stdin must be bytes, not {type(stdin).__name__}")
+    if len(stdin) > MAX_INPUT_BYTES:
+        raise ValueError(
+            f"stdin has {len(stdin):,} bytes, more than the {MAX_INPUT_BYTES:,} that a run "
+            "can read; pass a shorter input"
+        )
     if max_steps is None:
         return
     if isinstance(max_steps, bool) or not hasattr(max_steps, "__index__"):

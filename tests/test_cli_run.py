@@ -19,6 +19,7 @@ from conftest import REPOSITORY
 
 from tlc import cli
 from tlc.compiler.assembler import assemble
+from tlc.runtime.machine import MAX_INPUT_BYTES
 from tlc.runtime.reference import run_program
 
 EXAMPLES = REPOSITORY / "examples"
@@ -328,3 +329,6 @@ def test_run_program_checks_its_arguments(backend):
         module.run_program(program, max_steps=2.5)
     with pytest.raises(TypeError, match="stdin must be bytes, not memoryview"):
         module.run_program(program, stdin=memoryview(b"abcd").cast("B", (2, 2)))
+    too_long = bytes(MAX_INPUT_BYTES + 1)
+    with pytest.raises(ValueError, match="stdin has 1,048,576 bytes, more than the 1,048,575"):
+        module.run_program(program, stdin=too_long)
