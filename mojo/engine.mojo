@@ -1551,7 +1551,7 @@ struct Engine(Movable):
             e += 2
 
     def _record_headroom(self) -> Int:
-        """Return the most words that one record can take: its header, a key of
+        """Return the maximum length of one record in words: its header, a key of
         key_words words, an output word per row and a pair of words per mask word."""
         return MEMO_RECORD_WORDS + self.key_words + self.width + 2 * len(self.delta_mask)
 
@@ -1866,7 +1866,8 @@ struct Engine(Movable):
             raise Error(
                 String(
                     "packed model: the unembedding has ", pointers[unsafe_offset=self.unembed.stored],
-                    " entries, more than an Int32 can index",
+                    " entries, more than the Mojo runtime's Int32 indices reach;",
+                    " run it with --backend torch",
                 )
             )
         self.unembed_columns = List[Int32](length=4 * self.width, fill=0)
