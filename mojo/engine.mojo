@@ -1254,10 +1254,13 @@ struct Engine(Movable):
             if leader != h:
                 # The key equals the leader's, which has already found its slot.
                 var leader_slot = self.last_slots.unsafe_get(leader)
-                var same_slot = slot >= 0 and self._unchanged(head.key_fields)
                 if self.value_leaders.unsafe_get(h) != h:
                     cache.store_stamp(leader_slot, self.position)
-                elif same_slot and self._unchanged(head.value_fields):
+                elif (
+                    slot >= 0
+                    and self._unchanged(head.key_fields)
+                    and self._unchanged(head.value_fields)
+                ):
                     cache.restamp(leader_slot, self.position)
                 else:
                     var value = self._head_projection(h, 2, arrays, x, x_mask, value_buffer)

@@ -29,6 +29,21 @@ def _keep_rows(matrix: SparseMatrix, rows: set[int]) -> SparseMatrix:
                         matrix.values[keep])  # fmt: skip
 
 
+def _sparse(dense: np.ndarray) -> SparseMatrix:
+    """Return the entries of a dense matrix as a SparseMatrix."""
+    rows, cols = np.nonzero(dense)
+    return SparseMatrix(dense.shape, rows, cols, dense[rows, cols])
+
+
+def _assert_matches_reference(weights, steps: int) -> None:
+    """Assert that the engine and the oracle give the same tokens and output over
+    `steps` tokens after the weights' prompt."""
+    expected = reference.run_reference(weights, weights.prompt, steps)
+    tokens, output = runner.run_tokens(weights, weights.prompt, steps)
+    assert np.array_equal(tokens, expected.tokens)
+    assert output == expected.output
+
+
 @st.composite
 def thinned_unembeddings(draw):
     """Draw a synthetic model and, per field, which rows of its unembedding keep their
@@ -111,13 +126,9 @@ def test_private_columns_match_reference(mojo_extension, case):
                 bias = weights.unembed_bias[f].copy()
                 bias[vocab - 1] = special
                 weights.unembed_bias[f] = bias
-        rows, cols = np.nonzero(dense)
-        weights.unembed[f] = SparseMatrix(matrix.shape, rows, cols, dense[rows, cols])
+        weights.unembed[f] = _sparse(dense)
 
-    expected = reference.run_reference(weights, weights.prompt, 100)
-    tokens, output = runner.run_tokens(weights, weights.prompt, 100)
-    assert np.array_equal(tokens, expected.tokens)
-    assert output == expected.output
+    _assert_matches_reference(weights, 100)
 
 
 @st.composite
@@ -164,21 +175,6 @@ def test_consecutive_runs_match_reference(mojo_extension, case):
             dense[f][row - starts[f], column] = rng.choice([-2.0, -1.0, 1.0, 2.0])
     weights.unembed[:] = [_sparse(matrix) for matrix in dense]
     _assert_matches_reference(weights, 80)
-
-
-def _sparse(dense: np.ndarray) -> SparseMatrix:
-    """Return the entries of a dense matrix as a SparseMatrix."""
-    rows, cols = np.nonzero(dense)
-    return SparseMatrix(dense.shape, rows, cols, dense[rows, cols])
-
-
-def _assert_matches_reference(weights, steps: int) -> None:
-    """Assert that the engine and the oracle give the same tokens and output over
-    `steps` tokens after the weights' prompt."""
-    expected = reference.run_reference(weights, weights.prompt, steps)
-    tokens, output = runner.run_tokens(weights, weights.prompt, steps)
-    assert np.array_equal(tokens, expected.tokens)
-    assert output == expected.output
 
 
 def test_silent_field_uses_bias_argmax(mojo_extension, tmp_path):
