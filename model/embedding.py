@@ -3,9 +3,7 @@
 Every logit is an integer-valued linear function of 0/1 residual values, and exactly one
 value of each field gets the highest logit, so no argmax of a generated token ties:
 
-* a binary field with next bit b: logits (1 - b, b);
-* a key field (ABSENT, 0, 1) with present flag P and bit B: (1 - P, P - B, P + B - 1),
-  which picks ABSENT whenever P = 0, whatever B is;
+* a binary field with next bit b: logits (1 - b, b), key bits and write flags included;
 * a one-hot field: the one-hot dims, with the "none" value getting 1 - (sum of them).
 """
 
@@ -33,6 +31,11 @@ def build_embedding(residual: Residual) -> list[np.ndarray]:
 def _embed_field(residual: Residual, group: str, i: int, table: np.ndarray) -> None:
     if group == "kind":
         table[np.arange(len(tk.KIND_VALUES)), list(residual["kind"])] = 1.0
+        # The SENTINEL's key bits are 0, embedded as -1 each; its kind adds 1 to each
+        # key component, so that its keys are (0 .. 0, 2n - 1) as the heads need.
+        sentinel = tk.kind_id("SENTINEL")
+        for name in ("aux_key_pm", *(f"mkey{c}_pm" for c in range(tk.MEMORY_CHANNELS))):
+            table[sentinel, list(residual[name])] = 1.0
     elif group == "op":
         table[np.arange(tk.NO_OPCODE), list(residual["op"])] = 1.0
     elif group in (*DELTA_REGISTERS, "imm", *WINDOW, "aux_val"):
@@ -42,20 +45,14 @@ def _embed_field(residual: Residual, group: str, i: int, table: np.ndarray) -> N
             for j, dim in enumerate(residual["aux_tag_pm"]):
                 table[tag, dim] = 1.0 if (tag >> j) & 1 else -1.0
             table[tag, residual["aux_present"][0]] = 1.0
-    elif group == "aux_key":
-        _embed_key(table, residual["aux_key_pm"][i], None)
-    elif group.startswith("mkey"):
-        present = residual[f"{group}_present"][0] if i == 0 else None
-        _embed_key(table, residual[f"{group}_pm"][i], present)
+    elif group == "aux_key" or group.startswith("mkey"):
+        # Key bit b becomes the key component 2b - 1.
+        dim = residual[f"{group}_pm"][i]
+        table[0, dim] = -1.0
+        table[1, dim] = 1.0
+    elif group == "mwrite":
+        table[1, residual[f"mkey{i}_present"][0]] = 1.0
     # out_valid and out_bit have no embedding: the model never reads them back.
-
-
-def _embed_key(table: np.ndarray, dim: int, present_dim: int | None) -> None:
-    table[tk.KEY_ZERO, dim] = -1.0
-    table[tk.KEY_ONE, dim] = 1.0
-    if present_dim is not None:
-        table[tk.KEY_ZERO, present_dim] = 1.0
-        table[tk.KEY_ONE, present_dim] = 1.0
 
 
 def build_unembedding(residual: Residual) -> tuple[list[np.ndarray], list[np.ndarray]]:
@@ -102,27 +99,16 @@ def _unembed_field(residual: Residual, group: str, i: int, matrix, bias) -> None
             matrix[0, dim] = -1.0
         bias[0] = 1.0
     elif group == "aux_key":
-        _key_logits(matrix, bias, list(r["next_tag"]), r["next_aux_key"][i])
+        _binary(matrix, bias, [r["next_aux_key"][i]])
     elif group == "aux_val":
         _binary(matrix, bias, [r["next_aux_val"][i]])
     elif group.startswith("mkey"):
-        channel = int(group[len("mkey"):])
-        _key_logits(matrix, bias, [r["next_mkey_present"][channel]], r[f"next_{group}"][i])
+        _binary(matrix, bias, [r[f"next_{group}"][i]])
+    elif group == "mwrite":
+        _binary(matrix, bias, [r["next_mkey_present"][i]])
     elif group == "out_valid":
         _binary(matrix, bias, [r["next_out_valid"][0]])
     elif group == "out_bit":
         _binary(matrix, bias, [r["next_out_bit"][i]])
     else:
         raise ValueError(f"no unembedding for field group {group!r}")
-
-
-def _key_logits(matrix, bias, present_dims: list[int], bit_dim: int) -> None:
-    """Logits (1 - P, P - B, P + B - 1) of a key field."""
-    for dim in present_dims:
-        matrix[tk.KEY_ABSENT, dim] -= 1.0
-        matrix[tk.KEY_ZERO, dim] += 1.0
-        matrix[tk.KEY_ONE, dim] += 1.0
-    matrix[tk.KEY_ZERO, bit_dim] -= 1.0
-    matrix[tk.KEY_ONE, bit_dim] += 1.0
-    bias[tk.KEY_ABSENT] = 1.0
-    bias[tk.KEY_ONE] = -1.0

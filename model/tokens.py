@@ -14,9 +14,10 @@ A token is a tuple of small integers, one per field. Field groups, in token orde
 | imm | 32 | 2 | immediate bits |
 | t0, t1, t2 | 32 each | 2 | the top three stack slots, 0 where a slot does not exist |
 | aux_tag | 1 | 6 | which auxiliary channel the token writes: none code spill local call input |
-| aux_key | 20 | 3 | key of that write: ABSENT, bit 0, bit 1 |
+| aux_key | 20 | 2 | key of that write, bit i; only a token whose aux_tag is not none writes |
 | aux_val | 32 | 2 | value of that write; byte c is memory channel c's byte for memory writes |
-| mkey0 .. mkey3 | 18 each | 3 | word index written in memory channel c: ABSENT, bit 0, bit 1 |
+| mkey0 .. mkey3 | 18 each | 2 | word index of a store in memory channel c, bit i |
+| mwrite0 .. mwrite3 | 4 | 2 | 1 when the token writes memory channel c |
 | out_valid, out_bit0..7 | 1 + 8 | 2 | an output byte, bit i weighs 2^i |
 
 A RUN token is the machine state after one executed instruction, with the instruction
@@ -24,6 +25,12 @@ echoed in `op` and `imm` and its writes in the write fields. Prompt tokens use t
 fields: CODE tokens write the code channel (key = address, value = `op` and `imm`), DATA
 tokens write memory channels like a store, INPUT tokens write the input channel (key =
 index, value = the byte), and the SENTINEL token carries the memory size in `t0`.
+
+Key fields hold plain bits, and whether a token writes a channel is said once, by
+`aux_tag` or `mwrite c`. A token that writes nothing has the key bits 0 (a store writes
+its word index into all four channels, and `mwrite` marks the ones it writes), so
+consecutive tokens differ only in the key bits that are 1, where a key field with its own
+"absent" value would flip every field at every write.
 """
 
 from __future__ import annotations
@@ -50,7 +57,7 @@ from tlc.runtime.machine import (
     format_trace_line,
 )
 
-FORMAT_VERSION = "tlc-weights-1"
+FORMAT_VERSION = "tlc-weights-2"
 METADATA_KEY = "tlc"
 
 # Register widths in bits.
@@ -70,8 +77,6 @@ KIND_VALUES: tuple[str, ...] = (
 )  # fmt: skip
 AUX_TAGS: tuple[str, ...] = ("none", "code", "spill", "local", "call", "input")
 AUX_TAG_BITS = 3  # tags 1 .. 5 as 3-bit numbers in the keys
-# Values of a key field (vocab 3).
-KEY_ABSENT, KEY_ZERO, KEY_ONE = 0, 1, 2
 NO_OPCODE = len(OPCODES)  # the op value of tokens that carry no instruction
 
 
@@ -102,9 +107,10 @@ GROUPS: tuple[FieldGroup, ...] = (
     FieldGroup("t1", WORD_BITS, 2),
     FieldGroup("t2", WORD_BITS, 2),
     FieldGroup("aux_tag", 1, len(AUX_TAGS)),
-    FieldGroup("aux_key", AUX_KEY_BITS, 3),
+    FieldGroup("aux_key", AUX_KEY_BITS, 2),
     FieldGroup("aux_val", WORD_BITS, 2),
-    *(FieldGroup(f"mkey{c}", WORD_INDEX_BITS, 3) for c in range(MEMORY_CHANNELS)),
+    *(FieldGroup(f"mkey{c}", WORD_INDEX_BITS, 2) for c in range(MEMORY_CHANNELS)),
+    FieldGroup("mwrite", MEMORY_CHANNELS, 2),
     FieldGroup("out_valid", 1, 2),
     FieldGroup("out_bit", BYTE_BITS, 2),
 )
@@ -145,11 +151,6 @@ class Schema:
     def set_bits(self, token: np.ndarray, group: str, value: int) -> None:
         for i, index in enumerate(self.indices(group)):
             token[index] = (value >> i) & 1
-
-    def set_key(self, token: np.ndarray, group: str, value: int) -> None:
-        """Write `value` into a key group (vocab 3): every field present."""
-        for i, index in enumerate(self.indices(group)):
-            token[index] = KEY_ONE if (value >> i) & 1 else KEY_ZERO
 
     def bits(self, token: np.ndarray, group: str) -> int:
         """Return the integer whose bit i is bit 0 of field i of `group` in `token`."""
@@ -207,7 +208,7 @@ def encode_prompt(metadata: dict, program: Program, stdin: bytes = b"",
     token[schema.index("kind")] = kind_id("INPUT")
     token[schema.index("aux_tag")] = aux_tag_id("input")
     for index, byte in enumerate(stdin):
-        schema.set_key(token, "aux_key", index)
+        schema.set_bits(token, "aux_key", index)
         schema.set_bits(token, "aux_val", byte)
         prompt[len(head) + index] = token
     start = schema.empty_token()
@@ -245,7 +246,7 @@ def _code_token(schema, numbers, address: int, instruction: Instruction) -> np.n
     token[schema.index("op")] = numbers[instruction.opcode.mnemonic]
     schema.set_bits(token, "imm", instruction.immediate)
     token[schema.index("aux_tag")] = aux_tag_id("code")
-    schema.set_key(token, "aux_key", address)
+    schema.set_bits(token, "aux_key", address)
     return token
 
 
@@ -265,7 +266,8 @@ def _data_tokens(schema: Schema, program: Program) -> list[np.ndarray]:
         token[schema.index("kind")] = kind_id("DATA")
         value = 0
         for channel in sorted(words[word]):
-            schema.set_key(token, f"mkey{channel}", word)
+            schema.set_bits(token, f"mkey{channel}", word)
+            token[schema.index("mwrite", channel)] = 1
             value |= image[4 * word + channel] << (8 * channel)
         schema.set_bits(token, "aux_val", value)
         tokens.append(token)
@@ -387,8 +389,6 @@ def schema_metadata(numbering: Sequence[str]) -> dict:
                 entry["values"] = list(KIND_VALUES)
             elif group.name == "aux_tag":
                 entry["values"] = list(AUX_TAGS)
-            elif group.vocab == 3:
-                entry["values"] = ["ABSENT", "0", "1"]
             elif group.name == "op":
                 entry["values"] = [*numbering, "NONE"]
             fields.append(entry)

@@ -79,8 +79,10 @@ def test_prompt_layout():
     assert kinds == ["SENTINEL"] + ["CODE"] * 5 + ["DATA"] + ["INPUT"] * 2 + ["RUN"]
     assert schema.bits(prompt[0], "t0") == 64
     data = prompt[6]
-    assert data[schema.index("mkey2", 0)] == tk.KEY_ONE  # word 1, channel 2
-    assert data[schema.index("mkey0", 0)] == tk.KEY_ABSENT
+    # Bytes 6 and 7 are channels 2 and 3 of word 1; channels 0 and 1 stay unwritten.
+    assert [data[schema.index("mwrite", c)] for c in range(4)] == [0, 0, 1, 1]
+    assert schema.bits(data, "mkey2") == schema.bits(data, "mkey3") == 1
+    assert schema.bits(data, "mkey0") == schema.bits(data, "mkey1") == 0
     assert (schema.bits(data, "aux_val") >> 16) & 0xFFFF == int.from_bytes(b"hi", "little")
 
 
@@ -97,9 +99,7 @@ def test_prompt_input_tokens_carry_byte_and_index():
         row = prompt[first + index]
         assert tk.KIND_VALUES[row[schema.index("kind")]] == "INPUT"
         assert schema.bits(row, "aux_val") == byte
-        expected = [tk.KEY_ONE if (index >> i) & 1 else tk.KEY_ZERO
-                    for i in range(len(key_fields))]  # fmt: skip
-        assert row[key_fields].tolist() == expected
+        assert row[key_fields].tolist() == [(index >> i) & 1 for i in range(len(key_fields))]
     assert compact.dtype == np.uint8
     assert np.array_equal(compact, prompt)
 
