@@ -31,11 +31,6 @@ def build_embedding(residual: Residual) -> list[np.ndarray]:
 def _embed_field(residual: Residual, group: str, i: int, table: np.ndarray) -> None:
     if group == "kind":
         table[np.arange(len(tk.KIND_VALUES)), list(residual["kind"])] = 1.0
-        # The SENTINEL's key bits are 0, embedded as -1 each; its kind adds 1 to each
-        # key component, so that its keys are (0 .. 0, 2n - 1) as the heads need.
-        sentinel = tk.kind_id("SENTINEL")
-        for name in ("aux_key_pm", *(f"mkey{c}_pm" for c in range(tk.MEMORY_CHANNELS))):
-            table[sentinel, list(residual[name])] = 1.0
     elif group == "op":
         table[np.arange(tk.NO_OPCODE), list(residual["op"])] = 1.0
     elif group in (*DELTA_REGISTERS, "imm", *WINDOW, "aux_val"):

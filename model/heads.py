@@ -3,8 +3,8 @@
 All but one are exact-match heads (docs/model.md section 1). A head on the auxiliary
 channel has n = 3 + 20 key components: the 3-bit channel tag and 20 key bits. Its query
 is (tag bits, key bits) as +-1 and the constant 1; a token's key is (aux_tag_pm,
-aux_key_pm, c) with c = n for a token that writes the channel and c = 2n - 1 for the
-SENTINEL. Because the tag is part of the key, a query for one channel never matches a
+aux_key_pm + [SENTINEL], c) with c = n for a token that writes the channel and c = 2n - 1
+for the SENTINEL, whose key components are then all 0. Because the tag is part of the key, a query for one channel never matches a
 write to another one. Memory channel c has n = 18 (the word index bits).
 
 Layer 0: fetch (ip), call stack (calls), spill reload A (key sp), input (cursor), memory
@@ -40,12 +40,19 @@ def _sentinel_flag(residual: Residual, n: int) -> Lin:
     return Lin.dim(residual["kind"][tk.kind_id("SENTINEL")], 2.0 * n - 1.0)
 
 
+def _key_bits(residual: Residual, name: str) -> list[Lin]:
+    """Return the key components of the key bits in `name`: 2b - 1 for each bit b, plus
+    1 in the SENTINEL token, whose key bits are 0, so that its components are 0."""
+    sentinel = Lin.dim(residual["kind"][tk.kind_id("SENTINEL")])
+    return [Lin.dim(d) + sentinel for d in residual[name]]
+
+
 def aux_head(residual, name, role, tag, key_bits: Sequence[Lin], values, outputs) -> Head:
     """Build an exact-match head on the auxiliary channel for writes tagged `tag`."""
     r = residual
     n = AUX_KEY_COMPONENTS
     queries = _tag_components(tag) + _plus_minus(key_bits, tk.AUX_KEY_BITS) + [Lin.constant(1)]
-    keys = [Lin.dim(d) for d in r["aux_tag_pm"]] + [Lin.dim(d) for d in r["aux_key_pm"]]
+    keys = [Lin.dim(d) for d in r["aux_tag_pm"]] + _key_bits(r, "aux_key_pm")
     keys.append(Lin.dim(r["aux_present"][0], float(n)) + _sentinel_flag(r, n))
     return Head.from_rows(name, role, "exact", queries, keys, values, outputs, r.width, n)
 
@@ -55,7 +62,7 @@ def memory_head(residual: Residual, channel: int) -> Head:
     r = residual
     n = tk.WORD_INDEX_BITS
     queries = _plus_minus([bit(d) for d in r[f"word{channel}"]], n) + [Lin.constant(1)]
-    keys = [Lin.dim(d) for d in r[f"mkey{channel}_pm"]]
+    keys = _key_bits(r, f"mkey{channel}_pm")
     keys.append(Lin.dim(r[f"mkey{channel}_present"][0], float(n)) + _sentinel_flag(r, n))
     aux_val = r["aux_val"]
     values = [Lin.dim(aux_val[8 * channel + k]) for k in range(tk.BYTE_BITS)]

@@ -9,9 +9,8 @@ Token dimensions (value intervals in brackets):
 
 * `kind` one-hot [0, 1] (14), `op` one-hot by model opcode number [0, 1] (55)
 * register and value bits [0, 1]: ip, sp, calls, cursor, imm, t0, t1, t2, aux_val
-* key components: `aux_tag_pm` (3) [-1, 1], 0 for tag none; `aux_key_pm` (20) and
-  `mkey{c}_pm` (18 each) [-1, 2], +1 for a key bit 1 and -1 for a bit 0, plus 1 in a
-  SENTINEL token, whose key components are then 0
+* key components [-1, 1]: `aux_tag_pm` (3), 0 for tag none, and `aux_key_pm` (20),
+  `mkey{c}_pm` (18 each), +1 for a key bit 1 and -1 for a bit 0
 * `aux_present`, `mkey{c}_present` [0, 1]: the token writes that channel (from
   `aux_tag` and `mwrite c`)
 
@@ -69,12 +68,10 @@ class Residual:
             add(name, tk.WORD_BITS)
         add("aux_tag_pm", tk.AUX_TAG_BITS, -1.0, 1.0)
         add("aux_present", 1)
-        # A key bit gives -1 or +1, and a SENTINEL token adds 1 (see embedding.py), so
-        # only a SENTINEL with key bits 1, which no prompt holds, would reach 2.
-        add("aux_key_pm", tk.AUX_KEY_BITS, -1.0, 2.0)
+        add("aux_key_pm", tk.AUX_KEY_BITS, -1.0, 1.0)
         add("aux_val", tk.WORD_BITS)
         for c in range(tk.MEMORY_CHANNELS):
-            add(f"mkey{c}_pm", tk.WORD_INDEX_BITS, -1.0, 2.0)
+            add(f"mkey{c}_pm", tk.WORD_INDEX_BITS, -1.0, 1.0)
             add(f"mkey{c}_present", 1)
 
     def _allocate_scratch(self) -> None:
