@@ -3,8 +3,12 @@
 Every logit is an integer-valued linear function of 0/1 residual values, and exactly one
 value of each field gets the highest logit, so no argmax of a generated token ties:
 
-* a binary field with next bit b: logits (1 - b, b), key bits and write flags included;
-* a one-hot field: the one-hot dims, with the "none" value getting 1 - (sum of them).
+* a binary field with next bit b: logits (1, 2b), key bits and write flags included;
+* `op` and `aux_tag`: twice the one-hot dims, and 1 for the "none" value;
+* `kind`: the one-hot dims of next_kind.
+
+Each residual dimension adds to one logit of a field, so the Mojo runtime's unembedding
+adds one weight per field for each nonzero dimension.
 """
 
 from __future__ import annotations
@@ -62,10 +66,9 @@ def build_unembedding(residual: Residual) -> tuple[list[np.ndarray], list[np.nda
 
 
 def _binary(matrix, bias, dims: list[int]) -> None:
-    """Logits (1 - b, b) for b = sum of x[dims]."""
+    """Set the logits of a binary field to (1, 2b) for b = sum of x[dims]."""
     for dim in dims:
-        matrix[1, dim] += 1.0
-        matrix[0, dim] -= 1.0
+        matrix[1, dim] += 2.0
     bias[0] += 1.0
 
 
@@ -81,8 +84,7 @@ def _unembed_field(residual: Residual, group: str, i: int, matrix, bias) -> None
         _binary(matrix, bias, [r[group][i], r[f"delta_{group}"][i]])
     elif group == "op":
         for value, dim in enumerate(r["fetched_op"]):
-            matrix[value, dim] = 1.0
-            matrix[tk.NO_OPCODE, dim] = -1.0
+            matrix[value, dim] = 2.0
         bias[tk.NO_OPCODE] = 1.0
     elif group == "imm":
         _binary(matrix, bias, [r["fetched_imm"][i]])
@@ -90,8 +92,7 @@ def _unembed_field(residual: Residual, group: str, i: int, matrix, bias) -> None
         _binary(matrix, bias, [r[f"next_{group}"][i]])
     elif group == "aux_tag":
         for tag, dim in enumerate(r["next_tag"], start=1):
-            matrix[tag, dim] = 1.0
-            matrix[0, dim] = -1.0
+            matrix[tag, dim] = 2.0
         bias[0] = 1.0
     elif group == "aux_key":
         _binary(matrix, bias, [r["next_aux_key"][i]])

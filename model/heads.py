@@ -82,19 +82,20 @@ def layer0_heads(residual: Residual) -> list[Head]:
                      "hit flag", "code", [bit(d) for d in r["ip"]], fetch_values,
                      fetch_outputs)  # fmt: skip
 
-    call_values = [Lin.dim(d) for d in r["aux_val"][:RETURN_ADDRESS_BITS]]
+    # Every head that reads aux_val takes all of it as its value, so runtimes can keep
+    # one value per key for all of them. Each output reads only the bits it needs.
+    aux_values = [Lin.dim(d) for d in r["aux_val"]]
     calls = aux_head(r, "call_stack", "return address of the active call (key: calls)",
-                     "call", [bit(d) for d in r["calls"]], call_values,
+                     "call", [bit(d) for d in r["calls"]], aux_values,
                      list(r["return_address"]))  # fmt: skip
 
     reload_a = aux_head(r, "reload_a", "stack slot sp - 4 from the latest spill keyed sp",
                         "spill", [bit(d) for d in r["sp"]],
-                        [Lin.dim(d) for d in r["aux_val"]], list(r["reload_a"]))  # fmt: skip
+                        aux_values, list(r["reload_a"]))  # fmt: skip
 
-    input_kind = r["kind"][tk.kind_id("INPUT")]
-    input_values = [Lin.dim(d) for d in (*r["aux_val"][: tk.BYTE_BITS], input_kind)]
+    # An INPUT token's aux_val is the byte plus tk.INPUT_PRESENT, the hit flag.
     stdin = aux_head(r, "input", "stdin byte at the cursor and a hit flag", "input",
-                     [bit(d) for d in r["cursor"]], input_values,
+                     [bit(d) for d in r["cursor"]], aux_values,
                      [*r["input_byte"], r["input_hit"][0]])  # fmt: skip
 
     sentinel = r["kind"][tk.kind_id("SENTINEL")]
@@ -110,9 +111,10 @@ def layer1_heads(residual: Residual) -> list[Head]:
     r = residual
     local_key = [bit(d) for d in r["fetched_imm"][: tk.LOCAL_INDEX_BITS]]
     local_key += [bit(d) for d in r["calls"]]
-    local = aux_head(r, "local", "local L[calls][imm]", "local", local_key,
-                     [Lin.dim(d) for d in r["aux_val"]], list(r["local"]))  # fmt: skip
+    aux_values = [Lin.dim(d) for d in r["aux_val"]]
+    local = aux_head(r, "local", "local L[calls][imm]", "local", local_key, aux_values,
+                     list(r["local"]))  # fmt: skip
     reload_b = aux_head(r, "reload_b", "stack slot sp - 5 from the latest spill keyed sp - 1",
-                        "spill", [bit(d) for d in r["sp_minus_1"]],
-                        [Lin.dim(d) for d in r["aux_val"]], list(r["reload_b"]))  # fmt: skip
+                        "spill", [bit(d) for d in r["sp_minus_1"]], aux_values,
+                        list(r["reload_b"]))  # fmt: skip
     return [local, reload_b] + [memory_head(r, c) for c in range(tk.MEMORY_CHANNELS)]

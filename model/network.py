@@ -51,7 +51,9 @@ class Head:
     @staticmethod
     def from_rows(name, role, lookup, queries, keys, values, outputs, width, key_bits=0):
         """Build a head from linear rows; `outputs[i]` is the residual dim that value
-        component i is added to."""
+        component i is added to, and the components past len(outputs) are not read."""
+        if len(outputs) > len(values):
+            raise ValueError(f"head {name}: {len(outputs)} outputs but {len(values)} values")
         if len(queries) != len(keys):
             raise ValueError(f"head {name}: {len(queries)} query rows but {len(keys)} keys")
         wq, bq = rows_to_matrix(queries, width)

@@ -24,13 +24,14 @@ A RUN token is the machine state after one executed instruction, with the instru
 echoed in `op` and `imm` and its writes in the write fields. Prompt tokens use the same
 fields: CODE tokens write the code channel (key = address, value = `op` and `imm`), DATA
 tokens write memory channels like a store, INPUT tokens write the input channel (key =
-index, value = the byte), and the SENTINEL token carries the memory size in `t0`.
+index, value = the byte plus INPUT_PRESENT), and the SENTINEL token carries the memory
+size in `t0`.
 
-Key fields hold plain bits, and whether a token writes a channel is said once, by
-`aux_tag` or `mwrite c`. A token that writes nothing has the key bits 0 (a store writes
-its word index into all four channels, and `mwrite` marks the ones it writes), so
-consecutive tokens differ only in the key bits that are 1, where a key field with its own
-"absent" value would flip every field at every write.
+Key fields hold plain bits, and one field tells whether a token writes a channel:
+`aux_tag` or `mwrite c`. A token that writes nothing on the auxiliary channel has the key
+bits 0. A store writes its word index into all four channels, and `mwrite` marks the ones
+it writes. So consecutive tokens differ only in the key bits that are 1, while key fields
+with their own "absent" value would flip every field at every write.
 """
 
 from __future__ import annotations
@@ -78,6 +79,8 @@ KIND_VALUES: tuple[str, ...] = (
 AUX_TAGS: tuple[str, ...] = ("none", "code", "spill", "local", "call", "input")
 AUX_TAG_BITS = 3  # tags 1 .. 5 as 3-bit numbers in the keys
 NO_OPCODE = len(OPCODES)  # the op value of tokens that carry no instruction
+# Added to the byte in an INPUT token's aux_val: the input head's hit flag.
+INPUT_PRESENT = 1 << BYTE_BITS
 
 
 @dataclass(frozen=True)
@@ -209,7 +212,7 @@ def encode_prompt(metadata: dict, program: Program, stdin: bytes = b"",
     token[schema.index("aux_tag")] = aux_tag_id("input")
     for index, byte in enumerate(stdin):
         schema.set_bits(token, "aux_key", index)
-        schema.set_bits(token, "aux_val", byte)
+        schema.set_bits(token, "aux_val", byte | INPUT_PRESENT)
         prompt[len(head) + index] = token
     start = schema.empty_token()
     start[schema.index("kind")] = kind_id("RUN")

@@ -415,10 +415,10 @@ struct Engine(Movable):
     # and whether `winners` holds an answer of the exact-match index that is still
     # right while the query and the cache's slot count (in `winner_counts`) stay the same.
     var last_slots: List[Int]
-    # Per head: the first head of its layer with the same key projection and lookup
-    # kind (itself when none), whose cache then finds the slots and answers the
-    # queries for both, and the head whose cached values it reads (itself unless its
-    # value projection is also the same as its key leader's).
+    # Per head: the first head with the same key projection and lookup kind (itself
+    # when none), whose cache then finds the slots and answers the queries for both,
+    # and the head whose cached values it reads: the first head with the same key
+    # leader and the same value projection, itself when none.
     var key_leaders: List[Int]
     var value_leaders: List[Int]
     var winner_reusable: List[Bool]
@@ -793,10 +793,21 @@ struct Engine(Movable):
                         and same_affine(other.wk, other.bk, head.wk, head.bk, arrays)
                     ):
                         self.key_leaders[h] = g
-                        if (
-                            same_layer or (other.value_fields >= 0 and head.value_fields >= 0)
-                        ) and same_affine(other.wv, other.bv, head.wv, head.bv, arrays):
-                            self.value_leaders[h] = self.value_leaders[g]
+                        # The values may equal those of any head that follows the same
+                        # key leader, which keeps them at the same slots.
+                        for v in range(g, h):
+                            ref owner = self.heads[v]
+                            if (
+                                self.key_leaders[v] == g
+                                and self.value_leaders[v] == v
+                                and (
+                                    v >= layer.first_head
+                                    or (owner.value_fields >= 0 and head.value_fields >= 0)
+                                )
+                                and same_affine(owner.wv, owner.bv, head.wv, head.bv, arrays)
+                            ):
+                                self.value_leaders[h] = v
+                                break
                         break
 
     def _extra(self, index: Int) -> Tuple[IntPtr, IntPtr, FloatPtr, Int, Int]:

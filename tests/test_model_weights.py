@@ -98,7 +98,7 @@ def test_prompt_input_tokens_carry_byte_and_index():
     for index, byte in enumerate(stdin):
         row = prompt[first + index]
         assert tk.KIND_VALUES[row[schema.index("kind")]] == "INPUT"
-        assert schema.bits(row, "aux_val") == byte
+        assert schema.bits(row, "aux_val") == byte + 256  # bit 8: the input head's hit flag
         assert row[key_fields].tolist() == [(index >> i) & 1 for i in range(len(key_fields))]
     assert compact.dtype == np.uint8
     assert np.array_equal(compact, prompt)

@@ -322,6 +322,39 @@ def test_wide_weights_match_reference(tmp_path):
 
 
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 2**32 - 1), token_values=st.booleans())
+def test_values_shared_with_a_key_follower(mojo_extension, seed, token_values):
+    # All exact-match heads have the same key projection, so exact head 0 of layer 0
+    # leads their keys. Exact heads 2 of both layers get the value projection of exact
+    # head 1 of layer 0, not that of the key leader, and read head 1's values. With
+    # `token_values` that projection reads token dimensions only, so layer 1's head 2
+    # may read the values that layer 0 cached.
+    spec = SyntheticSpec(run_bias=30, layers=2, dense_heads=1, exact_heads=3)
+    with tempfile.TemporaryDirectory() as folder:
+        path = synthetic.write_model(Path(folder) / "model.safetensors", spec, seed, 8)
+        weights = load_weights(path)
+    exact = [h for h, head in enumerate(weights.layers[0].heads) if head.lookup == "exact"]
+    source = weights.layers[0].heads[exact[1]]
+    if token_values:
+        dense = source.wv.to_dense()
+        dense[:, spec.scratch_start :] = 0.0
+        rows, cols = np.nonzero(dense)
+        source = dataclasses.replace(
+            source, wv=SparseMatrix(dense.shape, rows, cols, dense[rows, cols])
+        )
+        weights.layers[0].heads[exact[1]] = source
+    assert not np.array_equal(source.wv.to_dense(), weights.layers[0].heads[exact[0]].wv.to_dense())
+    for layer in weights.layers:
+        layer.heads[exact[2]] = dataclasses.replace(
+            layer.heads[exact[2]], wv=source.wv, bv=source.bv
+        )
+    expected = reference.run_reference(weights, weights.prompt, MAX_TOKENS)
+    tokens, output = runner.run_tokens(weights, weights.prompt, MAX_TOKENS)
+    assert np.array_equal(tokens, expected.tokens)
+    assert output == expected.output
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(seed=st.integers(0, 2**32 - 1), written=st.booleans())
 def test_keys_shared_across_layers(mojo_extension, seed, written):
     # Every synthetic exact-match head has the same key projection, which reads token
