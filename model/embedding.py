@@ -5,7 +5,8 @@ value of each field gets the highest logit, so no argmax of a generated token ti
 
 * a binary field with next bit b: logits (1, 2b), key bits and write flags included;
 * `op` and `aux_tag`: twice the one-hot dims, and 1 for the "none" value;
-* `kind`: the one-hot dims of next_kind.
+* `kind`: the one-hot dims of next_kind;
+* `code_op`, `code_imm`: bias only, so every generated token has "no instruction" there.
 
 Each residual dimension adds to one logit of a field, so the Mojo runtime's unembedding
 adds one weight per field for each nonzero dimension.
@@ -35,9 +36,9 @@ def build_embedding(residual: Residual) -> list[np.ndarray]:
 def _embed_field(residual: Residual, group: str, i: int, table: np.ndarray) -> None:
     if group == "kind":
         table[np.arange(len(tk.KIND_VALUES)), list(residual["kind"])] = 1.0
-    elif group == "op":
-        table[np.arange(tk.NO_OPCODE), list(residual["op"])] = 1.0
-    elif group in (*DELTA_REGISTERS, "imm", *WINDOW, "aux_val"):
+    elif group == "code_op":
+        table[np.arange(tk.NO_OPCODE), list(residual["code_op"])] = 1.0
+    elif group in (*DELTA_REGISTERS, "code_imm", *WINDOW, "aux_val"):
         table[1, residual[group][i]] = 1.0
     elif group == "aux_tag":
         for tag in range(1, len(tk.AUX_TAGS)):
@@ -51,7 +52,8 @@ def _embed_field(residual: Residual, group: str, i: int, table: np.ndarray) -> N
         table[1, dim] = 1.0
     elif group == "mwrite":
         table[1, residual[f"mkey{i}_present"][0]] = 1.0
-    # out_valid and out_bit have no embedding: the model never reads them back.
+    # op, imm (the echo of the executed instruction), out_valid and out_bit have no
+    # embedding: the model never reads them back.
 
 
 def build_unembedding(residual: Residual) -> tuple[list[np.ndarray], list[np.ndarray]]:
@@ -88,6 +90,10 @@ def _unembed_field(residual: Residual, group: str, i: int, matrix, bias) -> None
         bias[tk.NO_OPCODE] = 1.0
     elif group == "imm":
         _binary(matrix, bias, [r["fetched_imm"][i]])
+    elif group == "code_op":
+        bias[tk.NO_OPCODE] = 1.0  # only prompt tokens hold an instruction here
+    elif group == "code_imm":
+        bias[0] = 1.0
     elif group in WINDOW:
         _binary(matrix, bias, [r[f"next_{group}"][i]])
     elif group == "aux_tag":

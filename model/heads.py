@@ -76,7 +76,7 @@ def memory_head(residual: Residual, channel: int) -> Head:
 def layer0_heads(residual: Residual) -> list[Head]:
     r = residual
     code = r["kind"][tk.kind_id("CODE")]
-    fetch_values = [Lin.dim(d) for d in (*r["op"], *r["imm"], code)]
+    fetch_values = [Lin.dim(d) for d in (*r["code_op"], *r["code_imm"], code)]
     fetch_outputs = [*r["fetched_op"], *r["fetched_imm"], r["fetch_hit"][0]]
     fetch = aux_head(r, "fetch", "fetch the instruction at ip: opcode one-hot, immediate, "
                      "hit flag", "code", [bit(d) for d in r["ip"]], fetch_values,

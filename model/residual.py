@@ -7,8 +7,9 @@ by the layers; the unembedding reads the *next-state* scratch dimensions.
 
 Token dimensions (value intervals in brackets):
 
-* `kind` one-hot [0, 1] (14), `op` one-hot by model opcode number [0, 1] (55)
-* register and value bits [0, 1]: ip, sp, calls, cursor, imm, t0, t1, t2, aux_val
+* `kind` one-hot [0, 1] (14), `code_op` one-hot by model opcode number [0, 1] (55)
+* register and value bits [0, 1]: ip, sp, calls, cursor, code_imm, t0, t1, t2, aux_val
+* nothing for the `op` and `imm` fields, the echo of the executed instruction
 * key components [-1, 1]: `aux_tag_pm` (3), 0 for tag none, and `aux_key_pm` (20),
   `mkey{c}_pm` (18 each), +1 for a key bit 1 and -1 for a bit 0
 * `aux_present`, `mkey{c}_present` [0, 1]: the token writes that channel (from
@@ -60,10 +61,10 @@ class Residual:
     def _allocate_token_dims(self) -> None:
         add = self.layout.add
         add("kind", len(tk.KIND_VALUES))
-        add("op", OPCODE_COUNT)
+        add("code_op", OPCODE_COUNT)
         for name in ("ip", "sp", "calls", "cursor"):
             add(name, DELTA_REGISTERS[name])
-        add("imm", tk.WORD_BITS)
+        add("code_imm", tk.WORD_BITS)
         for name in WINDOW:
             add(name, tk.WORD_BITS)
         add("aux_tag_pm", tk.AUX_TAG_BITS, -1.0, 1.0)

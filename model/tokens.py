@@ -10,8 +10,9 @@ A token is a tuple of small integers, one per field. Field groups, in token orde
 | --- | --- | --- | --- |
 | kind | 1 | 14 | CODE DATA INPUT SENTINEL RUN HALT and one value per trap reason |
 | ip, sp, calls, cursor | 32, 11, 11, 20 | 2 | machine registers, bit i of the value |
-| op | 1 | 56 | opcode (model numbering); the last value means "no instruction" |
-| imm | 32 | 2 | immediate bits |
+| op | 1 | 56 | executed opcode (model numbering); the last value means "no instruction" |
+| imm | 32 | 2 | immediate bits of the executed instruction |
+| code_op, code_imm | 1, 32 | 56, 2 | a CODE token's instruction; "no instruction" and 0 elsewhere |
 | t0, t1, t2 | 32 each | 2 | the top three stack slots, 0 where a slot does not exist |
 | aux_tag | 1 | 6 | which auxiliary channel the token writes: none code spill local call input |
 | aux_key | 20 | 2 | key of that write, bit i; only a token whose aux_tag is not none writes |
@@ -21,8 +22,11 @@ A token is a tuple of small integers, one per field. Field groups, in token orde
 | out_valid, out_bit0..7 | 1 + 8 | 2 | an output byte, bit i weighs 2^i |
 
 A RUN token is the machine state after one executed instruction, with the instruction
-echoed in `op` and `imm` and its writes in the write fields. Prompt tokens use the same
-fields: CODE tokens write the code channel (key = address, value = `op` and `imm`), DATA
+echoed in `op` and `imm` and its writes in the write fields. No layer reads the echo:
+the model fetches instructions from CODE tokens, which hold them in `code_op` and
+`code_imm`, so the fields that change at every step feed no head. Prompt tokens use the
+same fields: CODE tokens write the code channel (key = address, value = `code_op` and
+`code_imm`), DATA
 tokens write memory channels like a store, INPUT tokens write the input channel (key =
 index, value = the byte plus INPUT_PRESENT), and the SENTINEL token carries the memory
 size in `t0`.
@@ -106,6 +110,8 @@ GROUPS: tuple[FieldGroup, ...] = (
     FieldGroup("cursor", CURSOR_BITS, 2),
     FieldGroup("op", 1, NO_OPCODE + 1),
     FieldGroup("imm", WORD_BITS, 2),
+    FieldGroup("code_op", 1, NO_OPCODE + 1),
+    FieldGroup("code_imm", WORD_BITS, 2),
     FieldGroup("t0", WORD_BITS, 2),
     FieldGroup("t1", WORD_BITS, 2),
     FieldGroup("t2", WORD_BITS, 2),
@@ -146,9 +152,10 @@ class Schema:
         return list(range(start, start + self.groups[group].width))
 
     def empty_token(self) -> np.ndarray:
-        """Return a token with every field 0 and `op` set to "no instruction"."""
+        """Return a token with every field 0 and `op`, `code_op` set to "no instruction"."""
         token = np.zeros(self.count, dtype=np.int64)
         token[self.index("op")] = NO_OPCODE
+        token[self.index("code_op")] = NO_OPCODE
         return token
 
     def set_bits(self, token: np.ndarray, group: str, value: int) -> None:
@@ -246,8 +253,8 @@ def _sentinel_token(schema: Schema, memory_size: int) -> np.ndarray:
 def _code_token(schema, numbers, address: int, instruction: Instruction) -> np.ndarray:
     token = schema.empty_token()
     token[schema.index("kind")] = kind_id("CODE")
-    token[schema.index("op")] = numbers[instruction.opcode.mnemonic]
-    schema.set_bits(token, "imm", instruction.immediate)
+    token[schema.index("code_op")] = numbers[instruction.opcode.mnemonic]
+    schema.set_bits(token, "code_imm", instruction.immediate)
     token[schema.index("aux_tag")] = aux_tag_id("code")
     schema.set_bits(token, "aux_key", address)
     return token
@@ -392,7 +399,7 @@ def schema_metadata(numbering: Sequence[str]) -> dict:
                 entry["values"] = list(KIND_VALUES)
             elif group.name == "aux_tag":
                 entry["values"] = list(AUX_TAGS)
-            elif group.name == "op":
+            elif group.name in ("op", "code_op"):
                 entry["values"] = [*numbering, "NONE"]
             fields.append(entry)
     return {
