@@ -73,6 +73,7 @@ comptime MAGIC = 0x746C6301
 comptime FIELD_LANES = 16  # token fields compared at once
 comptime MASK_LANES = 8  # words of a field mask compared at once
 comptime RUN_LANES = 8  # logits of a run of the unembedding added at once
+comptime SINGLE_ENTRY = -2  # marks an unembedding column of one entry (unembed_columns)
 # A token's fields as the engine stores them: Int32, so that a cache line has 16.
 comptime TokenPtr = Pointer[Int32, MutUntrackedOrigin]
 # The largest field whose changes use the pair deltas (Engine.pair_fields).
@@ -338,7 +339,9 @@ struct Engine(Movable):
     # entries are a run: at least RUN_LANES entries of consecutive rows, which the
     # product adds RUN_LANES logits at a time. Then the entries end before the run, and
     # runs[3 r] .. [3 r + 2] are the run's first row, its length and the offset of its
-    # weights in run_weights. Each logit still gets one fused multiply-add.
+    # weights in run_weights. Each logit still gets one fused multiply-add. A column of
+    # one field and one entry has SINGLE_ENTRY there instead, its row in 4 c + 1 and
+    # the offset of its weight in run_weights in 4 c + 2.
     var unembed_columns: List[Int32]
     var column_field_words: List[UInt64]
     var runs: List[Int]
@@ -1674,13 +1677,20 @@ struct Engine(Movable):
                     else:
                         keys[unsafe_offset=2 * field] = 2
                     continue
+                var run = Int(columns[unsafe_offset=4 * column + 3])
+                if run == SINGLE_ENTRY:
+                    var weight = run_weights[unsafe_offset=Int(columns[unsafe_offset=4 * column + 2])]
+                    logits[unsafe_offset=Int(columns[unsafe_offset=4 * column + 1])] += (
+                        weight * coefficient
+                    )
+                    written[unsafe_offset=mask_word(group)] |= mask_bit(group)
+                    continue
                 var entry = Int(columns[unsafe_offset=4 * column + 1])
                 var entry_end = Int(columns[unsafe_offset=4 * column + 2])
                 while entry < entry_end:
                     var row, weight = read_entry(entries, entry)
                     logits[unsafe_offset=row] += weight * coefficient
                     entry += 1
-                var run = Int(columns[unsafe_offset=4 * column + 3])
                 if run >= 0:
                     _add_run(
                         logits.unsafe_offset(self.runs.unsafe_get(3 * run)),
@@ -1910,6 +1920,14 @@ struct Engine(Movable):
             self.unembed_columns[4 * column + 2] = Int32(end)
             self.unembed_columns[4 * column + 3] = -1
             if group >= CACHED_COLUMN:
+                continue
+            if group >= 0 and end - first == 1:
+                self.unembed_columns[4 * column + 1] = Int32(self.indices[self.unembed.row_ids + first])
+                self.unembed_columns[4 * column + 2] = Int32(len(self.run_weights))
+                self.unembed_columns[4 * column + 3] = SINGLE_ENTRY
+                self.run_weights.append(
+                    arrays.values[unsafe_offset=self.unembed.entries + first].cast[DType.float64]()
+                )
                 continue
             # The longest run of consecutive rows at the end of the column's entries.
             var start = end - 1

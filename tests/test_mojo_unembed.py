@@ -131,6 +131,28 @@ def test_private_columns_match_reference(mojo_extension, case):
     _assert_matches_reference(weights, 100)
 
 
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 2**32 - 1), share=st.floats(0.1, 1.0), layers=st.integers(1, 2))
+def test_single_entry_columns_match_reference(mojo_extension, seed, share, layers):
+    # A column of x with one entry in one field's logits takes the engine's shortcut for
+    # single entries, which must add the same weight to the same logit. A share of the
+    # columns gets one entry each, in a random field and row; the others keep theirs.
+    spec = SyntheticSpec(run_bias=30, layers=layers, density=0.5)
+    with tempfile.TemporaryDirectory() as folder:
+        weights = _weights(spec, seed, folder)
+    rng = np.random.default_rng(seed)
+    dense = [matrix.to_dense() for matrix in weights.unembed]
+    chosen = rng.permutation(spec.width)[: max(1, int(share * spec.width))]
+    for column in chosen:
+        for matrix in dense:
+            matrix[:, column] = 0.0
+        f = int(rng.integers(len(dense)))
+        row = int(rng.integers(dense[f].shape[0]))
+        dense[f][row, column] = rng.choice([-2.0, -1.0, 1.0, 2.0])
+    weights.unembed[:] = [_sparse(matrix) for matrix in dense]
+    _assert_matches_reference(weights, 80)
+
+
 @st.composite
 def consecutive_runs(draw):
     """Draw a synthetic model and columns of x for runs in the unembedding. Each
