@@ -13,9 +13,9 @@ FFN 0 (after the layer-0 heads fetched the instruction):
 
 FFN 1 turns the conditions into the next token's kind, in the order of docs/isa.md:
 invalid jump target, then stack underflow, then the operation's own trap (at most one
-per instruction), then stack overflow. HALT gives kind HALT, anything else RUN:
-
-    next_kind[RUN] = 1 - (sum of every other next_kind bit)
+per instruction), then stack overflow. HALT gives kind HALT. At most one next_kind bit
+is set, and with none the unembedding's bias picks RUN, so a step that neither traps
+nor halts writes nothing there.
 """
 
 from __future__ import annotations
@@ -78,11 +78,9 @@ def shared_ffn0(ctx: Context) -> Block:
 def shared_ffn1(ctx: Context) -> Block:
     r = ctx.r
     block = Block("shared.1")
-    run = r.next_kind("RUN")
-    block.constant({run: 1.0})
 
     def emit(literals, kind: str) -> None:
-        all_of(block, literals, {r.next_kind(kind): 1.0, run: -1.0})
+        all_of(block, literals, {r.next_kind(kind): 1.0})
 
     miss = condition(ctx, "miss")
     underflow = condition(ctx, "underflow")

@@ -5,7 +5,7 @@ value of each field gets the highest logit, so no argmax of a generated token ti
 
 * a binary field with next bit b: logits (1, 2b), key bits and write flags included;
 * `op` and `aux_tag`: twice the one-hot dims, and 1 for the "none" value;
-* `kind`: the one-hot dims of next_kind;
+* `kind`: twice the next_kind dims of HALT and the traps, and 1 for RUN;
 * `code_op`, `code_imm`: bias only, so every generated token has "no instruction" there.
 
 Each residual dimension adds to one logit of a field, so the Mojo runtime's unembedding
@@ -80,8 +80,10 @@ def _unembed_field(residual: Residual, group: str, i: int, matrix, bias) -> None
         for value, name in enumerate(tk.KIND_VALUES):
             if name in ("CODE", "DATA", "INPUT", "SENTINEL"):
                 bias[value] = PROMPT_KIND_LOGIT
+            elif name == "RUN":
+                bias[value] = 1.0  # unless a HALT or trap bit is set
             else:
-                matrix[value, r.next_kind(name)] = 1.0
+                matrix[value, r.next_kind(name)] = 2.0
     elif group in DELTA_REGISTERS:
         _binary(matrix, bias, [r[group][i], r[f"delta_{group}"][i]])
     elif group == "op":
