@@ -21,7 +21,16 @@
 
 from std.memory import bitcast
 
-from kernels import FloatPtr, copy_floats, float_ptr, int_ptr, lane_bits
+from kernels import (
+    MASK_BITS,
+    FloatPtr,
+    MaskPtr,
+    copy_floats,
+    float_ptr,
+    int_ptr,
+    lane_bits,
+    nonzero_mask,
+)
 
 comptime EMPTY = -1
 comptime SLOT_BITS = 40  # the low bits of a code_table place, which contain slot + 1
@@ -171,6 +180,10 @@ struct HeadCache(Movable):
     var exact: Bool  # the metadata declares an exact-match head
     var keys: List[Float64]  # slot s holds keys[s * key_width : (s + 1) * key_width]
     var values: List[Float64]
+    # The nonzero components of each slot's value, value_words words per slot, found
+    # when the value is written so that a head's output need not look for them.
+    var value_masks: List[UInt64]
+    var value_words: Int
     var stamps: List[Int]  # the position that last wrote each slot
     var table: List[Int]  # open addressing with linear probing: a slot or EMPTY
     var table_count: Int  # slots in `table`: those whose key is not ternary
@@ -194,6 +207,8 @@ struct HeadCache(Movable):
         self.exact = exact and key_width >= 1
         self.keys = List[Float64]()
         self.values = List[Float64]()
+        self.value_words = value_width // MASK_BITS + 1
+        self.value_masks = List[UInt64]()
         self.stamps = List[Int]()
         self.table = List[Int](length=INITIAL_TABLE_SIZE, fill=EMPTY)
         self.table_count = 0
@@ -219,6 +234,25 @@ struct HeadCache(Movable):
 
     def value_ptr(mut self, slot: Int) -> FloatPtr:
         return float_ptr(self.values).unsafe_offset(slot * self.value_width)
+
+    def value_mask_ptr(mut self, slot: Int) -> MaskPtr:
+        """Return the mask of the nonzero components of the value of `slot`."""
+        return MaskPtr(unsafe_from_address=Int(self.value_masks.unsafe_ptr())).unsafe_offset(
+            slot * self.value_words
+        )
+
+    def _add_value(mut self, slot: Int, value: FloatPtr):
+        """Append the value of `slot`, a new slot, and its nonzero mask."""
+        for i in range(self.value_width):
+            self.values.append(value[unsafe_offset=i])
+        for _ in range(self.value_words):
+            self.value_masks.append(0)
+        nonzero_mask(value, self.value_width, self.value_mask_ptr(slot))
+
+    def _set_value(mut self, slot: Int, value: FloatPtr):
+        """Overwrite the value of `slot` and its nonzero mask."""
+        copy_floats(self.value_ptr(slot), value, self.value_width)
+        nonzero_mask(value, self.value_width, self.value_mask_ptr(slot))
 
     def find(mut self, key: FloatPtr) -> Int:
         """Return the slot whose key equals `key` component for component, or EMPTY."""
@@ -319,30 +353,28 @@ struct HeadCache(Movable):
             slot = self.count()
             for i in range(self.key_width):
                 self.keys.append(key[unsafe_offset=i])
-            for i in range(self.value_width):
-                self.values.append(value[unsafe_offset=i])
+            self._add_value(slot, value)
             self.stamps.append(stamp)
             self.codes.append(code)
             self._insert(slot, ternary)
             if self.exact:
                 self._check_key_form(key, slot)
             return slot
-        copy_floats(self.value_ptr(slot), value, self.value_width)
+        self._set_value(slot, value)
         self.stamps.unsafe_get(slot) = stamp
         return slot
 
     def rewrite(mut self, slot: Int, value: FloatPtr, stamp: Int):
         """Append a key equal to the key of `slot`, with this value, at position
         `stamp`: what `append` does for a cached key, without looking the key up."""
-        copy_floats(self.value_ptr(slot), value, self.value_width)
+        self._set_value(slot, value)
         self.stamps.unsafe_get(slot) = stamp
 
     def store_value(mut self, slot: Int, value: FloatPtr, stamp: Int):
         """Write the value and stamp of `slot`, appending it when slot == count(), for a
         cache whose keys another head's cache holds and finds."""
         if slot == self.count():
-            for i in range(self.value_width):
-                self.values.append(value[unsafe_offset=i])
+            self._add_value(slot, value)
             self.stamps.append(stamp)
         else:
             self.rewrite(slot, value, stamp)

@@ -431,7 +431,6 @@ struct Engine(Movable):
     var query: List[Float64]
     var key: List[Float64]
     var value: List[Float64]
-    var value_mask: List[UInt64]  # nonzero components of a head's winning value
     var shared_hidden: List[Float64]
     var expert_hidden: List[Float64]
     var shared_mask: List[UInt64]  # positive units of shared_hidden after the ReLU
@@ -629,16 +628,15 @@ struct Engine(Movable):
         self.query = List[Float64](length=_max_rows(self.heads, 0) + 1, fill=0.0)
         self.key = List[Float64](length=_max_rows(self.heads, 1) + 1, fill=0.0)
         self.value = List[Float64](length=_max_rows(self.heads, 2) + 1, fill=0.0)
-        var value_width = _max_rows(self.heads, 2)
         for h in range(len(self.heads)):
             ref head = self.heads[h]
+            # The output reads the mask words of its value in its value cache.
             if head.wo.rows != self.width or head.wo.first_word + head.wo.mask_words > (
-                value_width // MASK_BITS + 1
+                head.wv.rows // MASK_BITS + 1
             ):
                 raise Error("packed model: an output projection has the wrong shape")
             if head.deferrable and h >= MASK_BITS:
                 raise Error("packed model: only the first 64 heads can be deferrable")
-        self.value_mask = List[UInt64](length=value_width // MASK_BITS + 1, fill=0)
         var hidden = _max_hidden(self.blocks) + 1
         # positive_mask reads up to seven components past a block's last unit.
         self.shared_hidden = List[Float64](length=hidden + 8, fill=0.0)
@@ -1335,9 +1333,9 @@ struct Engine(Movable):
         ref head = self.heads.unsafe_get(h)
         var values = self.value_leaders.unsafe_get(h)
         ref cache = self.caches.unsafe_ptr()[unsafe_offset=values]
-        var winner = cache.value_ptr(self.winners.unsafe_get(h))
-        var value_mask = MaskPtr(unsafe_from_address=Int(self.value_mask.unsafe_ptr()))
-        nonzero_mask(winner, head.wv.rows, value_mask)
+        var slot = self.winners.unsafe_get(h)
+        var winner = cache.value_ptr(slot)
+        var value_mask = cache.value_mask_ptr(slot)
         accumulate_masked[mark_output=True](
             head.wo, arrays, winner, value_mask, float_ptr(self.x), masks[1], masks[2]
         )
