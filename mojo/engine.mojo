@@ -297,6 +297,9 @@ struct Engine(Movable):
     # for a larger field, whose changes subtract and add whole columns. Adding a delta
     # is exact for the same reason as the incremental embedding.
     var pair_fields: List[Int]
+    # The fields with an embedding entry or a kept q, k or v entry in some value's
+    # column. A change of another field only updates embedded_token.
+    var embedded_fields: List[UInt64]
     var pair_pointers: List[Int32]
     var pair_words: List[Float64]
     # Whether each row of the embedding is written by the columns of one field only.
@@ -707,6 +710,7 @@ struct Engine(Movable):
         self.need_step = False
         self.stopped = False
         self.pair_fields = List[Int](length=2 * self.field_count, fill=-1)
+        self.embedded_fields = List[UInt64](length=_mask_words(self.field_count), fill=0)
         for f in range(self.field_count):
             self.pair_fields[2 * f + 1] = self.vocab[f]
         self.pair_pointers = List[Int32]()
@@ -884,6 +888,20 @@ struct Engine(Movable):
         var every_row = List[Bool](length=rows, fill=False)
         var unread = self._unread_kept_rows(rows)
         var pairs = 0
+        var embed_pointers = arrays.pointers.unsafe_offset(self.embed.entry_pointers)
+        var qkv_pointers = arrays.pointers.unsafe_offset(self.first_qkv.entry_pointers)
+        for f in range(self.field_count):
+            var first_column = self.field_offsets[f]
+            var end_column = first_column + self.vocab[f]
+            var entries = embed_pointers[unsafe_offset=end_column] - embed_pointers[
+                unsafe_offset=first_column
+            ]
+            if self.first_qkv_rows > 0:
+                entries += qkv_pointers[unsafe_offset=end_column] - qkv_pointers[
+                    unsafe_offset=first_column
+                ]
+            if entries > 0:
+                self.embedded_fields[mask_word(f)] |= mask_bit(f)
         for f in range(self.field_count):
             var vocab = self.vocab[f]
             if vocab > PAIR_VOCAB:
@@ -1086,7 +1104,12 @@ struct Engine(Movable):
         var pair_bits = IntPtr(unsafe_from_address=Int(self.pair_words.unsafe_ptr()))
         var owned_rows = self.owned_rows
         for w in range(self.field_words):
-            var bits = changed[unsafe_offset=w]
+            var unembedded = changed[unsafe_offset=w] & ~self.embedded_fields.unsafe_get(w)
+            while unembedded != 0:
+                var g = w * MASK_BITS + Int(count_trailing_zeros(unembedded))
+                unembedded &= unembedded - 1
+                embedded_token[unsafe_offset=g] = token[unsafe_offset=g]
+            var bits = changed[unsafe_offset=w] & self.embedded_fields.unsafe_get(w)
             while bits != 0:
                 var g = w * MASK_BITS + Int(count_trailing_zeros(bits))
                 bits &= bits - 1
