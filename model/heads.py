@@ -4,8 +4,9 @@ All but one are exact-match heads (docs/model.md section 1). A head on the auxil
 channel has n = 3 + 20 key components: the 3-bit channel tag and 20 key bits. Its query
 is (tag bits, key bits) as +-1 and the constant 1; a token's key is (aux_tag_pm,
 aux_key_pm + [SENTINEL], c) with c = n for a token that writes the channel and c = 2n - 1
-for the SENTINEL, whose key components are then all 0. Because the tag is part of the key, a query for one channel never matches a
-write to another one. Memory channel c has n = 18 (the word index bits).
+for the SENTINEL, whose key components are then all 0. Because the tag is part of the
+key, a query for one channel never matches a write to another one. Memory channel c has
+n = 18 (the word index bits).
 
 Layer 0: fetch (ip), call stack (calls), spill reload A (key sp), input (cursor), memory
 size (SENTINEL). Layer 1: locals ((calls, index)), spill reload B (key sp - 1), the four

@@ -1700,10 +1700,9 @@ struct Engine(Movable):
                     continue
                 var run = Int(columns[unsafe_offset=4 * column + 3])
                 if run == SINGLE_ENTRY:
-                    var weight = run_weights[unsafe_offset=Int(columns[unsafe_offset=4 * column + 2])]
-                    logits[unsafe_offset=Int(columns[unsafe_offset=4 * column + 1])] += (
-                        weight * coefficient
-                    )
+                    var row = Int(columns[unsafe_offset=4 * column + 1])
+                    var weight_at = Int(columns[unsafe_offset=4 * column + 2])
+                    logits[unsafe_offset=row] += run_weights[unsafe_offset=weight_at] * coefficient
                     written[unsafe_offset=mask_word(group)] |= mask_bit(group)
                     continue
                 var entry = Int(columns[unsafe_offset=4 * column + 1])
@@ -1943,7 +1942,8 @@ struct Engine(Movable):
             if group >= CACHED_COLUMN:
                 continue
             if group >= 0 and end - first == 1:
-                self.unembed_columns[4 * column + 1] = Int32(self.indices[self.unembed.row_ids + first])
+                var row = self.indices[self.unembed.row_ids + first]
+                self.unembed_columns[4 * column + 1] = Int32(row)
                 self.unembed_columns[4 * column + 2] = Int32(len(self.run_weights))
                 self.unembed_columns[4 * column + 3] = SINGLE_ENTRY
                 self.run_weights.append(
