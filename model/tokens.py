@@ -33,9 +33,11 @@ size in `t0`.
 
 Key fields hold plain bits, and one field tells whether a token writes a channel:
 `aux_tag` or `mwrite c`. A token that writes nothing on the auxiliary channel has the key
-bits 0. A store writes its word index into all four channels, and `mwrite` marks the ones
-it writes. So consecutive tokens differ only in the key bits that are 1, while key fields
-with their own "absent" value would flip every field at every write.
+bits 0, and other tokens have memory key bits 0. A store writes into each channel's key
+the word that holds that channel's byte at its address (two neighbouring words for an
+unaligned store), and `mwrite` marks the channels it writes, none for a store to the
+output port. So consecutive tokens differ only in the key bits that are 1, while key
+fields with their own "absent" value would flip every field at every write.
 """
 
 from __future__ import annotations

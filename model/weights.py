@@ -224,12 +224,18 @@ def load_weights(path: str | Path) -> tuple[dict[str, np.ndarray], dict]:
     except json.JSONDecodeError as error:
         raise WeightFileError(f"{path}: the metadata is not valid JSON ({error}); "
                               f"{REBUILD}") from None  # fmt: skip
+    check_format(metadata, path)
+    check_weights(tensors, metadata, path)
+    return tensors, metadata
+
+
+def check_format(metadata, path: str | Path) -> None:
+    """Raise WeightFileError unless the metadata is a JSON object of this version's weight
+    format, whose token fields the prompt encoder and the decoder use."""
     if not isinstance(metadata, dict) or metadata.get("format") != tk.FORMAT_VERSION:
         found = metadata.get("format") if isinstance(metadata, dict) else None
         raise WeightFileError(f"{path}: weight format {found!r}, expected "
                               f"{tk.FORMAT_VERSION!r}; {REBUILD}")  # fmt: skip
-    check_weights(tensors, metadata, path)
-    return tensors, metadata
 
 
 def check_weights(tensors: dict[str, np.ndarray], metadata: dict, path: str | Path) -> None:

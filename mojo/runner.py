@@ -854,9 +854,16 @@ def run_program(
     """
     check_run_arguments(stdin, max_steps)
     tokens = _model_helpers()
-    from tlc.model.weights import TOKENS_INVALID, invalid_contents, uncovered_opcodes
+    from tlc.model.weights import TOKENS_INVALID, check_format, invalid_contents, uncovered_opcodes
 
     model, packed = load_universal() if weights is None else load_packed(weights)
+    if weights is not None:
+        # The engine runs any model of docs/model.md section 1, but a program's prompt
+        # and trace need this version's token fields.
+        try:
+            check_format(model.metadata, weights)
+        except ValueError as error:
+            raise WeightFileError(str(error)) from None
     missing = uncovered_opcodes(model.metadata, program)
     if missing:
         raise ValueError(f"the model does not compute {', '.join(missing)} yet; "

@@ -150,21 +150,24 @@ class ModelWeights:
 def load_weights(path: str | Path) -> ModelWeights:
     """Read the weight file at `path`, checking its checksum and values as
     `tlc.model.weights.load_weights` does; raise WeightFileError when it is malformed."""
-    from tlc.model.weights import TENSORS_INVALID, check_weights, invalid_contents
+    from tlc.model.weights import REBUILD, TENSORS_INVALID, check_weights, invalid_contents
 
     try:
         with safe_open(str(path), framework="numpy") as handle:
             raw_metadata = (handle.metadata() or {}).get(METADATA_KEY)
             if raw_metadata is None:
-                raise WeightFileError(f"{path}: metadata key {METADATA_KEY!r} is missing")
+                raise WeightFileError(f"{path}: not a tlc weight file (metadata "
+                                      f"{METADATA_KEY!r} is missing); {REBUILD}")  # fmt: skip
             tensors = {name: handle.get_tensor(name) for name in handle.keys()}
         metadata = json.loads(raw_metadata)
     except (OSError, SafetensorError) as error:
-        raise WeightFileError(f"{path}: not a readable safetensors file ({error})") from None
+        raise WeightFileError(f"{path}: not a readable safetensors file ({error}); "
+                              f"{REBUILD}") from None  # fmt: skip
     except json.JSONDecodeError as error:
-        raise WeightFileError(f"{path}: the metadata is not valid JSON ({error})") from None
+        raise WeightFileError(f"{path}: the metadata is not valid JSON ({error}); "
+                              f"{REBUILD}") from None  # fmt: skip
     if not isinstance(metadata, dict):
-        raise WeightFileError(f"{path}: the metadata is not a JSON object")
+        raise WeightFileError(f"{path}: the metadata is not a JSON object; {REBUILD}")
     try:
         check_weights(tensors, metadata, path)
     except ValueError as error:

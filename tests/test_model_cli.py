@@ -125,7 +125,7 @@ def test_build_rejects_trailing_separator(tmp_path):
 
 @pytest.mark.parametrize("backend", ["torch", "mojo", "inspect"])
 @pytest.mark.parametrize("edit", ["width", "kind", "vocab", "vocab type", "layers", "experts",
-                                  "heads type"])
+                                  "heads type", "format"])
 def test_run_rejects_inconsistent_signed_weights(tmp_path, backend, edit):
     # Files with a valid checksum whose metadata does not match the tensors.
     from tlc.model.weights import load_weights, write_weight_file
@@ -151,6 +151,8 @@ def test_run_rejects_inconsistent_signed_weights(tmp_path, backend, edit):
         metadata["layers"][0]["heads"] = len(metadata["layers"][0]["heads"])
     elif edit == "layers":
         metadata["layers"] = []
+    elif edit == "format":
+        metadata["format"] = "tlc-weights-1"  # the token layout before key bits
     else:
         metadata["layers"][0]["experts"].pop()
     write_weight_file(weights, tensors, metadata)
@@ -162,3 +164,5 @@ def test_run_rejects_inconsistent_signed_weights(tmp_path, backend, edit):
     assert ran.returncode == 2, ran.stderr
     assert str(weights) in ran.stderr
     assert "internal error" not in ran.stderr
+    if edit == "format":
+        assert "weight format 'tlc-weights-1', expected 'tlc-weights-2'" in ran.stderr
