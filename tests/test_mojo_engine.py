@@ -321,6 +321,21 @@ def test_wide_weights_match_reference(tmp_path):
     assert output == expected.output
 
 
+def _synthetic_weights(spec: SyntheticSpec, seed: int):
+    """Return the weights of a synthetic model written to and read from a file."""
+    with tempfile.TemporaryDirectory() as folder:
+        path = synthetic.write_model(Path(folder) / "model.safetensors", spec, seed, 8)
+        return load_weights(path)
+
+
+def _assert_matches_reference(weights) -> None:
+    """Assert that the engine gives the oracle's tokens and output after the prompt."""
+    expected = reference.run_reference(weights, weights.prompt, MAX_TOKENS)
+    tokens, output = runner.run_tokens(weights, weights.prompt, MAX_TOKENS)
+    assert np.array_equal(tokens, expected.tokens)
+    assert output == expected.output
+
+
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(seed=st.integers(0, 2**32 - 1), token_values=st.booleans())
 def test_values_shared_with_a_key_follower(mojo_extension, seed, token_values):
@@ -330,9 +345,7 @@ def test_values_shared_with_a_key_follower(mojo_extension, seed, token_values):
     # `token_values` that projection reads token dimensions only, so layer 1's head 2
     # may read the values that layer 0 cached.
     spec = SyntheticSpec(run_bias=30, layers=2, dense_heads=1, exact_heads=3)
-    with tempfile.TemporaryDirectory() as folder:
-        path = synthetic.write_model(Path(folder) / "model.safetensors", spec, seed, 8)
-        weights = load_weights(path)
+    weights = _synthetic_weights(spec, seed)
     exact = [h for h, head in enumerate(weights.layers[0].heads) if head.lookup == "exact"]
     source = weights.layers[0].heads[exact[1]]
     if token_values:
@@ -348,10 +361,7 @@ def test_values_shared_with_a_key_follower(mojo_extension, seed, token_values):
         layer.heads[exact[2]] = dataclasses.replace(
             layer.heads[exact[2]], wv=source.wv, bv=source.bv
         )
-    expected = reference.run_reference(weights, weights.prompt, MAX_TOKENS)
-    tokens, output = runner.run_tokens(weights, weights.prompt, MAX_TOKENS)
-    assert np.array_equal(tokens, expected.tokens)
-    assert output == expected.output
+    _assert_matches_reference(weights)
 
 
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -363,9 +373,7 @@ def test_keys_shared_across_layers(mojo_extension, seed, written):
     # layer writes. The weights stay equal but the keys differ, so each head must keep
     # its own cache.
     spec = SyntheticSpec(run_bias=30, layers=2, dense_heads=1, exact_heads=1)
-    with tempfile.TemporaryDirectory() as folder:
-        path = synthetic.write_model(Path(folder) / "model.safetensors", spec, seed, 8)
-        weights = load_weights(path)
+    weights = _synthetic_weights(spec, seed)
     exact = [next(h for h, head in enumerate(layer.heads) if head.lookup == "exact")
              for layer in weights.layers]  # fmt: skip
     keys = [layer.heads[h].wk.to_dense() for layer, h in zip(weights.layers, exact)]
@@ -378,7 +386,4 @@ def test_keys_shared_across_layers(mojo_extension, seed, written):
             layer.heads[h] = dataclasses.replace(layer.heads[h], wk=key)
     dependencies = runner.head_dependencies(weights)
     assert (dependencies[1][exact[1]][0] is None) == written
-    expected = reference.run_reference(weights, weights.prompt, MAX_TOKENS)
-    tokens, output = runner.run_tokens(weights, weights.prompt, MAX_TOKENS)
-    assert np.array_equal(tokens, expected.tokens)
-    assert output == expected.output
+    _assert_matches_reference(weights)
