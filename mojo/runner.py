@@ -25,7 +25,7 @@ import numpy as np
 
 from tlc.mojo import build
 from tlc.mojo.deferred import Deferral
-from tlc.mojo.twins import cannot_produce_nan, input_bounds, layer_sums_exact, twins_last
+from tlc.mojo.twins import cannot_produce_nan, input_intervals, layer_sums_exact, twins_last
 from tlc.mojo.weights import (
     FeedForward,
     ModelWeights,
@@ -337,11 +337,11 @@ def pack_model(weights: ModelWeights) -> PackedModel:
                       every_column=True)  # fmt: skip
         packer.vector(bias, rows, "layers.0 qkv bias")
     dependencies = head_dependencies(weights)
-    bounds = input_bounds(weights) or [None] * len(weights.layers)
+    intervals = input_intervals(weights) or [None] * len(weights.layers)
     first_head = 0
     for index, layer in enumerate(weights.layers):
         _pack_layer(packer, layer, width, f"layers.{index}", dependencies[index],
-                    bounds[index], (deferral, first_head))  # fmt: skip
+                    intervals[index], (deferral, first_head))  # fmt: skip
         first_head += len(layer.heads)
     return packer.finish()
 
@@ -432,11 +432,14 @@ def head_dependencies(weights: ModelWeights) -> list[list[tuple[TokenFields, ...
 
 
 def _pack_layer(packer: _Packer, layer, width: int, name: str,
-                dependencies: list[tuple[TokenFields, ...]], bound: np.ndarray | None,
+                dependencies: list[tuple[TokenFields, ...]],
+                interval: tuple[np.ndarray, np.ndarray] | None,
                 heads: tuple[Deferral, int]) -> None:  # fmt: skip
-    """Add one layer. `heads` is the model's Deferral and the global index of the
-    layer's first head."""
+    """Add one layer. `interval` is the interval of the feed-forward input y (None where
+    it is unknown), `heads` the model's Deferral and the global index of the layer's
+    first head."""
     deferral, first_head = heads
+    bound = None if interval is None else np.maximum(-interval[0], interval[1])
     packer.header.append(len(layer.heads))
     for h, head in enumerate(layer.heads):
         prefix = f"{name}.heads.{h}"
@@ -463,14 +466,15 @@ def _pack_layer(packer: _Packer, layer, width: int, name: str,
         # Each expert carries a copy of the shared block, so that a step runs one block,
         # unless an expert uses the block memo: a fused key mixes both blocks' inputs and
         # misses more often.
-        has_memo = any(layer_sums_exact(shared, [expert], bound) for expert in experts)
+        has_memo = any(layer_sums_exact(shared, [expert], bound, interval)
+                       for expert in experts)  # fmt: skip
         if not has_memo and all(_integer_vector(block.b2) for block in [shared, *experts]):
             experts = [_fuse_blocks(shared, expert) for expert in experts]
             shared = None
     # The shared block runs with every expert; an expert runs with the shared block only.
     packer.header.append(0 if shared is None else 1)
     if shared is not None:
-        exact = layer_sums_exact(shared, experts, bound)
+        exact = layer_sums_exact(shared, experts, bound, interval)
         packer.block(shared, width, f"{name}.shared", bound, deferral, exact)
     packer.header.append(len(experts))
     if experts:
@@ -479,7 +483,7 @@ def _pack_layer(packer: _Packer, layer, width: int, name: str,
         packer.vector(layer.router_b, count, f"{name}.router.b")
         packer.header.append(deferral.reads(layer.router_w))
         for e, expert in enumerate(experts):
-            exact = layer_sums_exact(shared, [expert], bound)
+            exact = layer_sums_exact(shared, [expert], bound, interval)
             packer.block(expert, width, f"{name}.experts.{e}", bound, deferral, exact)
 
 

@@ -40,10 +40,86 @@ def _abs_product(matrix: SparseMatrix, bound: np.ndarray) -> np.ndarray:
     return result
 
 
-def _block_growth(block: FeedForward, y: np.ndarray) -> np.ndarray:
-    """Return a bound of what the block adds to x, given a bound of its input."""
-    hidden = _abs_product(block.w1, y) + np.abs(block.b1)
+def _block_growth(block: FeedForward, y: np.ndarray,
+                  interval: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:  # fmt: skip
+    """Return a bound of what the block adds to x, and of every partial sum of it in any
+    order, given a bound of its input's magnitude and, when known, its interval."""
+    if interval is None:
+        hidden = _abs_product(block.w1, y) + np.abs(block.b1)
+    else:
+        # A hidden unit is ReLU(pre-activation), so it lies in [0, max(0, top)].
+        hidden = np.maximum(_signed_product(block.w1, *interval)[1] + block.b1, 0.0)
     return _abs_product(block.w2, hidden) + np.abs(block.b2)
+
+
+def _signed_product(matrix: SparseMatrix, low: np.ndarray,
+                    high: np.ndarray) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """Return the interval of matrix @ y over the box low <= y <= high."""
+    positive = np.maximum(matrix.values, 0.0)
+    negative = np.minimum(matrix.values, 0.0)
+    result_low = np.zeros(matrix.shape[0], dtype=np.float64)
+    result_high = np.zeros(matrix.shape[0], dtype=np.float64)
+    np.add.at(result_low, matrix.rows,
+              positive * low[matrix.cols] + negative * high[matrix.cols])  # fmt: skip
+    np.add.at(result_high, matrix.rows,
+              positive * high[matrix.cols] + negative * low[matrix.cols])  # fmt: skip
+    return result_low, result_high
+
+
+def _block_interval(block: FeedForward, low: np.ndarray,
+                    high: np.ndarray) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """Return the interval of W2 ReLU(W1 y + b1) + b2 over the box low <= y <= high.
+
+    Units with equal W1 rows (twins) see the same s = W1 y and differ in their bias, so
+    their joint contribution sum_n W2[d, n] ReLU(s + b_n) is piecewise linear in the one
+    scalar s, and its extremes lie at the ends of s's interval or at the breakpoints
+    -b_n inside it. That keeps a step ReLU(s + 1) - ReLU(s) within [0, 1], where
+    bounding each unit apart would give [-M, M + 1]. The builder's certificate
+    (tlc.model.certificate) bounds the model the same way.
+    """
+    b1 = np.asarray(block.b1, dtype=np.float64)
+    pre_low, pre_high = _signed_product(block.w1, low, high)
+    out_low = np.asarray(block.b2, dtype=np.float64).copy()
+    out_high = out_low.copy()
+    hidden = len(b1)
+    if hidden == 0:
+        return out_low, out_high
+    pointers, columns, values = block.w1.csr()
+    pairs = _equal_rows(pointers, columns, values)
+    group = np.arange(hidden)
+    group[pairs[:, 0]] = pairs[:, 1]
+    sizes = np.bincount(group, minlength=hidden)
+    single = sizes[group] == 1
+    # A unit alone in its group: ReLU is monotone, so its interval is the ReLU of its
+    # pre-activation's.
+    entries = single[block.w2.cols]
+    alone = SparseMatrix(block.w2.shape, block.w2.rows[entries], block.w2.cols[entries],
+                         block.w2.values[entries])  # fmt: skip
+    alone_low, alone_high = _signed_product(alone, np.maximum(pre_low + b1, 0.0),
+                                            np.maximum(pre_high + b1, 0.0))  # fmt: skip
+    out_low += alone_low
+    out_high += alone_high
+    # The W2 entries of the units in groups of two or more, by unit.
+    shared = np.flatnonzero(~entries)
+    shared = shared[np.argsort(block.w2.cols[shared], kind="stable")]
+    starts = np.searchsorted(block.w2.cols[shared], np.arange(hidden + 1))
+    for representative in np.flatnonzero((sizes > 1)):
+        members = np.flatnonzero(group == representative)
+        biases = b1[members]
+        s_low, s_high = pre_low[representative], pre_high[representative]
+        inside = [-bias for bias in biases if s_low < -bias < s_high]
+        points = np.array([s_low, s_high, *inside], dtype=np.float64)
+        activations = np.maximum(points[None, :] + biases[:, None], 0.0)
+        chosen = np.concatenate([shared[starts[m]:starts[m + 1]] for m in members])
+        if len(chosen) == 0:
+            continue
+        local = np.searchsorted(members, block.w2.cols[chosen])
+        dims, inverse = np.unique(block.w2.rows[chosen], return_inverse=True)
+        sums = np.zeros((len(dims), len(points)), dtype=np.float64)
+        np.add.at(sums, inverse, block.w2.values[chosen][:, None] * activations[local])
+        out_low[dims] += sums.min(axis=1)
+        out_high[dims] += sums.max(axis=1)
+    return out_low, out_high
 
 
 def input_bounds(weights: ModelWeights) -> list[np.ndarray] | None:
@@ -51,9 +127,16 @@ def input_bounds(weights: ModelWeights) -> list[np.ndarray] | None:
     the layer's feed-forward blocks, at any position and for any token.
 
     Returns None when some embedding value, head weight or block weight is not an
-    integer, because then y need not be an integer and twins are not exact. The router
-    only picks an expert, so each layer adds the largest growth of any expert.
+    integer, because then y need not be an integer and twins are not exact.
     """
+    intervals = input_intervals(weights)
+    return None if intervals is None else [_magnitude(interval) for interval in intervals]
+
+
+def input_intervals(weights: ModelWeights) -> list[tuple[np.ndarray, np.ndarray]] | None:
+    """Return, per layer, the interval (low, high) of y component by component, or None
+    as `input_bounds` does. The router only picks an expert, so each layer adds the
+    union of its experts' intervals."""
     tensors = [matrix.values for matrix in weights.embed]
     for layer in weights.layers:
         for head in layer.heads:
@@ -63,7 +146,7 @@ def input_bounds(weights: ModelWeights) -> list[np.ndarray] | None:
     if not all(_integral(values) for values in tensors):
         return None
     try:
-        return _bounds(weights)[0]
+        return _intervals(weights)[0]
     except (IndexError, ValueError):
         return None  # wrong shapes, which the packer reports with their names
 
@@ -114,36 +197,57 @@ def _nan_free_bounds(weights: ModelWeights):
 def _bounds(weights: ModelWeights) -> tuple[list[np.ndarray], np.ndarray]:
     """Return per layer a bound of |y| (the feed-forward input) and a bound of |x| after
     the last layer."""
-    x = np.zeros(weights.width, dtype=np.float64)
+    intervals, (low, high) = _intervals(weights)
+    return [_magnitude(interval) for interval in intervals], _magnitude((low, high))
+
+
+def _magnitude(interval: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+    return np.maximum(-interval[0], interval[1])
+
+
+def _intervals(weights: ModelWeights):
+    """Return per layer the interval (low, high) of y, the feed-forward input, at any
+    position and for any token, and the interval of x after the last layer."""
+    low = np.zeros(weights.width, dtype=np.float64)
+    high = np.zeros(weights.width, dtype=np.float64)
     for table in weights.embed:
-        # Each field adds one row of its table: the largest magnitude per component.
-        magnitudes = np.zeros(table.shape, dtype=np.float64)
-        np.add.at(magnitudes, (table.rows, table.cols), np.abs(table.values))
-        x = x + magnitudes.max(axis=0, initial=0.0)
-    bounds = []
+        # Each field adds one row of its table, and a value without an entry adds 0.
+        dense = np.zeros(table.shape, dtype=np.float64)
+        np.add.at(dense, (table.rows, table.cols), table.values)
+        low = low + dense.min(axis=0, initial=0.0)
+        high = high + dense.max(axis=0, initial=0.0)
+    intervals = []
     for layer in weights.layers:
-        y = x.copy()
+        y_low, y_high = low.copy(), high.copy()
         for head in layer.heads:
-            # The winning value was computed at some position from x bounded by `x`.
-            value = _abs_product(head.wv, x) + np.abs(head.bv)
-            y = y + _abs_product(head.wo, value)
-        bounds.append(y)
-        x = y.copy()
+            # The winning value was computed at some position from x in [low, high].
+            value_low, value_high = _signed_product(head.wv, low, high)
+            output_low, output_high = _signed_product(head.wo, value_low + head.bv,
+                                                      value_high + head.bv)  # fmt: skip
+            y_low, y_high = y_low + output_low, y_high + output_high
+        intervals.append((y_low, y_high))
+        low, high = y_low.copy(), y_high.copy()
         if layer.shared is not None:
-            x = x + _block_growth(layer.shared, y)
+            shared_low, shared_high = _block_interval(layer.shared, y_low, y_high)
+            low, high = low + shared_low, high + shared_high
         if layer.experts:
-            x = x + np.max([_block_growth(expert, y) for expert in layer.experts], axis=0)
-    return bounds, x
+            # One expert runs, so x gains the union of their intervals.
+            ranges = [_block_interval(expert, y_low, y_high) for expert in layer.experts]
+            low = low + np.min([each[0] for each in ranges], axis=0)
+            high = high + np.max([each[1] for each in ranges], axis=0)
+    return intervals, (low, high)
 
 
 def layer_sums_exact(shared: FeedForward | None, experts: list[FeedForward],
-                     bound: np.ndarray | None) -> bool:
+                     bound: np.ndarray | None,
+                     interval: tuple[np.ndarray, np.ndarray] | None = None) -> bool:  # fmt: skip
     """Return True when every sum that a layer's feed-forward blocks compute is an integer
     below LIMIT in any order of its terms.
 
     That covers the hidden units, each block's output W2 ReLU(h) + b2 summed from zero,
     and x plus the shared block's and the expert's outputs. `bound` bounds |y| (from
-    `input_bounds`, None when some weight is not an integer). The engine then may
+    `input_bounds`, None when some weight is not an integer), and `interval`, y's
+    interval from `input_intervals`, bounds the hidden units tighter. The engine then may
     remember a block's output for its input and add it later in one sum per row
     (engine.mojo, the block memo).
     """
@@ -156,9 +260,10 @@ def layer_sums_exact(shared: FeedForward | None, experts: list[FeedForward],
             return False
     total = bound.copy()
     if shared is not None:
-        total = total + _block_growth(shared, bound)
+        total = total + _block_growth(shared, bound, interval)
     if experts:
-        total = total + np.max([_block_growth(expert, bound) for expert in experts], axis=0)
+        growth = [_block_growth(expert, bound, interval) for expert in experts]
+        total = total + np.max(growth, axis=0)
     return bool(np.all(total < LIMIT))
 
 

@@ -226,3 +226,56 @@ def test_engine_twins_match_reference(mojo_extension, seed, layers, shared_hidde
     tokens, output = runner.run_tokens(weights, weights.prompt, 120)
     assert np.array_equal(tokens, expected.tokens)
     assert output == expected.output
+
+
+def test_twin_step_interval():
+    # ReLU(s + 1) - ReLU(s) is 0 below s = -1, 1 above s = 0 and linear between, for s
+    # = y0 + y1 in [-6, 6]. Bounding each unit apart would give [-6, 7].
+    w1 = np.array([[1.0, 1.0], [1.0, 1.0]])
+    w2 = _sparse(np.array([[1.0, -1.0], [0.0, 0.0]]))
+    block = FeedForward(_sparse(w1), np.array([1.0, 0.0]), w2, np.zeros(2))
+    low, high = twins._block_interval(block, np.array([-3.0, -3.0]), np.array([3.0, 3.0]))
+    assert low[0] == 0.0
+    assert high[0] == 1.0
+    assert low[1] == high[1] == 0.0
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 2**32 - 1), layers=st.integers(1, 3))
+def test_intervals_cover_the_oracle(seed, layers):
+    # Every feed-forward input the oracle computes lies in the interval of its layer.
+    spec = SyntheticSpec(run_bias=30, layers=layers, twin_rows=True, experts=3)
+    with tempfile.TemporaryDirectory() as folder:
+        weights = _synthetic(spec, seed, folder)
+    intervals = twins.input_intervals(weights)
+    model = reference.ReferenceModel(weights)
+    original = model._feed_forward
+    inputs = []
+
+    def recording(layer, y):
+        index = next(i for i, each in enumerate(weights.layers) if each is layer)
+        inputs.append((index, y.copy()))
+        return original(layer, y)
+
+    model._feed_forward = recording
+    token = tuple(int(v) for v in weights.prompt[0])
+    for _ in range(40):
+        token = model.step(token)
+    assert inputs
+    for index, y in inputs:
+        low, high = intervals[index]
+        assert np.all(low <= y)
+        assert np.all(y <= high)
+
+
+def test_universal_model_blocks_are_exact():
+    # The interval pass that groups twin units proves every block of the interpreter
+    # model exact, the division experts of layers 2 to 10 included, so each uses the
+    # block memo.
+    weights, _ = runner.load_universal()
+    intervals = twins.input_intervals(weights)
+    assert intervals is not None
+    for layer, interval in zip(weights.layers, intervals, strict=True):
+        bound = np.maximum(-interval[0], interval[1])
+        for expert in layer.experts:
+            assert twins.layer_sums_exact(layer.shared, [expert], bound, interval)
