@@ -46,7 +46,7 @@ def _embed_field(residual: Residual, group: str, i: int, table: np.ndarray) -> N
                 table[tag, dim] = 1.0 if (tag >> j) & 1 else -1.0
             table[tag, residual["aux_present"][0]] = 1.0
     elif group == "aux_key" or group.startswith("mkey"):
-        # Key bit b becomes the key component 2b - 1.
+        # Key bit b gives the key component 2b - 1.
         dim = residual[f"{group}_pm"][i]
         table[0, dim] = -1.0
         table[1, dim] = 1.0
@@ -93,7 +93,7 @@ def _unembed_field(residual: Residual, group: str, i: int, matrix, bias) -> None
     elif group == "imm":
         _binary(matrix, bias, [r["fetched_imm"][i]])
     elif group == "code_op":
-        bias[tk.NO_OPCODE] = 1.0  # only prompt tokens hold an instruction here
+        bias[tk.NO_OPCODE] = 1.0  # only prompt tokens carry an instruction here
     elif group == "code_imm":
         bias[0] = 1.0
     elif group in WINDOW:

@@ -53,7 +53,8 @@ class Head:
         """Build a head from linear rows; `outputs[i]` is the residual dim that value
         component i is added to, and the components past len(outputs) are not read."""
         if len(outputs) > len(values):
-            raise ValueError(f"head {name}: {len(outputs)} outputs but {len(values)} values")
+            raise ValueError(f"head {name}: {len(outputs)} outputs for {len(values)} value "
+                             f"components; give at most one output per component")  # fmt: skip
         if len(queries) != len(keys):
             raise ValueError(f"head {name}: {len(queries)} query rows but {len(keys)} keys")
         wq, bq = rows_to_matrix(queries, width)

@@ -22,22 +22,22 @@ A token is a tuple of small integers, one per field. Field groups, in token orde
 | out_valid, out_bit0..7 | 1 + 8 | 2 | an output byte, bit i weighs 2^i |
 
 A RUN token is the machine state after one executed instruction, with the instruction
-echoed in `op` and `imm` and its writes in the write fields. No layer reads the echo:
-the model fetches instructions from CODE tokens, which hold them in `code_op` and
+echoed in `op` and `imm` and its writes in the write fields. No layer reads the echo.
+The model fetches instructions from CODE tokens, which carry them in `code_op` and
 `code_imm`, so the fields that change at every step feed no head. Prompt tokens use the
 same fields: CODE tokens write the code channel (key = address, value = `code_op` and
-`code_imm`), DATA
-tokens write memory channels like a store, INPUT tokens write the input channel (key =
-index, value = the byte plus INPUT_PRESENT), and the SENTINEL token carries the memory
-size in `t0`.
+`code_imm`), DATA tokens write memory channels like a store, INPUT tokens write the
+input channel (key = index, value = the byte plus INPUT_PRESENT), and the SENTINEL
+token carries the memory size in `t0`.
 
-Key fields hold plain bits, and one field tells whether a token writes a channel:
-`aux_tag` or `mwrite c`. A token that writes nothing on the auxiliary channel has the key
-bits 0, and other tokens have memory key bits 0. A store writes into each channel's key
-the word that holds that channel's byte at its address (two neighbouring words for an
-unaligned store), and `mwrite` marks the channels it writes, none for a store to the
-output port. So consecutive tokens differ only in the key bits that are 1, while key
-fields with their own "absent" value would flip every field at every write.
+Key fields are plain bits, and one field tells whether a token writes a channel:
+`aux_tag` or `mwrite c`. A token that writes nothing on the auxiliary channel has
+auxiliary key bits 0, and every token but a store has memory key bits 0. A store writes
+into each channel's key the word that contains that channel's byte at its address (two
+neighbouring words for an unaligned store). `mwrite` marks the channels it writes, none
+for a store to the output port. So consecutive tokens differ only in the key bits that
+are 1, while key fields with their own "absent" value would flip every field at every
+write.
 """
 
 from __future__ import annotations

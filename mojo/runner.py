@@ -25,7 +25,13 @@ import numpy as np
 
 from tlc.mojo import build
 from tlc.mojo.deferred import Deferral
-from tlc.mojo.twins import cannot_produce_nan, input_intervals, layer_sums_exact, twins_last
+from tlc.mojo.twins import (
+    cannot_produce_nan,
+    input_intervals,
+    layer_sums_exact,
+    magnitude,
+    twins_last,
+)
 from tlc.mojo.weights import (
     FeedForward,
     ModelWeights,
@@ -439,7 +445,7 @@ def _pack_layer(packer: _Packer, layer, width: int, name: str,
     it is unknown), `heads` the model's Deferral and the global index of the layer's
     first head."""
     deferral, first_head = heads
-    bound = None if interval is None else np.maximum(-interval[0], interval[1])
+    bound = None if interval is None else magnitude(interval)
     packer.header.append(len(layer.heads))
     for h, head in enumerate(layer.heads):
         prefix = f"{name}.heads.{h}"

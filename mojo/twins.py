@@ -103,7 +103,7 @@ def _block_interval(block: FeedForward, low: np.ndarray,
     shared = np.flatnonzero(~entries)
     shared = shared[np.argsort(block.w2.cols[shared], kind="stable")]
     starts = np.searchsorted(block.w2.cols[shared], np.arange(hidden + 1))
-    for representative in np.flatnonzero((sizes > 1)):
+    for representative in np.flatnonzero(sizes > 1):
         members = np.flatnonzero(group == representative)
         biases = b1[members]
         s_low, s_high = pre_low[representative], pre_high[representative]
@@ -130,7 +130,7 @@ def input_bounds(weights: ModelWeights) -> list[np.ndarray] | None:
     integer, because then y need not be an integer and twins are not exact.
     """
     intervals = input_intervals(weights)
-    return None if intervals is None else [_magnitude(interval) for interval in intervals]
+    return None if intervals is None else [magnitude(interval) for interval in intervals]
 
 
 def input_intervals(weights: ModelWeights) -> list[tuple[np.ndarray, np.ndarray]] | None:
@@ -198,10 +198,11 @@ def _bounds(weights: ModelWeights) -> tuple[list[np.ndarray], np.ndarray]:
     """Return per layer a bound of |y| (the feed-forward input) and a bound of |x| after
     the last layer."""
     intervals, (low, high) = _intervals(weights)
-    return [_magnitude(interval) for interval in intervals], _magnitude((low, high))
+    return [magnitude(interval) for interval in intervals], magnitude((low, high))
 
 
-def _magnitude(interval: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+def magnitude(interval: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+    """Return the largest magnitude in an interval (low, high), component by component."""
     return np.maximum(-interval[0], interval[1])
 
 

@@ -79,7 +79,7 @@ def test_prompt_layout():
     assert kinds == ["SENTINEL"] + ["CODE"] * 5 + ["DATA"] + ["INPUT"] * 2 + ["RUN"]
     assert schema.bits(prompt[0], "t0") == 64
     data = prompt[6]
-    # Bytes 6 and 7 are channels 2 and 3 of word 1; channels 0 and 1 stay unwritten.
+    # Bytes 6 and 7 are channels 2 and 3 of word 1, so channels 0 and 1 stay unwritten.
     assert [data[schema.index("mwrite", c)] for c in range(4)] == [0, 0, 1, 1]
     assert schema.bits(data, "mkey2") == schema.bits(data, "mkey3") == 1
     assert schema.bits(data, "mkey0") == schema.bits(data, "mkey1") == 0
