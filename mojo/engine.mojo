@@ -31,7 +31,9 @@
 # A matrix is the 10 Ints of a `Matrix`; a bias is one offset into `floats`; a block is
 # (w1, b1, w2, b2 as a D x 1 matrix, twin count, twin representatives, twin deltas, the
 # head mask of w1, exact: 1 when every sum of the block is an integer below 2^52 in any
-# order, tlc.mojo.twins.layer_sums_exact). b2 is a matrix because it is added to the
+# order, tlc.mojo.twins.layer_sums_exact, a D x D linear map of y with no columns stored
+# when the block has none, tlc.mojo.twins.split_linear_units, and the head mask of that
+# map). b2 is a matrix because it is added to the
 # whole residual, where most of its components are zero. The twins (tlc.mojo.twins)
 # are hidden units whose W1 rows the packer removed because they equal an earlier
 # unit's. They are the block's last units; each one's representative is at an offset
@@ -136,6 +138,11 @@ struct BlockWeights(ImplicitlyCopyable, Movable):
     # Whether every sum of the block is an integer below 2^52 in any order, so that the
     # engine may remember its output (see Engine.memo_table).
     var exact: Bool
+    # A D x D map L of y that the block adds besides its units, computed at every step
+    # and never remembered (no columns stored: none), and the head mask of L. No block
+    # of the layer writes a column L reads (tlc.mojo.twins.split_linear_units).
+    var linear: Matrix
+    var linear_reads: UInt64
 
 
 @fieldwise_init
@@ -209,6 +216,8 @@ struct HeaderReader:
         var twin_deltas = self.next()
         var reads = UInt64(self.next())
         var exact = self.next() != 0
+        var linear = self.matrix()
+        var linear_reads = UInt64(self.next())
         if twin_count < 0 or twin_count > w1.rows:
             raise Error(
                 String(
@@ -236,7 +245,17 @@ struct HeaderReader:
                     )
                 )
         return BlockWeights(
-            w1, b1, w2, b2, twin_count, twin_representatives, twin_deltas, reads, exact
+            w1,
+            b1,
+            w2,
+            b2,
+            twin_count,
+            twin_representatives,
+            twin_deltas,
+            reads,
+            exact,
+            linear,
+            linear_reads,
         )
 
 
@@ -603,6 +622,9 @@ struct Engine(Movable):
             self.layers.append(
                 _read_layer(reader, self.heads, self.blocks, self.field_masks, self.field_count)
             )
+        for block in self.blocks:
+            if block.linear.stored > 0 and block.linear.rows != self.width:
+                raise Error("packed model: a block's linear map has the wrong shape")
         if self.width > Int(PACK_MASK) + 1:
             # The memo's words hold residual indices in PACK_BITS bits.
             for ref block in self.blocks:
@@ -690,7 +712,7 @@ struct Engine(Movable):
             if layer.head_count != 0 or layer.shared >= 0 or layer.expert_count == 0:
                 break
             ref block = self.blocks[layer.first_expert + layer.bias_expert]
-            if block.w1.rows != 0 or block.b2.stored != 0:
+            if block.w1.rows != 0 or block.b2.stored != 0 or block.linear.stored != 0:
                 break
             for index in range(layer.router.mask_words):
                 var word = layer.router.first_word + index
@@ -949,6 +971,9 @@ struct Engine(Movable):
             for row in self._matrix_rows(block.b2):
                 if embedding_rows[row]:
                     return False
+            for row in self._matrix_rows(block.linear):
+                if embedding_rows[row]:
+                    return False
         return True
 
     def _matrix_rows(self, matrix: Matrix) -> List[Int]:
@@ -1009,6 +1034,7 @@ struct Engine(Movable):
             matrices.append(block.w1)
             matrices.append(block.w2)
             matrices.append(block.b2)
+            matrices.append(block.linear)
         for layer in self.layers:
             if layer.expert_count > 0:
                 matrices.append(layer.router)
@@ -1433,8 +1459,8 @@ struct Engine(Movable):
                 chosen = first_argmax(logits, layer.expert_count, self.nan_possible)
             expert = layer.first_expert + chosen
             ref block = self.blocks.unsafe_get(expert)
-            if block.w1.rows == 0 and block.b2.stored == 0:
-                # An expert without hidden units or output bias adds nothing.
+            if block.w1.rows == 0 and block.b2.stored == 0 and block.linear.stored == 0:
+                # An expert without hidden units, output bias or linear map adds nothing.
                 expert = -1
             else:
                 self._settle[dtype](self.blocks.unsafe_get(expert).reads)
@@ -1458,6 +1484,24 @@ struct Engine(Movable):
                 expert, expert_record, expert_hash, expert_key, expert_words,
                 expert_hidden, expert_mask,
             )
+        # Last, as no block of the layer writes a column that a linear map reads.
+        if layer.shared >= 0 and self.blocks.unsafe_get(layer.shared).linear.stored > 0:
+            self._add_linear[dtype](layer.shared)
+        if expert >= 0 and self.blocks.unsafe_get(expert).linear.stored > 0:
+            self._add_linear[dtype](expert)
+
+    @always_inline
+    def _add_linear[dtype: DType](mut self, index: Int):
+        """Add block `index`'s linear map of x to x. The columns it reads still hold y,
+        and none of them is a row it writes."""
+        self._settle[dtype](self.blocks.unsafe_get(index).linear_reads)
+        var arrays = self._arrays[dtype]()
+        var masks = self._masks()
+        var x = float_ptr(self.x)
+        ref block = self.blocks.unsafe_get(index)
+        accumulate_masked[mark_output=True](
+            block.linear, arrays, x, masks[1], x, masks[1], masks[2]
+        )
 
     @always_inline
     def _one_hot_choice[

@@ -27,9 +27,11 @@ from tlc.mojo import build
 from tlc.mojo.deferred import Deferral
 from tlc.mojo.twins import (
     cannot_produce_nan,
+    growth,
     input_intervals,
     layer_sums_exact,
     magnitude,
+    split_linear_units,
     twins_last,
 )
 from tlc.mojo.weights import (
@@ -125,13 +127,18 @@ class _Packer:
         self.header.append(self._floats(values))
 
     def block(self, block: FeedForward, width: int, name: str,
-              bound: np.ndarray | None, deferral: Deferral, exact: bool) -> None:  # fmt: skip
+              bound: np.ndarray | None, deferral: Deferral, exact: bool,
+              linear: SparseMatrix | None = None) -> None:  # fmt: skip
         """Add a block with its twin rows (tlc.mojo.twins), the mask of the deferred
-        heads its first layer reads and whether its sums are exact in any order
-        (`layer_sums_exact`). `bound` bounds the block's input, or is None where twins
-        are not allowed."""
+        heads its first layer reads, whether its sums are exact in any order
+        (`layer_sums_exact`), and its linear map (`split_linear_units`, None: none)
+        with the mask of the deferred heads it reads. `bound` bounds the block's input,
+        or is None where twins are not allowed."""
         _check_block(block, width, name)
         reads = deferral.reads(block.w1)
+        if linear is None:
+            linear = SparseMatrix((width, width), np.zeros(0, np.int64), np.zeros(0, np.int64),
+                                  np.zeros(0))  # fmt: skip
         block, representatives, deltas = twins_last(block, bound)
         hidden = len(block.b1)
         self.matrix(block.w1, hidden, width, f"{name}.w1")
@@ -140,6 +147,8 @@ class _Packer:
         self.matrix(_column(block.b2), width, 1, f"{name}.b2")
         self.header += [len(representatives), self._ints(representatives),
                         self._floats(deltas), reads, int(exact)]  # fmt: skip
+        self.matrix(linear, width, width, f"{name}.linear")
+        self.header.append(deferral.reads(linear))
 
     def finish(self) -> PackedModel:
         header = np.array([PACK_MAGIC, *self.header, PACK_END_MARK], dtype=np.int64)
@@ -479,9 +488,11 @@ def _pack_layer(packer: _Packer, layer, width: int, name: str,
             shared = None
     # The shared block runs with every expert; an expert runs with the shared block only.
     packer.header.append(0 if shared is None else 1)
+    split = _Split(shared, experts, interval, width)
     if shared is not None:
         exact = layer_sums_exact(shared, experts, bound, interval)
-        packer.block(shared, width, f"{name}.shared", bound, deferral, exact)
+        shared_part, linear = split(shared, exact, experts)
+        packer.block(shared_part, width, f"{name}.shared", bound, deferral, exact, linear)
     packer.header.append(len(experts))
     if experts:
         count = len(experts)
@@ -490,7 +501,31 @@ def _pack_layer(packer: _Packer, layer, width: int, name: str,
         packer.header.append(deferral.reads(layer.router_w))
         for e, expert in enumerate(experts):
             exact = layer_sums_exact(shared, [expert], bound, interval)
-            packer.block(expert, width, f"{name}.experts.{e}", bound, deferral, exact)
+            part, linear = split(expert, exact, [] if shared is None else [shared])
+            packer.block(part, width, f"{name}.experts.{e}", bound, deferral, exact, linear)
+
+
+class _Split:
+    """Splits the exact blocks of one layer with `split_linear_units`."""
+
+    def __init__(self, shared: FeedForward | None, experts: list[FeedForward],
+                 interval: tuple[np.ndarray, np.ndarray] | None, width: int):  # fmt: skip
+        self.interval = interval
+        # The rows that some block of the layer writes.
+        self.written = np.zeros(width, dtype=bool)
+        for block in ([] if shared is None else [shared]) + experts:
+            self.written[block.w2.rows] = True
+            self.written[np.flatnonzero(block.b2)] = True
+
+    def __call__(self, block: FeedForward, exact: bool, others: list[FeedForward]):
+        """Return (block, linear map or None); `others` are the blocks that may run
+        with it (the shared block for an expert, the experts for the shared block)."""
+        if not exact or self.interval is None:
+            return block, None
+        elsewhere = np.zeros(len(self.written))
+        if others:
+            elsewhere = np.max([growth(other, self.interval) for other in others], axis=0)
+        return split_linear_units(block, self.interval, self.written, elsewhere)
 
 
 # ---- the engine -----------------------------------------------------------------------

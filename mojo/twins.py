@@ -376,3 +376,88 @@ def twins_last(block: FeedForward, bound: np.ndarray | None):
                       block.w2.values)  # fmt: skip
     b1 = np.asarray(block.b1, dtype=np.float64)[order]
     return FeedForward(w1, b1, w2, block.b2), renumber[pairs[:, 1]], deltas
+
+
+def _select_units(block: FeedForward, units: np.ndarray, b2: np.ndarray) -> FeedForward:
+    """Return the block of the hidden units in `units` (ascending), renumbered from 0,
+    with output bias b2."""
+    renumber = np.full(len(block.b1), -1, dtype=np.int64)
+    renumber[units] = np.arange(len(units))
+    first = renumber[block.w1.rows] >= 0
+    second = renumber[block.w2.cols] >= 0
+    w1 = SparseMatrix((len(units), block.w1.shape[1]), renumber[block.w1.rows[first]],
+                      block.w1.cols[first], block.w1.values[first])  # fmt: skip
+    w2 = SparseMatrix((block.w2.shape[0], len(units)), block.w2.rows[second],
+                      renumber[block.w2.cols[second]], block.w2.values[second])  # fmt: skip
+    return FeedForward(w1, np.asarray(block.b1, dtype=np.float64)[units], w2, b2)
+
+
+def _compose(w2: SparseMatrix, w1: SparseMatrix) -> SparseMatrix:
+    """Return the product w2 @ w1 without its zero entries."""
+    pointers, columns, values = w1.csr()  # by unit: the columns of y each unit reads
+    counts = pointers[w2.cols + 1] - pointers[w2.cols]
+    entries = _ranges(pointers[w2.cols], counts)
+    rows = np.repeat(w2.rows, counts)
+    columns = columns[entries]
+    width = w1.shape[1]
+    keys, inverse = np.unique(rows * width + columns, return_inverse=True)
+    sums = np.zeros(len(keys), dtype=np.float64)
+    np.add.at(sums, inverse, np.repeat(w2.values, counts) * values[entries])
+    nonzero = sums != 0.0
+    return SparseMatrix((w2.shape[0], width), keys[nonzero] // width, keys[nonzero] % width,
+                        sums[nonzero])  # fmt: skip
+
+
+def split_linear_units(block: FeedForward, interval: tuple[np.ndarray, np.ndarray],
+                       written: np.ndarray, elsewhere: np.ndarray):  # fmt: skip
+    """Return (remembered, linear): the block as a smaller block plus a linear map of
+    its input y, for an exact block (`layer_sums_exact`) whose input lies in
+    `interval`. `linear` is None when the block stays whole.
+
+    A unit whose pre-activation is never negative over the interval is linear: its ReLU
+    passes everything, so the unit adds W2[:, u] (W1[u] y + b1[u]). Most such units
+    copy a bit from one field to another, and a copy puts its input into the block's
+    memo key, so that the whole block misses whenever the copied value is new. The
+    linear units fold into one matrix L = W2_lin W1_lin, which the engine applies at
+    every step, and W2_lin b1_lin joins b2; the memo keys `remembered` by the columns
+    that its units read. The fold is made only when L reads a column that the other
+    units do not, and when L has no more entries than the units it replaces. No block of
+    the layer may write a column L reads (`written`: the rows the layer's blocks write),
+    so that the engine may apply L after the other blocks added their outputs.
+
+    A unit whose pre-activation is never positive adds nothing and is left out;
+    layer_sums_exact bounds its output by 0 from the same interval. Adding L y apart
+    is another order of the same integer terms, exact while every partial sum stays
+    below LIMIT: the bound of |y| (`magnitude(interval)`), what the rest of the layer
+    adds (`elsewhere`), the block's growth and |L| |y| must sum below it.
+    """
+    b1 = np.asarray(block.b1, dtype=np.float64)
+    b2 = np.asarray(block.b2, dtype=np.float64)
+    low, high = _signed_product(block.w1, *interval)
+    low, high = low + b1, high + b1
+    live = high > 0
+    linear = live & (low >= 0)
+    others = live & ~linear
+    whole = _select_units(block, np.flatnonzero(live), b2), None
+    linear_columns = np.unique(block.w1.cols[linear[block.w1.rows]])
+    other_columns = np.unique(block.w1.cols[others[block.w1.rows]])
+    if np.isin(linear_columns, other_columns).all() or written[linear_columns].any():
+        return whole
+    part = _select_units(block, np.flatnonzero(linear), np.zeros_like(b2))
+    folded = _compose(part.w2, part.w1)
+    if len(folded.values) > len(part.w1.values) + len(part.w2.values):
+        return whole
+    constant = np.zeros_like(b2)
+    np.add.at(constant, part.w2.rows, part.w2.values * part.b1[part.w2.cols])
+    bound = magnitude(interval)
+    total = (bound + elsewhere + _block_growth(block, bound, interval)
+             + _abs_product(folded, bound) + np.abs(constant))  # fmt: skip
+    if not (_integral(folded.values) and _integral(constant) and np.all(total < LIMIT)):
+        return whole
+    return _select_units(block, np.flatnonzero(others), b2 + constant), folded
+
+
+def growth(block: FeedForward, interval: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+    """Return a bound of what the block adds to x, and of every partial sum of it, for
+    an input in `interval`."""
+    return _block_growth(block, magnitude(interval), interval)
