@@ -42,6 +42,7 @@
 from std.bit import count_trailing_zeros, pop_count
 from std.memory import bitcast, pack_bits, unsafe_memcpy
 from std.sys import llvm_intrinsic
+from std.sys.intrinsics import prefetch
 from std.sys.info import CompilationTarget
 
 from cache import HeadCache, mix
@@ -1429,7 +1430,8 @@ struct Engine(Movable):
         if self.memo_full:
             self._clear_memo()
         # Per block: the memo's record of this input (-1: none), and the key's hash and
-        # word count, with 0 words when the block does not use the memo.
+        # word count, with 0 words when the block does not use the memo. Both keys are
+        # found before either lookup, which take a cache miss each.
         var shared_record = -1
         var shared_hash: UInt64 = 0
         var shared_words = 0
@@ -1440,11 +1442,7 @@ struct Engine(Movable):
                     layer.shared, self.blocks.unsafe_get(layer.shared), arrays, x, x_mask, keys
                 )
                 if shared_words > 0:
-                    shared_record = self._find_record(shared_hash, keys, shared_words)
-            if shared_record < 0:
-                ref block = self.blocks.unsafe_get(layer.shared)
-                pre_activations(block, arrays, x, x_mask, shared_hidden)
-                positive_mask(shared_hidden, block.w1.rows, shared_mask, self.nan_possible)
+                    self._prefetch_slot(shared_hash)
         var expert = -1
         var expert_record = -1
         var expert_hash: UInt64 = 0
@@ -1469,11 +1467,21 @@ struct Engine(Movable):
                         expert, self.blocks.unsafe_get(expert), arrays, x, x_mask, expert_key
                     )
                     if expert_words > 0:
-                        expert_record = self._find_record(expert_hash, expert_key, expert_words)
+                        self._prefetch_slot(expert_hash)
+                if shared_words > 0:
+                    shared_record = self._find_record(shared_hash, keys, shared_words)
+                if expert_words > 0:
+                    expert_record = self._find_record(expert_hash, expert_key, expert_words)
                 if expert_record < 0:
                     ref routed = self.blocks.unsafe_get(expert)
                     pre_activations(routed, arrays, x, x_mask, expert_hidden)
                     positive_mask(expert_hidden, routed.w1.rows, expert_mask, self.nan_possible)
+        if layer.shared >= 0 and expert < 0 and shared_words > 0:
+            shared_record = self._find_record(shared_hash, keys, shared_words)
+        if layer.shared >= 0 and shared_record < 0:
+            ref block = self.blocks.unsafe_get(layer.shared)
+            pre_activations(block, arrays, x, x_mask, shared_hidden)
+            positive_mask(shared_hidden, block.w1.rows, shared_mask, self.nan_possible)
         if layer.shared >= 0:
             self._add_block[dtype](
                 layer.shared, shared_record, shared_hash, keys, shared_words,
@@ -1608,6 +1616,12 @@ struct Engine(Movable):
                 ):
                     return first
             slot = (slot + 1) & (MEMO_SLOTS - 1)
+
+    @always_inline
+    def _prefetch_slot(mut self, hash: UInt64):
+        """Start loading the memo_table slot of a key's hash, so that the two blocks'
+        lookups wait on memory together."""
+        prefetch(self.memo_table.unsafe_ptr().unsafe_offset(2 * _memo_slot(hash)))
 
     @always_inline
     def _add_record(mut self, first: Int):
