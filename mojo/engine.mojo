@@ -194,6 +194,13 @@ struct HeaderReader:
         var mask_words = self.next()
         var column_mask = self.next()
         var column_rank = self.next()
+        var single = stored > 0 and entry_pointers >= 0 and entry_pointers + stored < self.length
+        if single:
+            var first = self.ints[unsafe_offset=entry_pointers]
+            for k in range(1, stored + 1):
+                if self.ints[unsafe_offset=entry_pointers + k] != first + k:
+                    single = False
+                    break
         return Matrix(
             rows,
             stored,
@@ -205,6 +212,7 @@ struct HeaderReader:
             mask_words,
             column_mask,
             column_rank,
+            single,
         )
 
     def block(mut self) raises -> BlockWeights:
@@ -561,7 +569,7 @@ struct Engine(Movable):
         self.unembed_bias = reader.next()
         self.unembed_reads = UInt64(reader.next())
         self.first_qkv_rows = reader.next()
-        self.first_qkv = Matrix(0, 0, 0, 0, 0, 0, 0, 0, 0, 0)
+        self.first_qkv = Matrix(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, False)
         self.first_qkv_bias = 0
         if self.first_qkv_rows > 0:
             self.first_qkv = reader.matrix()
@@ -2390,7 +2398,7 @@ def _read_layer(
         shared = len(blocks)
         blocks.append(reader.block())
     var expert_count = reader.next()
-    var router = Matrix(0, 0, 0, 0, 0, 0, 0, 0, 0, 0)
+    var router = Matrix(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, False)
     var router_bias = 0
     var router_reads: UInt64 = 0
     var first_expert = len(blocks)

@@ -101,6 +101,9 @@ struct Matrix(ImplicitlyCopyable, Movable):
     var mask_words: Int
     var column_mask: Int
     var column_rank: Int
+    # Every stored column holds exactly one entry, so stored column k holds entry
+    # p[0] + k (set by the engine when it reads the header).
+    var single: Bool
 
 
 @always_inline
@@ -125,6 +128,27 @@ def accumulate_masked[
     var entries = arrays.entries.unsafe_offset(2 * matrix.entries)
     var column_mask = arrays.pointers.unsafe_offset(matrix.column_mask)
     var column_rank = arrays.pointers.unsafe_offset(matrix.column_rank)
+    if matrix.single:
+        var first = Int(pointers[unsafe_offset=0])
+        for index in range(matrix.mask_words):
+            var word = matrix.first_word + index
+            var stored_bits = UInt64(column_mask[unsafe_offset=index])
+            var bits = stored_bits & input_mask[unsafe_offset=word]
+            var rank = first + Int(column_rank[unsafe_offset=index])
+            while bits != 0:
+                var bit = count_trailing_zeros(bits)
+                bits &= bits - 1
+                var coefficient = input[unsafe_offset=word * MASK_BITS + Int(bit)]
+                if coefficient == 0.0:
+                    continue
+                var below = stored_bits & ((UInt64(1) << bit) - 1)
+                var row, weight = read_entry(entries, rank + Int(pop_count(below)))
+                output[unsafe_offset=row] += weight * coefficient
+                comptime if mark_output:
+                    var row_bit = mask_bit(row)
+                    output_mask[unsafe_offset=mask_word(row)] |= row_bit
+                    written_mask[unsafe_offset=mask_word(row)] |= row_bit
+        return
     for index in range(matrix.mask_words):
         var word = matrix.first_word + index
         var stored_bits = UInt64(column_mask[unsafe_offset=index])
