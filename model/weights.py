@@ -22,18 +22,35 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import scipy.sparse as sp
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from tlc.cache import cache_dir
 from tlc.compiler import isa
 from tlc.model import tokens as tk
-from tlc.model.build import build_model
-from tlc.model.network import Model
 from tlc.model.tokens import TokenDecoder, decode_token_stream, encode_prompt
 from tlc.runtime.machine import Program
+
+if TYPE_CHECKING:
+    import scipy.sparse as sp
+
+    from tlc.model.network import Model
+
+# The builder and scipy are imported only to build a model or convert a matrix. A run
+# from the cached universal weights needs neither, and importing them took 0.1 s of its
+# start-up.
+
+
+def __getattr__(name: str):
+    """Return `build_model`, imported on first use."""
+    if name == "build_model":
+        from tlc.model.build import build_model
+
+        return build_model
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 __all__ = [
@@ -71,6 +88,8 @@ def invalid_contents(source, problem: str, error: Exception) -> str:
 @functools.lru_cache(maxsize=4)
 def universal_model(numbering: tuple[str, ...] | None = None) -> Model:
     """Build (once per process and numbering) the universal model."""
+    from tlc.model.build import build_model
+
     return build_model(numbering)
 
 
@@ -118,6 +137,8 @@ def universal_weights() -> tuple[dict[str, np.ndarray], dict]:
 
 def model_tensors(model: Model) -> tuple[dict[str, np.ndarray], dict[str, list[int]]]:
     """Return the named tensors of `model` and the shapes of its matrices."""
+    import scipy.sparse as sp
+
     tensors: dict[str, np.ndarray] = {}
     shapes: dict[str, list[int]] = {}
 
@@ -256,6 +277,8 @@ def check_weights(tensors: dict[str, np.ndarray], metadata: dict, path: str | Pa
 
 def sparse_from(tensors: dict[str, np.ndarray], shapes: dict, name: str) -> sp.csr_matrix:
     """Return the stored matrix `name` as a CSR matrix."""
+    import scipy.sparse as sp
+
     shape = tuple(shapes[name])
     return sp.csr_matrix(
         (tensors[f"{name}.values"], (tensors[f"{name}.rows"], tensors[f"{name}.cols"])),
