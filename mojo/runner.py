@@ -491,7 +491,7 @@ def _pack_layer(packer: _Packer, layer, width: int, name: str,
     split = _Split(shared, experts, interval, width)
     if shared is not None:
         exact = layer_sums_exact(shared, experts, bound, interval)
-        shared_part, linear = split(shared, exact, experts)
+        shared_part, linear = split(shared, exact)
         packer.block(shared_part, width, f"{name}.shared", bound, deferral, exact, linear)
     packer.header.append(len(experts))
     if experts:
@@ -501,15 +501,17 @@ def _pack_layer(packer: _Packer, layer, width: int, name: str,
         packer.header.append(deferral.reads(layer.router_w))
         for e, expert in enumerate(experts):
             exact = layer_sums_exact(shared, [expert], bound, interval)
-            part, linear = split(expert, exact, [] if shared is None else [shared])
+            part, linear = split(expert, exact)
             packer.block(part, width, f"{name}.experts.{e}", bound, deferral, exact, linear)
 
 
 class _Split:
-    """Splits the exact blocks of one layer with `split_linear_units`."""
+    """The splitter of one layer's exact blocks (`split_linear_units`)."""
 
     def __init__(self, shared: FeedForward | None, experts: list[FeedForward],
                  interval: tuple[np.ndarray, np.ndarray] | None, width: int):  # fmt: skip
+        self.shared = shared
+        self.experts = experts
         self.interval = interval
         # The rows that some block of the layer writes.
         self.written = np.zeros(width, dtype=bool)
@@ -517,14 +519,17 @@ class _Split:
             self.written[block.w2.rows] = True
             self.written[np.flatnonzero(block.b2)] = True
 
-    def __call__(self, block: FeedForward, exact: bool, others: list[FeedForward]):
-        """Return (block, linear map or None); `others` are the blocks that may run
-        with it (the shared block for an expert, the experts for the shared block)."""
+    def __call__(self, block: FeedForward, exact: bool) -> tuple[FeedForward, SparseMatrix | None]:
+        """Return the block to pack and its linear map, or None."""
         if not exact or self.interval is None:
             return block, None
+        # What the blocks that run with this one add: the shared block for an expert, the
+        # largest expert for the shared block.
+        others = self.experts if block is self.shared else [self.shared]
         elsewhere = np.zeros(len(self.written))
-        if others:
-            elsewhere = np.max([growth(other, self.interval) for other in others], axis=0)
+        for other in others:
+            if other is not None:
+                elsewhere = np.maximum(elsewhere, growth(other, self.interval))
         return split_linear_units(block, self.interval, self.written, elsewhere)
 
 
