@@ -360,7 +360,10 @@ struct HeadCache(Movable):
             if self.exact:
                 self._check_key_form(key, slot)
             return slot
-        self._set_value(slot, value)
+        # Such a write often stores the value the slot already holds, and then neither
+        # the value nor its mask is written again.
+        if not keys_equal(self.value_ptr(slot), value, self.value_width):
+            self._set_value(slot, value)
         self.stamps.unsafe_get(slot) = stamp
         return slot
 
