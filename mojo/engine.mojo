@@ -1439,7 +1439,7 @@ struct Engine(Movable):
             self._clear_memo()
         # Per block: the memo's record of this input (-1: none), and the key's hash and
         # word count, with 0 words when the block does not use the memo. Both keys are
-        # found before either lookup, which take a cache miss each.
+        # found before either lookup, so that the two lookups' cache misses overlap.
         var shared_record = -1
         var shared_hash: UInt64 = 0
         var shared_words = 0

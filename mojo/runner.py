@@ -518,19 +518,26 @@ class _Split:
         for block in ([] if shared is None else [shared]) + experts:
             self.written[block.w2.rows] = True
             self.written[np.flatnonzero(block.b2)] = True
+        # The growth of the blocks that run with the shared block and with an expert,
+        # found on first use.
+        self.elsewhere: dict[bool, np.ndarray] = {}
 
     def __call__(self, block: FeedForward, exact: bool) -> tuple[FeedForward, SparseMatrix | None]:
         """Return the block to pack and its linear map, or None."""
         if not exact or self.interval is None:
             return block, None
-        # What the blocks that run with this one add: the shared block for an expert, the
-        # largest expert for the shared block.
-        others = self.experts if block is self.shared else [self.shared]
-        elsewhere = np.zeros(len(self.written))
-        for other in others:
-            if other is not None:
-                elsewhere = np.maximum(elsewhere, growth(other, self.interval))
-        return split_linear_units(block, self.interval, self.written, elsewhere)
+        # An expert runs with the shared block, and the shared block with the largest
+        # expert.
+        is_shared = block is self.shared
+        if is_shared not in self.elsewhere:
+            others = self.experts if is_shared else [self.shared]
+            elsewhere = np.zeros(len(self.written))
+            for other in others:
+                if other is not None:
+                    elsewhere = np.maximum(elsewhere, growth(other, self.interval))
+            self.elsewhere[is_shared] = elsewhere
+        return split_linear_units(block, self.interval, self.written,
+                                  self.elsewhere[is_shared])  # fmt: skip
 
 
 # ---- the engine -----------------------------------------------------------------------

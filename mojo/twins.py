@@ -394,7 +394,8 @@ def _select_units(block: FeedForward, units: np.ndarray, b2: np.ndarray) -> Feed
 
 def _compose(w2: SparseMatrix, w1: SparseMatrix) -> SparseMatrix:
     """Return the product w2 @ w1 without its zero entries."""
-    pointers, columns, values = w1.csr()  # by unit: the columns of y each unit reads
+    # By unit: the columns of y that each unit reads, with their weights.
+    pointers, columns, values = w1.csr()
     counts = pointers[w2.cols + 1] - pointers[w2.cols]
     entries = _ranges(pointers[w2.cols], counts)
     rows = np.repeat(w2.rows, counts)
@@ -411,8 +412,9 @@ def _compose(w2: SparseMatrix, w1: SparseMatrix) -> SparseMatrix:
 def split_linear_units(block: FeedForward, interval: tuple[np.ndarray, np.ndarray],
                        written: np.ndarray, elsewhere: np.ndarray):  # fmt: skip
     """Return (remembered, linear): the block as a smaller block plus a linear map of
-    its input y, for an exact block (`layer_sums_exact`) whose input lies in
-    `interval`. `linear` is None when the block stays whole.
+    its input y. The block must be exact (`layer_sums_exact`) for inputs in `interval`.
+    `linear` is None when no unit is folded, and then `remembered` keeps every unit
+    that can fire.
 
     A unit whose pre-activation is never negative over the interval is linear: its ReLU
     passes everything, so the unit adds W2[:, u] (W1[u] y + b1[u]). Most such units
